@@ -1,0 +1,31 @@
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test test-core test-lightning test-keras lint clean
+
+install: $(STAMP)
+
+# Re-runs only when the packaging inputs change, so a second `make install` is a no-op.
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt torch==2.13.0
+	$(PY) -m pip install -q -c constraints.txt -e ".[all,dev]"
+	touch $(STAMP)
+
+demo: install
+	$(PY) -m boundguard.demo
+
+# Keras fixes its backend once per process, so each backend gets its own pytest run.
+test: install
+	$(PY) -m pytest tests -q --ignore=tests/integrations/keras
+	KERAS_BACKEND=tensorflow $(PY) -m pytest tests/integrations/keras -q
+	KERAS_BACKEND=torch $(PY) -m pytest tests/integrations/keras -q
+
+lint: install
+	$(PY) -m ruff check boundguard integrations tests benchmarks
+
+clean:
+	rm -rf $(VENV) build *.egg-info

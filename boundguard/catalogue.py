@@ -1,0 +1,179 @@
+"""The alert catalogue: one entry per stable code, with what it means and what to change."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["Entry", "CATALOGUE", "CODES", "RANGE_CODES", "entry"]
+
+
+@dataclass(frozen=True)
+class Entry:
+    code: str
+    severity: str
+    title: str
+    meaning: str
+    fix: str
+    why: str
+    lightning: str
+    keras: str
+
+
+_ENTRIES = [
+    Entry(
+        "output_out_of_range", "error", "Predictions outside the bounds",
+        "Predictions fall outside the range the targets live in (error; warning when the bounds were inferred).",
+        "Put a bounding activation on the output layer (sigmoid for (0, 1), tanh for (-1, 1), "
+        "lo + (hi - lo) * sigmoid(z) for (lo, hi), softmax for a distribution), or let boundguard insert it "
+        "with on_violation='bound'.",
+        "Out-of-range probabilities break thresholds, calibration and any loss that takes a log of them.",
+        "self.head = nn.Sequential(nn.Linear(h, 1), nn.Sigmoid())",
+        "keras.layers.Dense(1, activation='sigmoid')",
+    ),
+    Entry(
+        "missing_output_activation", "warning", "Raw head output used as a bounded prediction",
+        "The targets or declared bounds are bounded, but the prediction is the raw output of a linear layer.",
+        "Add the output activation that matches the bounds (sigmoid for (0, 1), tanh for (-1, 1), softmax "
+        "for class probabilities), or keep the raw output and switch to the logits loss "
+        "(BCEWithLogitsLoss, CrossEntropyLoss, from_logits=True).",
+        "Nothing stops a linear head from leaving the range: it will, as soon as inputs drift.",
+        "return torch.sigmoid(self.fc(h))  # or nn.BCEWithLogitsLoss() on the raw output",
+        "keras.layers.Dense(1, activation='sigmoid')",
+    ),
+    Entry(
+        "activation_loss_mismatch", "error", "Activation and loss disagree",
+        "An activation is applied before a loss that applies its own (softmax before CrossEntropyLoss, "
+        "sigmoid before BCEWithLogitsLoss, from_logits=True after sigmoid/softmax), or a loss that expects "
+        "probabilities receives unbounded values.",
+        "Apply the activation once: drop the softmax/sigmoid from the model and keep the logits loss "
+        "(CrossEntropyLoss, BCEWithLogitsLoss, from_logits=True), applying the activation only at inference; "
+        "or keep the activation and use the probability loss (NLLLoss on log_softmax, BCELoss, from_logits=False).",
+        "A double softmax squashes gradients and slows or stalls learning; a probability loss on raw values "
+        "is silently clipped or fails.",
+        "self.fc = nn.Linear(h, classes)  # no nn.Softmax; criterion = nn.CrossEntropyLoss()",
+        "Dense(classes)  # linear; loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True)",
+    ),
+    Entry(
+        "target_out_of_range", "error", "Targets the output can never reach",
+        "Targets lie outside the range the output activation or the declared bounds allow "
+        "(a sigmoid head with targets up to 10).",
+        "Scale the targets into the output's range (e.g. min-max scale to [0, 1]) or widen the output "
+        "activation to the targets' range (lo + (hi - lo) * sigmoid(z)), or fix the declared bounds.",
+        "The model is pushed towards values it cannot produce: the output pins at the bound and gradients vanish.",
+        "y = (y - y_min) / (y_max - y_min)  # targets into [0, 1]",
+        "y = (y - y.min()) / (y.max() - y.min())",
+    ),
+    Entry(
+        "output_saturated", "warning", "Predictions pinned at a bound",
+        "A large share of predictions sits exactly at a bound (clipping) or deep in the flat tail of "
+        "sigmoid/tanh, where gradients vanish.",
+        "Replace hard clipping with a smooth bound (sigmoid/tanh scaled to the range), check the targets' "
+        "range, and scale inputs or lower the learning rate so pre-activations stay moderate.",
+        "Pinned outputs get zero (clip) or tiny (saturated tail) gradients: that part of the model stops learning.",
+        "return lo + (hi - lo) * torch.sigmoid(self.fc(h))  # instead of torch.clamp",
+        "Dense(1, activation='tanh')  # instead of tf.clip_by_value",
+    ),
+    Entry(
+        "preactivation_exploding", "warning", "Pre-activations are huge or growing",
+        "The output layer's pre-activation magnitudes are very large or grow check after check.",
+        "Lower the learning rate, clip gradients (Trainer(gradient_clip_val=1.0), optimizer clipnorm=1.0), "
+        "scale the inputs, or add normalisation before the head.",
+        "Huge pre-activations saturate any bounding activation and precede overflow to Inf/NaN.",
+        "Trainer(gradient_clip_val=1.0)",
+        "keras.optimizers.Adam(1e-3, clipnorm=1.0)",
+    ),
+    Entry(
+        "regression_loss_on_probabilities", "info", "Regression loss on probabilities",
+        "A regression loss (MSE, MAE) is used on probability outputs with binary or class targets.",
+        "Use the matching likelihood: BCEWithLogitsLoss (or BCELoss after sigmoid) for binary targets, "
+        "CrossEntropyLoss for classes; in Keras binary_crossentropy / categorical_crossentropy.",
+        "MSE on a sigmoid output has vanishing gradients for confident wrong answers and trains slowly.",
+        "criterion = nn.BCEWithLogitsLoss()  # on the raw output",
+        "model.compile(loss='binary_crossentropy')",
+    ),
+    Entry(
+        "inputs_not_scaled", "warning", "Inputs far from unit scale",
+        "Input features are far from unit scale (root mean square far above 1 or far below it).",
+        "Standardise the inputs (subtract the training mean, divide by the standard deviation) or "
+        "min-max scale them before they reach the model.",
+        "Unscaled inputs drive large pre-activations that push outputs out of range or into saturation.",
+        "x = (x - mean) / std  # statistics from the training split",
+        "keras.layers.Normalization()  # adapt() on the training data, as the first layer",
+    ),
+    Entry(
+        "nonfinite_input", "critical", "NaN/Inf in the inputs",
+        "The inputs of a batch contain NaN or Inf.",
+        "Clean the data: find the rows with NaN/Inf (np.isfinite), impute or drop them, and check "
+        "divisions and logs in the preprocessing.",
+        "One NaN input poisons the weights it touches at the next update.",
+        "assert torch.isfinite(x).all()  # in the Dataset, to find the rows",
+        "x = np.nan_to_num(x)  # or drop the rows",
+    ),
+    Entry(
+        "nonfinite_output", "critical", "NaN/Inf in the predictions",
+        "The predictions or the output layer's pre-activations contain NaN or Inf.",
+        "Lower the learning rate, clip gradients, check the inputs for NaN/Inf, and in fp16 use "
+        "bf16 or loss scaling (fp16 overflows above 65504).",
+        "Non-finite predictions mean the weights are already (or about to be) NaN.",
+        "Trainer(gradient_clip_val=1.0, precision='bf16-mixed')",
+        "keras.optimizers.Adam(1e-4, clipnorm=1.0)",
+    ),
+    Entry(
+        "nonfinite_loss", "critical", "NaN/Inf loss",
+        "The training loss is NaN or Inf.",
+        "Lower the learning rate, clip gradients, check inputs and targets for NaN/Inf, and use a "
+        "numerically stable loss (logits losses instead of log of a sigmoid).",
+        "Backpropagating a NaN loss writes NaN into every weight.",
+        "Trainer(gradient_clip_val=1.0); criterion = nn.BCEWithLogitsLoss()",
+        "keras.optimizers.Adam(1e-4, clipnorm=1.0)",
+    ),
+    Entry(
+        "loss_diverging", "error", "Loss diverging",
+        "The loss rose far above the best level it had reached.",
+        "Lower the learning rate (a factor 3 to 10), add warm-up or gradient clipping, and check for "
+        "corrupted batches near the step the rise began.",
+        "A diverging run rarely recovers; continuing wastes compute.",
+        "torch.optim.Adam(model.parameters(), lr=1e-4); Trainer(gradient_clip_val=1.0)",
+        "keras.optimizers.Adam(1e-4, clipnorm=1.0)",
+    ),
+    Entry(
+        "loss_spike", "warning", "Loss spike",
+        "A single step's loss was far above its running level.",
+        "Look at the batch of that step (outliers, bad labels), add gradient clipping, or lower the "
+        "learning rate.",
+        "Spikes precede divergence and point at bad data.",
+        "Trainer(gradient_clip_val=1.0)",
+        "keras.optimizers.Adam(1e-3, clipnorm=1.0)",
+    ),
+    Entry(
+        "loss_plateau", "info", "Loss plateau",
+        "The loss stopped improving.",
+        "If it plateaued early, raise the learning rate or check the output activation and loss pairing; "
+        "if late, stop (EarlyStopping) or decay the learning rate.",
+        "Training past a plateau costs compute without gain.",
+        "callbacks=[EarlyStopping('val_loss'), LearningRateMonitor()]",
+        "callbacks=[keras.callbacks.ReduceLROnPlateau()]",
+    ),
+    Entry(
+        "probe_incomplete", "info", "Part of the model could not be watched",
+        "boundguard could not locate a tensor it watches (the prediction, its pre-activation, the loss, "
+        "the targets or the inputs), so the checks that need it are off for this run.",
+        "Name what it could not find: input_key= / target_key= for the batch layout, or call the loss "
+        "as a module or torch.nn.functional function on the model's output.",
+        "A monitor that silently watches nothing is worse than none: this says what is not covered.",
+        "BoundGuard(target_key='label', input_key='features')",
+        "BoundGuard()  # Keras: make the output a Dense/Activation layer",
+    ),
+]
+
+CATALOGUE: dict[str, Entry] = {e.code: e for e in _ENTRIES}
+CODES: tuple[str, ...] = tuple(CATALOGUE)
+#: Codes the ``bound`` action answers by inserting a bounding activation.
+RANGE_CODES = frozenset({"output_out_of_range", "missing_output_activation"})
+
+
+def entry(code: str) -> Entry:
+    """The catalogue entry of ``code``; a clear error lists the valid codes."""
+    try:
+        return CATALOGUE[code]
+    except KeyError:
+        raise KeyError(f"unknown alert code {code!r}; valid codes: {', '.join(CODES)}") from None

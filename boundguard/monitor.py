@@ -1,0 +1,264 @@
+"""The framework-free engine: snapshots in, alerts and actions out.
+
+An adapter builds one :class:`Monitor` from the user's options, tells it what the probe found
+(:meth:`Monitor.set_facts`, :meth:`Monitor.observe_targets`), and at every check hands it a
+:class:`~boundguard.stats.Snapshot`. :meth:`Monitor.check` returns the decisions to carry out.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from boundguard.alerts import SCHEMA_VERSION, Alert, severity_rank
+from boundguard.bounds import Bounds, infer_bounds
+from boundguard.catalogue import CATALOGUE, RANGE_CODES
+from boundguard.config import Config
+from boundguard.model_facts import ModelFacts
+from boundguard.rules import Context, Finding, History, LossSpike, default_rules, update_loss_history
+from boundguard.sinks import JsonLinesWriter, emit_warning, log_alert
+from boundguard.stats import Snapshot
+
+__all__ = ["Monitor", "Decision", "STATS_FILENAME"]
+
+STATS_FILENAME = "stats.jsonl"
+#: A warning seen at this many checks is escalated to an error (once).
+ESCALATE_AFTER = 5
+
+
+@dataclass
+class Decision:
+    """What the adapter must do about ``alert``: ``log`` | ``warn`` | ``halt`` | ``raise`` | ``bound``."""
+
+    alert: Alert
+    action: str
+
+
+class Monitor:
+    """Judges snapshots against the rules; keeps alerts, history and inferred bounds.
+
+    Example:
+        >>> from boundguard.monitor import Monitor
+        >>> m = Monitor(Config(bounds=(0, 1), on_violation="log"), write=False)
+        >>> m.bounds
+        Bounds(lo=0.0, hi=1.0, kind='interval', inferred=False)
+    """
+
+    def __init__(self, config: Config, *, write: bool = True) -> None:
+        self.config = config
+        self.rules = default_rules(config.thresholds)
+        self._plateau_min = next(r.p["min_improvement"] for r in self.rules if r.code == "loss_plateau")
+        self.facts = ModelFacts()
+        self.history = History()
+        self.alerts: list[Alert] = []
+        self._active: dict[tuple, Alert] = {}
+        self._inferred: Optional[Bounds] = None
+        self.inserted: list[dict] = []  # records of inserted bounds (adapters replay them)
+        self.write = write
+        self._alerts_file: Optional[JsonLinesWriter] = None
+        self._stats_file: Optional[JsonLinesWriter] = None
+        self.alerts_path: Optional[Path] = None
+        self.notes_reported: set[str] = set()
+
+    # ------------------------------------------------------------------ files
+    def open_files(self, alerts_path: Path) -> None:
+        """Alerts go to ``alerts_path``; the statistics log to ``stats.jsonl`` beside it."""
+        self.alerts_path = Path(alerts_path)
+        if self.write:
+            self._alerts_file = JsonLinesWriter(self.alerts_path)
+            self._stats_file = JsonLinesWriter(self.alerts_path.with_name(_stats_name(self.alerts_path)))
+
+    def close(self) -> None:
+        for f in (self._alerts_file, self._stats_file):
+            if f is not None:
+                f.close()
+
+    @property
+    def stats_path(self) -> Optional[Path]:
+        return self._stats_file.path if self._stats_file else None
+
+    # ------------------------------------------------------------------ facts and bounds
+    def set_facts(self, facts: ModelFacts) -> None:
+        self.facts = facts
+        if self._stats_file is not None:
+            self._stats_file.write({"type": "run", "facts": facts.to_dict(), "config": self.config.describe(),
+                                    "bounds": self.bounds.to_dict() if self.bounds else None})
+
+    @property
+    def bounds(self) -> Optional[Bounds]:
+        """The bounds in force: declared, or inferred from the targets and loss seen so far."""
+        b = self.config.bounds
+        if b == "auto":
+            return self._inferred
+        return b  # type: ignore[return-value]
+
+    def observe_targets(self, tmin: float, tmax: float, *, onehot: bool = False) -> None:
+        """Update ``"auto"`` bounds from target statistics (cumulative; a later target outside [0, 1] revokes (0, 1))."""
+        h = self.history
+        if math.isfinite(tmin):
+            h.target_min = min(h.target_min, tmin)
+        if math.isfinite(tmax):
+            h.target_max = max(h.target_max, tmax)
+        self._infer(onehot=onehot)
+
+    def _infer(self, onehot: bool = False) -> None:
+        if self.config.bounds != "auto":
+            return
+        loss = self.facts.loss
+        if loss is not None and loss.consumes_logits and not loss.multiclass:
+            # predictions are sigmoid(raw) by construction
+            self._inferred = Bounds.probability().as_inferred() if self.history.target_min >= 0 else None
+            return
+        self._inferred = infer_bounds(
+            self.history.target_min, self.history.target_max,
+            target_integer=self.facts.target_integer, target_onehot=onehot or getattr(self, "_onehot", False),
+            multiclass_loss=bool(loss and loss.multiclass),
+        )
+        if onehot:
+            self._onehot = True
+
+    def note(self, key: str, message: str, fix: str, step: int, epoch: Optional[int] = None) -> Optional[Alert]:
+        """A one-time info alert that something could not be located, with the option that fixes it."""
+        if key in self.notes_reported:
+            return None
+        self.notes_reported.add(key)
+        alert = Alert("probe_incomplete", "info", step, epoch, key, message, fix)
+        self.alerts.append(alert)
+        self._write(alert, "new")
+        log_alert(alert)
+        return alert
+
+    # ------------------------------------------------------------------ judging
+    def check(self, snap: Snapshot) -> list[Decision]:
+        """Judge one interval. Returns a decision per alert that is new or escalated at this check."""
+        h = self.history
+        h.update_targets(snap)
+        if snap.seen("target"):
+            self._infer()
+        ctx = Context(snap, self.facts, self.bounds, h)
+        findings: list[Finding] = []
+        for rule in self.rules:
+            if isinstance(rule, LossSpike):
+                findings += rule.evaluate(ctx)
+        update_loss_history(h, snap, self._plateau_min)
+        for rule in self.rules:
+            if not isinstance(rule, LossSpike):
+                findings += rule.evaluate(ctx)
+        if self._stats_file is not None:
+            rec = {"type": "stats", **snap.to_record(),
+                   "bounds": self.bounds.to_dict() if self.bounds else None}
+            self._stats_file.write(rec)
+        return [d for f in findings for d in self._record(f, snap)]
+
+    def _record(self, f: Finding, snap: Snapshot) -> list[Decision]:
+        e = CATALOGUE[f.code]
+        severity = f.severity or e.severity
+        key = (f.code, f.where)
+        prev = self._active.get(key)
+        if prev is not None:
+            prev.count += 1
+            prev.last_step = snap.step
+            if f.value is not None and prev.value is not None and _worse(f.value, prev.value):
+                prev.value = f.value
+            if prev.severity == "warning" and prev.count == ESCALATE_AFTER:
+                esc = Alert(f.code, "error", snap.step, snap.epoch, f.where,
+                            f"{f.message} (still present after {prev.count} checks since step {prev.step}; escalated)",
+                            f.fix or e.fix, f.value, f.threshold, count=prev.count,
+                            bounds_inferred=bool(self.bounds and self.bounds.inferred), details=dict(f.details))
+                esc.details["escalated_from"] = "warning"
+                self._active[key] = esc
+                return [self._decide(esc, "escalated")]
+            return []
+        alert = Alert(f.code, severity, snap.step, snap.epoch, f.where, f.message, f.fix or e.fix,
+                      f.value, f.threshold, bounds_inferred=bool(self.bounds and self.bounds.inferred),
+                      details=dict(f.details))
+        self._active[key] = alert
+        return [self._decide(alert, "new")]
+
+    def _decide(self, alert: Alert, event: str) -> Decision:
+        action = "log"
+        if severity_rank(alert.severity) >= severity_rank("warning"):
+            action = self.config.action_for(alert.code)
+            if action == "bound" and (alert.code not in RANGE_CODES or self.inserted):
+                action = "warn"
+        alert.action = action
+        self.alerts.append(alert)
+        self._write(alert, event)
+        log_alert(alert)
+        if action in ("warn", "halt", "bound"):
+            emit_warning(alert)
+        return Decision(alert, action)
+
+    def _write(self, alert: Alert, event: str) -> None:
+        if self._alerts_file is not None:
+            self._alerts_file.write(alert.to_record(event))
+
+    def finish(self) -> None:
+        """Write the final counts of alerts that repeated after they were written, then close the files."""
+        for alert in self._active.values():
+            if alert.count > 1:
+                self._write(alert, "summary")
+        self.close()
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "schema": SCHEMA_VERSION,
+            "alerts": [a.to_record() for a in self.alerts],
+            "active": [[a.code, a.where, self.alerts.index(a) if a in self.alerts else -1] for a in self._active.values()],
+            "history": self.history.to_dict(),
+            "inferred": self._inferred.to_dict() if self._inferred else None,
+            "onehot": getattr(self, "_onehot", False),
+            "facts": self.facts.to_dict(),
+            "inserted": [dict(r) for r in self.inserted],
+            "notes": sorted(self.notes_reported),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.alerts = [Alert.from_record(_unjson(r)) for r in state.get("alerts", [])]
+        self._active = {}
+        for code, where, idx in state.get("active", []):
+            if 0 <= idx < len(self.alerts):
+                self._active[(code, where)] = self.alerts[idx]
+        self.history = History.from_dict(state.get("history", {}))
+        inf = state.get("inferred")
+        self._inferred = Bounds.from_dict(inf) if inf else None
+        self._onehot = bool(state.get("onehot", False))
+        if state.get("facts"):
+            self.facts = ModelFacts.from_dict(state["facts"])
+        self.inserted = [dict(r) for r in state.get("inserted", [])]
+        self.notes_reported = set(state.get("notes", []))
+
+    def summary(self) -> str:
+        """A readable table of the alerts so far (one line per alert)."""
+        if not self.alerts:
+            return "boundguard: no alerts."
+        rows = [f"{'severity':<9} {'code':<33} {'step':>6} {'count':>5}  message"]
+        for a in self.alerts:
+            rows.append(f"{a.severity:<9} {a.code:<33} {a.step:>6} {a.count:>5}  {a.message}")
+            rows.append(f"{'':<56}fix: {a.fix}")
+        return "\n".join(rows)
+
+
+def _stats_name(alerts_path: Path) -> str:
+    stem = alerts_path.name
+    if stem.endswith(".jsonl"):
+        stem = stem[: -len(".jsonl")]
+    return STATS_FILENAME if stem == "alerts" else f"{stem}.stats.jsonl"
+
+
+def _worse(new: float, old: float) -> bool:
+    try:
+        return abs(float(new)) > abs(float(old))
+    except (TypeError, ValueError):
+        return False
+
+
+def _unjson(record: dict) -> dict:
+    r = dict(record)
+    for k in ("value", "threshold"):
+        if isinstance(r.get(k), str):
+            r[k] = float(r[k])
+    return r
+

@@ -1,0 +1,479 @@
+"""One class per alert code: a pure function of (snapshot, facts, bounds, history) → findings.
+
+A rule never touches a framework or a file. Each can be called with a hand-made
+:class:`~boundguard.stats.Snapshot`, which is how the core tests exercise them.
+"""
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import numpy as np
+
+from boundguard.bounds import Bounds
+from boundguard.model_facts import ModelFacts
+from boundguard.stats import Snapshot
+
+__all__ = ["Finding", "History", "Context", "Rule", "RULES", "default_rules", "TAIL_THRESHOLD"]
+
+#: |pre-activation| beyond which sigmoid / tanh are in their flat tail (derivative < ~1e-2).
+TAIL_THRESHOLD = {"sigmoid": 6.0, "scaled_sigmoid": 6.0, "tanh": 3.0, "scaled_tanh": 3.0}
+#: Distribution rows may sum to 1 only up to rounding in low precision.
+ROWSUM_TOL = 1e-2
+
+
+@dataclass
+class Finding:
+    code: str
+    where: str
+    message: str
+    value: Optional[float] = None
+    threshold: Optional[float] = None
+    severity: Optional[str] = None  # None: the catalogue's default
+    fix: Optional[str] = None  # None: the catalogue's fix
+    details: dict = field(default_factory=dict)
+
+
+@dataclass
+class History:
+    """What the loss rules remember between checks (bounded: constant memory over any run)."""
+
+    window: deque = field(default_factory=lambda: deque(maxlen=50))
+    initial_level: Optional[float] = None
+    best_level: Optional[float] = None
+    best_step: int = 0
+    pre_absmax: deque = field(default_factory=lambda: deque(maxlen=8))
+    target_min: float = math.inf
+    target_max: float = -math.inf
+    target_nonbinary: float = 0.0
+    target_seen: int = 0
+    steps_seen: int = 0
+
+    def update_targets(self, snap: Snapshot) -> None:
+        if snap.seen("target"):
+            self.target_min = min(self.target_min, snap.values["target.min"])
+            self.target_max = max(self.target_max, snap.values["target.max"])
+            self.target_nonbinary += snap.values["target.nonbinary"]
+            self.target_seen += snap.counts["target"]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "window": list(self.window), "initial_level": self.initial_level, "best_level": self.best_level,
+            "best_step": self.best_step, "pre_absmax": list(self.pre_absmax), "target_min": self.target_min,
+            "target_max": self.target_max, "target_nonbinary": self.target_nonbinary,
+            "target_seen": self.target_seen, "steps_seen": self.steps_seen,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "History":
+        h = cls()
+        h.window.extend(d.get("window", []))
+        h.pre_absmax.extend(d.get("pre_absmax", []))
+        for k in ("initial_level", "best_level", "best_step", "target_min", "target_max", "target_nonbinary",
+                  "target_seen", "steps_seen"):
+            if k in d:
+                setattr(h, k, d[k])
+        return h
+
+
+@dataclass
+class Context:
+    snap: Snapshot
+    facts: ModelFacts
+    bounds: Optional[Bounds]
+    history: History
+
+    @property
+    def span(self) -> str:
+        s = self.snap
+        return f"step {s.step}" if s.first_step == s.step else f"steps {s.first_step}-{s.step}"
+
+    def where(self, kind: str) -> str:
+        f = self.facts
+        return {
+            "pred": f.pred_where or "prediction",
+            "pre": f.pre_where or f.pred_where or "pre-activation",
+            "target": f.target_where or "targets",
+            "input": f.input_where or "inputs",
+            "loss": f.loss_where or "loss",
+        }[kind]
+
+
+class Rule:
+    """Base class: ``code`` names the alert, ``params`` its thresholds (overridable per run)."""
+
+    code: str = ""
+    params: dict[str, float] = {}
+
+    def __init__(self, **overrides: float) -> None:
+        unknown = set(overrides) - set(type(self).params)
+        if unknown:
+            raise ValueError(
+                f"thresholds[{self.code!r}] got unknown keys {sorted(unknown)}; expected some of {sorted(type(self).params)}"
+            )
+        self.p = {**type(self).params, **{k: float(v) for k, v in overrides.items()}}
+
+    def evaluate(self, ctx: Context) -> list[Finding]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+def _g(x: float) -> str:
+    return f"{x:.4g}"
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}%"
+
+
+# ------------------------------------------------------------------------------------- non-finite
+class NonfiniteInput(Rule):
+    code = "nonfinite_input"
+
+    def evaluate(self, ctx):
+        s = ctx.snap
+        bad = s.nonfinite("input") if s.seen("input") else 0
+        if not bad:
+            return []
+        return [Finding(self.code, ctx.where("input"),
+                        f"{bad} of {s.counts['input']} input values were NaN/Inf in {ctx.span}.", bad, 0)]
+
+
+class NonfiniteOutput(Rule):
+    code = "nonfinite_output"
+
+    def evaluate(self, ctx):
+        s = ctx.snap
+        for kind, label in (("pred", "predictions"), ("pre", "pre-activations")):
+            bad = s.nonfinite(kind) if s.seen(kind) else 0
+            if bad:
+                return [Finding(self.code, ctx.where(kind),
+                                f"{bad} of {s.counts[kind]} {label} were NaN/Inf in {ctx.span}.", bad, 0)]
+        return []
+
+
+class NonfiniteLoss(Rule):
+    code = "nonfinite_loss"
+
+    def evaluate(self, ctx):
+        s = ctx.snap
+        bad = ~np.isfinite(s.losses)
+        if not bad.any():
+            return []
+        first = int(s.loss_steps[bad][0])
+        return [Finding(self.code, ctx.where("loss"),
+                        f"the loss was NaN/Inf at {int(bad.sum())} of {bad.size} steps in {ctx.span} "
+                        f"(first at step {first}).", float(bad.sum()), 0, details={"first_step": first})]
+
+
+# ------------------------------------------------------------------------------------- range
+class OutputOutOfRange(Rule):
+    code = "output_out_of_range"
+    params = {"rowsum_tol": ROWSUM_TOL}
+
+    def evaluate(self, ctx):
+        s, b = ctx.snap, ctx.bounds
+        if b is None or not s.seen("pred"):
+            return []
+        n = s.counts["pred"]
+        lo, hi = s.values["pred.min"], s.values["pred.max"]
+        out = s.out_of_bounds()
+        sev = "warning" if b.inferred else "error"
+        if b.kind == "distribution":
+            err = s.values["pred.rowsum_err"]
+            if out == 0 and not (err > self.p["rowsum_tol"]):
+                return []
+            msg = (f"predictions are not a distribution in {ctx.span}: values span [{_g(lo)}, {_g(hi)}] "
+                   f"({out} of {n} outside [0, 1]), rows sum to 1 only within {_g(err)}; bounds {b.describe()}.")
+            return [Finding(self.code, ctx.where("pred"), msg, max(err, out / n), self.p["rowsum_tol"], sev)]
+        if out == 0:
+            return []
+        share = out / n
+        msg = (f"{_pct(share)} of predictions ({out} of {n}) fell outside {b.describe()} in {ctx.span}; "
+               f"min {_g(lo)}, max {_g(hi)}.")
+        return [Finding(self.code, ctx.where("pred"), msg, share, 0.0, sev,
+                        details={"min": lo, "max": hi, "inferred": b.inferred})]
+
+
+class MissingOutputActivation(Rule):
+    code = "missing_output_activation"
+
+    def evaluate(self, ctx):
+        f, b = ctx.facts, ctx.bounds
+        if b is None or not (b.kind == "distribution" or b.finite):
+            return []
+        if f.activation not in ("identity", "relu") or (f.loss is not None and f.loss.consumes_logits):
+            return []
+        what = "a raw linear output" if f.activation == "identity" else "a ReLU output (unbounded above)"
+        msg = (f"the prediction of {ctx.where('pred')} is {what}, but the predictions must stay in "
+               f"{b.describe()}; nothing keeps them there.")
+        fix = None
+        if b.kind == "distribution":
+            fix = ("Add nn.Softmax / activation='softmax' on the output, or keep the logits and use "
+                   "CrossEntropyLoss / from_logits=True.")
+        elif (b.lo, b.hi) == (0.0, 1.0):
+            fix = ("Add a sigmoid on the output (nn.Sigmoid / activation='sigmoid'), or keep the raw output and "
+                   "use BCEWithLogitsLoss / from_logits=True, applying sigmoid at inference.")
+        elif (b.lo, b.hi) == (-1.0, 1.0):
+            fix = "Add a tanh on the output (nn.Tanh / activation='tanh')."
+        else:
+            fix = f"Bound the output with {_g(b.lo)} + {_g(b.hi - b.lo)} * sigmoid(z)."
+        return [Finding(self.code, ctx.where("pred"), msg, fix=fix, details={"activation": f.activation})]
+
+
+class ActivationLossMismatch(Rule):
+    code = "activation_loss_mismatch"
+
+    def evaluate(self, ctx):
+        f, s = ctx.facts, ctx.snap
+        loss = f.loss
+        if loss is None:
+            return []
+        act = f.activation
+        where = f"{ctx.where('pred')} → {ctx.where('loss')}"
+        if loss.family == "logits" and act in ("sigmoid", "softmax", "scaled_sigmoid"):
+            msg = (f"{act} is applied to the output, and then {loss.name} applies its own {loss.link}: "
+                   f"the model is trained through the activation twice.")
+            fix = (f"Remove the {act} from the model and keep {loss.name} on the raw output (apply {act} only "
+                   f"at inference), or keep the {act} and use the probability loss "
+                   f"({'NLLLoss on torch.log of it' if loss.multiclass else 'BCELoss'} / from_logits=False).")
+            return [Finding(self.code, where, msg, fix=fix, details={"activation": act, "loss": loss.name})]
+        if loss.family == "log_probs" and act in ("softmax", "sigmoid", "identity", "relu"):
+            msg = (f"{loss.name} expects log-probabilities, but it receives the {act} output "
+                   f"({'probabilities, not their log' if act in ('softmax', 'sigmoid') else 'raw values'}).")
+            fix = "Use log_softmax (nn.LogSoftmax) before NLLLoss, or feed the raw logits to CrossEntropyLoss."
+            return [Finding(self.code, where, msg, fix=fix, details={"activation": act, "loss": loss.name})]
+        if loss.family == "probability":
+            if act in ("identity", "relu"):
+                msg = (f"{loss.name} expects probabilities in [0, 1], but it receives a raw "
+                       f"{'linear' if act == 'identity' else 'ReLU'} output.")
+                fix = (f"Add {'softmax' if loss.multiclass else 'sigmoid'} on the output, or keep the raw output "
+                       f"and use the logits form of the loss (BCEWithLogitsLoss, CrossEntropyLoss, from_logits=True).")
+                return [Finding(self.code, where, msg, fix=fix, details={"activation": act, "loss": loss.name})]
+            if act == "unknown" and s.seen("pred") and (s.values["pred.min"] < 0 or s.values["pred.max"] > 1):
+                msg = (f"{loss.name} expects probabilities in [0, 1], but received values in "
+                       f"[{_g(s.values['pred.min'])}, {_g(s.values['pred.max'])}] in {ctx.span}.")
+                return [Finding(self.code, where, msg, s.absmax("pred"), 1.0)]
+        return []
+
+
+class TargetOutOfRange(Rule):
+    code = "target_out_of_range"
+
+    def evaluate(self, ctx):
+        s, f, b = ctx.snap, ctx.facts, ctx.bounds
+        if not s.seen("target") or (f.target_integer and f.loss is not None and f.loss.multiclass):
+            return []
+        if f.loss is not None and f.loss.consumes_logits:
+            rng, what = (0.0, 1.0), f"the {f.loss.link} of {f.loss.name}"
+        elif f.output_range is not None:
+            rng, what = f.output_range, f"the {f.activation} output"
+        elif b is not None and not b.inferred:
+            rng, what = (b.lo, b.hi), "the declared bounds"
+        else:
+            return []
+        lo, hi = rng
+        tmin, tmax = s.values["target.min"], s.values["target.max"]
+        if not (math.isfinite(tmin) and math.isfinite(tmax)):
+            return []
+        tol = 1e-6 * max(1.0, abs(lo) if math.isfinite(lo) else 1.0, abs(hi) if math.isfinite(hi) else 1.0)
+        below, above = tmin < lo - tol, tmax > hi + tol
+        if not (below or above):
+            return []
+        value, thr = (tmax, hi) if above and (not below or tmax - hi >= lo - tmin) else (tmin, lo)
+        msg = (f"targets span [{_g(tmin)}, {_g(tmax)}] in {ctx.span}, but {what} can only produce "
+               f"[{_g(lo)}, {_g(hi)}].")
+        return [Finding(self.code, ctx.where("target"), msg, value, thr,
+                        details={"target_min": tmin, "target_max": tmax, "range": [lo, hi]})]
+
+
+class OutputSaturated(Rule):
+    code = "output_saturated"
+    params = {"pinned_share": 0.25, "tail_share": 0.5}
+
+    def evaluate(self, ctx):
+        s, f = ctx.snap, ctx.facts
+        out = []
+        if s.seen("pred"):
+            share = s.share("pred", "pinned")
+            if share >= self.p["pinned_share"]:
+                out.append(Finding(self.code, ctx.where("pred"),
+                                   f"{_pct(share)} of predictions sat exactly at a bound in {ctx.span} "
+                                   f"(clipped: no gradient flows through them).", share, self.p["pinned_share"]))
+                return out
+        log_loss = f.loss is not None and f.loss.family in ("probability", "logits", "log_probs")
+        if f.activation in TAIL_THRESHOLD and not log_loss and s.seen("pre"):
+            share = s.share("pre", "tail")
+            if share >= self.p["tail_share"]:
+                t = TAIL_THRESHOLD[f.activation]
+                out.append(Finding(self.code, ctx.where("pre"),
+                                   f"{_pct(share)} of pre-activations had |z| > {t:g} in {ctx.span}: the "
+                                   f"{f.activation} is in its flat tail and its gradient is nearly zero.",
+                                   share, self.p["tail_share"]))
+        return out
+
+
+class PreactivationExploding(Rule):
+    code = "preactivation_exploding"
+    params = {"absmax": 1e3, "growth": 10.0, "growth_floor": 100.0, "growth_checks": 4}
+
+    def evaluate(self, ctx):
+        s, f, h = ctx.snap, ctx.facts, ctx.history
+        if not s.seen("pre") or s.nonfinite("pre"):
+            return []
+        absmax = s.absmax("pre")
+        # A linear regression head legitimately reaches the targets' scale.
+        scale = 1.0
+        if f.activation in ("identity", "relu", "unknown") and math.isfinite(h.target_max):
+            scale = max(1.0, abs(h.target_min), abs(h.target_max))
+        h.pre_absmax.append(absmax)
+        limit = self.p["absmax"] * scale
+        if absmax >= limit:
+            return [Finding(self.code, ctx.where("pre"),
+                            f"pre-activations reached |z| = {_g(absmax)} in {ctx.span} (limit {_g(limit)}).",
+                            absmax, limit)]
+        k = int(self.p["growth_checks"])
+        recent = list(h.pre_absmax)[-k:]
+        if (len(recent) == k and all(b > a for a, b in zip(recent, recent[1:]))
+                and recent[-1] >= self.p["growth"] * recent[0] and recent[-1] >= self.p["growth_floor"] * scale):
+            return [Finding(self.code, ctx.where("pre"),
+                            f"pre-activation magnitude grew {_g(recent[-1] / recent[0])}x over the last {k} checks "
+                            f"({_g(recent[0])} → {_g(recent[-1])}).", recent[-1] / recent[0], self.p["growth"])]
+        return []
+
+
+class RegressionLossOnProbabilities(Rule):
+    code = "regression_loss_on_probabilities"
+
+    def evaluate(self, ctx):
+        f, h = ctx.facts, ctx.history
+        if f.loss is None or f.loss.family != "regression" or f.activation not in ("sigmoid", "softmax"):
+            return []
+        if h.target_seen == 0 or h.target_nonbinary > 0 or h.target_min < 0 or h.target_max > 1:
+            return []
+        return [Finding(self.code, f"{ctx.where('pred')} → {ctx.where('loss')}",
+                        f"{f.loss.name} is used on {f.activation} probabilities with binary/class targets.")]
+
+
+class InputsNotScaled(Rule):
+    code = "inputs_not_scaled"
+    params = {"rms_high": 10.0, "rms_low": 1e-3}
+
+    def evaluate(self, ctx):
+        s, f = ctx.snap, ctx.facts
+        if f.input_integer or not s.seen("input") or s.nonfinite("input"):
+            return []
+        rms = s.rms("input")
+        if not math.isfinite(rms) or rms == 0.0:
+            return []
+        if rms > self.p["rms_high"]:
+            thr, how = self.p["rms_high"], "far above"
+        elif rms < self.p["rms_low"]:
+            thr, how = self.p["rms_low"], "far below"
+        else:
+            return []
+        return [Finding(self.code, ctx.where("input"),
+                        f"input features have root mean square {_g(rms)} ({how} unit scale; values span "
+                        f"[{_g(s.values['input.min'])}, {_g(s.values['input.max'])}]) in {ctx.span}.", rms, thr)]
+
+
+# ------------------------------------------------------------------------------------- loss dynamics
+class LossSpike(Rule):
+    code = "loss_spike"
+    params = {"factor": 4.0, "mad_sigmas": 8.0, "min_history": 10, "min_rise": 0.1}
+
+    def evaluate(self, ctx):
+        h, s = ctx.history, ctx.snap
+        worst = None
+        window = list(h.window)
+        for step, loss in zip(s.loss_steps, s.losses):
+            if not math.isfinite(loss):
+                continue
+            if len(window) >= self.p["min_history"]:
+                ref = np.asarray(window[-50:])
+                med = float(np.median(ref))
+                mad = 1.4826 * float(np.median(np.abs(ref - med)))
+                floor = self.p["min_rise"] * (h.initial_level if h.initial_level else abs(med))
+                if (loss > self.p["factor"] * med and loss > med + self.p["mad_sigmas"] * mad
+                        and loss - med > floor and med >= 0):
+                    ratio = loss / med if med > 0 else math.inf
+                    if worst is None or ratio > worst[0]:
+                        worst = (ratio, int(step), float(loss), med)
+            window.append(float(loss))
+        if worst is None:
+            return []
+        ratio, step, loss, med = worst
+        return [Finding(self.code, ctx.where("loss"),
+                        f"loss jumped to {_g(loss)} at step {step}, {_g(ratio)}x its running median {_g(med)}.",
+                        ratio, self.p["factor"], details={"spike_step": step})]
+
+
+class LossDiverging(Rule):
+    code = "loss_diverging"
+    params = {"factor": 10.0, "min_rise": 0.5}
+
+    def evaluate(self, ctx):
+        h = ctx.history
+        level, best = _level(h), h.best_level
+        if level is None or best is None or h.initial_level is None:
+            return []
+        if level > self.p["factor"] * best and level - best > self.p["min_rise"] * h.initial_level:
+            return [Finding(self.code, ctx.where("loss"),
+                            f"the loss level {_g(level)} is {_g(level / best) if best > 0 else 'inf'}x its best "
+                            f"{_g(best)} (reached at step {h.best_step}).",
+                            level / best if best > 0 else math.inf, self.p["factor"])]
+        return []
+
+
+class LossPlateau(Rule):
+    code = "loss_plateau"
+    params = {"patience": 1000, "min_improvement": 0.01}
+
+    def evaluate(self, ctx):
+        h, s = ctx.history, ctx.snap
+        if h.best_level is None or h.steps_seen < self.p["patience"]:
+            return []
+        stalled = s.step - h.best_step
+        if stalled >= self.p["patience"]:
+            return [Finding(self.code, ctx.where("loss"),
+                            f"the loss has not improved by {_pct(self.p['min_improvement'])} for {stalled} steps "
+                            f"(best {_g(h.best_level)} at step {h.best_step}).", float(stalled), self.p["patience"])]
+        return []
+
+
+def _level(h: History) -> Optional[float]:
+    w = [x for x in list(h.window)[-20:]]
+    return float(np.median(w)) if len(w) >= 5 else None
+
+
+def update_loss_history(h: History, snap: Snapshot, min_improvement: float) -> None:
+    """Fold one interval's losses into the history (after the rules that compare against the past)."""
+    for loss in snap.losses:
+        if math.isfinite(loss):
+            h.window.append(float(loss))
+    h.steps_seen += snap.steps
+    level = _level(h)
+    if level is None:
+        return
+    if h.initial_level is None:
+        h.initial_level = level
+    if h.best_level is None or level < h.best_level * (1 - min_improvement):
+        h.best_level, h.best_step = level, snap.step
+
+
+RULES: tuple[type[Rule], ...] = (
+    NonfiniteInput, NonfiniteOutput, NonfiniteLoss, OutputOutOfRange, MissingOutputActivation,
+    ActivationLossMismatch, TargetOutOfRange, OutputSaturated, PreactivationExploding,
+    RegressionLossOnProbabilities, InputsNotScaled, LossSpike, LossDiverging, LossPlateau,
+)
+
+
+def default_rules(thresholds: Optional[dict[str, dict[str, float]]] = None) -> list[Rule]:
+    thresholds = dict(thresholds or {})
+    rules = []
+    for cls in RULES:
+        rules.append(cls(**thresholds.pop(cls.code, {})))
+    if thresholds:
+        raise ValueError(f"thresholds names unknown alert codes {sorted(thresholds)}; expected some of {[r.code for r in RULES]}")
+    return rules

@@ -1,0 +1,213 @@
+"""Statistics declared once (name, reduce op, neutral value); everything else derives from the declaration.
+
+Adapters keep a preallocated ``(check_every_n_steps, len(COLUMNS))`` buffer on the device and write
+one row per training step (:func:`columns_of` gives each watched tensor's slice). At a check the
+rows come to the host in one transfer and :meth:`Snapshot.from_rows` reduces them here, with numpy.
+The same declaration gives the merge used across processes (:func:`merge_rows`).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Iterable, Optional
+
+import numpy as np
+
+__all__ = ["Stat", "STATS", "COLUMNS", "KINDS", "LOSS_COLUMN", "columns_of", "neutral_row",
+           "reduce_rows", "merge_rows", "Snapshot"]
+
+
+@dataclass(frozen=True)
+class Stat:
+    kind: str  # pred | pre | target | input | loss
+    field: str
+    reduce: str  # min | max | sum | step (per step, kept as a series)
+
+    @property
+    def name(self) -> str:
+        return f"{self.kind}.{self.field}"
+
+    @property
+    def neutral(self) -> float:
+        return {"min": math.inf, "max": -math.inf, "sum": 0.0, "step": math.nan}[self.reduce]
+
+
+def _declare(kind: str, *fields: tuple[str, str]) -> list[Stat]:
+    return [Stat(kind, f, r) for f, r in fields]
+
+
+#: Per watched tensor: min/max over all elements (NaN if any element was NaN), count of finite
+#: elements, and kind-specific counts. ``n`` (elements seen) is counted on the host from shapes.
+STATS: tuple[Stat, ...] = tuple(
+    _declare("pred", ("min", "min"), ("max", "max"), ("finite", "sum"), ("below", "sum"), ("above", "sum"),
+             ("pinned", "sum"), ("rowsum_err", "max"))
+    + _declare("pre", ("min", "min"), ("max", "max"), ("finite", "sum"), ("sumsq", "sum"), ("tail", "sum"))
+    + _declare("target", ("min", "min"), ("max", "max"), ("finite", "sum"), ("nonbinary", "sum"))
+    + _declare("input", ("min", "min"), ("max", "max"), ("finite", "sum"), ("sumsq", "sum"))
+    + _declare("loss", ("value", "step"))
+)
+COLUMNS: tuple[str, ...] = tuple(s.name for s in STATS)
+KINDS = ("pred", "pre", "target", "input")
+LOSS_COLUMN = COLUMNS.index("loss.value")
+_OPS = np.array([s.reduce for s in STATS])
+
+
+def columns_of(kind: str) -> slice:
+    """The contiguous slice of a row that the statistics of ``kind`` occupy."""
+    idx = [i for i, s in enumerate(STATS) if s.kind == kind]
+    if not idx:
+        raise KeyError(f"unknown statistics kind {kind!r}; expected one of {KINDS + ('loss',)}")
+    return slice(idx[0], idx[-1] + 1)
+
+
+def fields_of(kind: str) -> tuple[str, ...]:
+    return tuple(s.field for s in STATS if s.kind == kind)
+
+
+def neutral_row() -> np.ndarray:
+    """The row a buffer is reset to: the identity of each column's reduce op."""
+    return np.array([s.neutral for s in STATS], dtype=np.float64)
+
+
+def reduce_rows(rows: np.ndarray) -> dict[str, float]:
+    """Reduce ``(steps, len(COLUMNS))`` rows column by column with the declared op.
+
+    ``min``/``max`` propagate NaN (a NaN anywhere in the interval is not hidden); the per-step
+    ``loss`` column is not reduced here (see :meth:`Snapshot.from_rows`).
+    """
+    rows = np.asarray(rows, dtype=np.float64).reshape(-1, len(COLUMNS))
+    out: dict[str, float] = {}
+    if rows.shape[0] == 0:
+        rows = neutral_row()[None]
+    for i, s in enumerate(STATS):
+        col = rows[:, i]
+        if s.reduce == "min":
+            out[s.name] = float(np.min(col))
+        elif s.reduce == "max":
+            out[s.name] = float(np.max(col))
+        elif s.reduce == "sum":
+            out[s.name] = float(np.sum(col))
+    return out
+
+
+def merge_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Element-wise merge of two buffers of rows (e.g. from two processes), by each column's op."""
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    out = a + b
+    mins, maxs, steps = _OPS == "min", _OPS == "max", _OPS == "step"
+    out[..., mins] = np.minimum(a[..., mins], b[..., mins])
+    out[..., maxs] = np.maximum(a[..., maxs], b[..., maxs])
+    # per-step loss: the mean of the processes' losses (NaN-aware: a NaN on any process stays NaN)
+    la, lb = a[..., steps], b[..., steps]
+    out[..., steps] = np.where(np.isnan(la) & ~np.isnan(lb), lb, np.where(np.isnan(lb), la, (la + lb) / 2))
+    return out
+
+
+@dataclass
+class Snapshot:
+    """The statistics of one check interval (steps ``first_step``..``step``), as plain numbers.
+
+    ``values`` maps ``"<kind>.<field>"`` to a float; ``counts`` maps a kind to the number of
+    elements seen; ``losses`` holds the per-step loss (NaN where the step's loss was non-finite).
+    """
+
+    step: int
+    first_step: int
+    epoch: Optional[int]
+    values: dict[str, float]
+    counts: dict[str, int]
+    losses: np.ndarray
+    loss_steps: np.ndarray  # the step number of each entry of ``losses``
+
+    @classmethod
+    def from_rows(
+        cls,
+        rows: np.ndarray,
+        counts: dict[str, int],
+        *,
+        step: int,
+        first_step: int,
+        epoch: Optional[int] = None,
+        loss_seen: Optional[Iterable[bool]] = None,
+    ) -> "Snapshot":
+        rows = np.asarray(rows, dtype=np.float64).reshape(-1, len(COLUMNS))
+        values = reduce_rows(rows)
+        seen = np.ones(rows.shape[0], bool) if loss_seen is None else np.asarray(list(loss_seen), bool)
+        seen = seen[: rows.shape[0]]
+        losses = rows[: len(seen), LOSS_COLUMN][seen]
+        loss_steps = np.arange(first_step, first_step + len(seen))[seen]
+        return cls(step, first_step, epoch, values, {k: int(counts.get(k, 0)) for k in KINDS}, losses, loss_steps)
+
+    # ------------------------------------------------------------------ derived numbers
+    def seen(self, kind: str) -> bool:
+        return self.counts.get(kind, 0) > 0
+
+    def get(self, name: str) -> float:
+        return self.values[name]
+
+    def nonfinite(self, kind: str) -> int:
+        return max(0, int(round(self.counts.get(kind, 0) - self.values[f"{kind}.finite"])))
+
+    def share(self, kind: str, field: str) -> float:
+        n = self.counts.get(kind, 0)
+        return self.values[f"{kind}.{field}"] / n if n else 0.0
+
+    def out_of_bounds(self) -> int:
+        return int(round(self.values["pred.below"] + self.values["pred.above"]))
+
+    def absmax(self, kind: str) -> float:
+        return max(abs(self.values[f"{kind}.min"]), abs(self.values[f"{kind}.max"]))
+
+    def rms(self, kind: str) -> float:
+        finite = self.values[f"{kind}.finite"]
+        return math.sqrt(self.values[f"{kind}.sumsq"] / finite) if finite else math.nan
+
+    @property
+    def steps(self) -> int:
+        return self.step - self.first_step + 1
+
+    def loss_summary(self) -> dict[str, Any]:
+        l = self.losses
+        fin = l[np.isfinite(l)]
+        return {
+            "mean": float(fin.mean()) if fin.size else None,
+            "min": float(fin.min()) if fin.size else None,
+            "max": float(fin.max()) if fin.size else None,
+            "last": float(l[-1]) if l.size and np.isfinite(l[-1]) else None,
+            "nonfinite": int((~np.isfinite(l)).sum()),
+            "count": int(l.size),
+        }
+
+    def metrics(self) -> dict[str, float]:
+        """The numbers adapters log through the framework's loggers (keys ``boundguard/<stat>``)."""
+        m: dict[str, float] = {}
+        if self.seen("pred"):
+            m["boundguard/output_min"] = self.values["pred.min"]
+            m["boundguard/output_max"] = self.values["pred.max"]
+            m["boundguard/out_of_bounds_share"] = self.out_of_bounds() / self.counts["pred"]
+        if self.seen("pre"):
+            m["boundguard/preact_absmax"] = self.absmax("pre")
+            m["boundguard/preact_rms"] = self.rms("pre")
+        if self.seen("input"):
+            m["boundguard/input_rms"] = self.rms("input")
+        loss = self.loss_summary()
+        if loss["mean"] is not None:
+            m["boundguard/loss_mean"] = loss["mean"]
+        return {k: float(v) for k, v in m.items()}
+
+    def to_record(self) -> dict[str, Any]:
+        """The flat, JSON-safe record of the statistics log."""
+        rec: dict[str, Any] = {"step": self.step, "first_step": self.first_step, "epoch": self.epoch}
+        for kind in KINDS:
+            n = self.counts.get(kind, 0)
+            rec[f"{kind}.n"] = n
+            if not n:
+                continue
+            for f in fields_of(kind):
+                v = self.values[f"{kind}.{f}"]
+                rec[f"{kind}.{f}"] = v if math.isfinite(v) else (None if math.isnan(v) else ("inf" if v > 0 else "-inf"))
+            rec[f"{kind}.nonfinite"] = self.nonfinite(kind)
+        for k, v in self.loss_summary().items():
+            rec[f"loss.{k}"] = v
+        return rec

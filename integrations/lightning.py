@@ -1,0 +1,15 @@
+"""``from boundguard.integrations.lightning import BoundGuard`` — the callback for ``lightning.pytorch``."""
+try:
+    import lightning.pytorch as _pl
+except ImportError as e:  # pragma: no cover - exercised only without lightning
+    raise ImportError(
+        "boundguard.integrations.lightning needs Lightning: pip install 'boundguard[lightning]'"
+    ) from e
+
+from boundguard.integrations._lightning import make_callback
+from boundguard.integrations.torch import apply_bounds, watch
+
+BoundGuard = make_callback(_pl)
+BoundGuard.__module__ = __name__
+
+__all__ = ["BoundGuard", "apply_bounds", "watch"]
