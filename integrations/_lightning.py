@@ -88,7 +88,7 @@ def make_callback(pl: Any) -> type:
                                   thresholds, input_key, target_key, strict)
             self._engine = TorchEngine(self._config)
             self._log_stats = log_stats
-            self._pending_state: Optional[dict] = None
+            self._state_key: Optional[str] = None
 
         # -------------------------------------------------------------- public
         @property
@@ -107,9 +107,11 @@ def make_callback(pl: Any) -> type:
 
         @property
         def state_key(self) -> str:
-            d = self._config.describe()
-            return self._generate_state_key(bounds=d["bounds"], on_violation=d["on_violation"],
-                                            check_every_n_steps=d["check_every_n_steps"])
+            if self._state_key is None:  # Lightning asks several times per step
+                d = self._config.describe()
+                self._state_key = self._generate_state_key(
+                    bounds=d["bounds"], on_violation=d["on_violation"], check_every_n_steps=d["check_every_n_steps"])
+            return self._state_key
 
         # -------------------------------------------------------------- hooks
         @_safe

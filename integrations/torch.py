@@ -34,7 +34,7 @@ from boundguard.config import Config
 from boundguard.model_facts import ModelFacts, classify_loss, infer_activation
 from boundguard.monitor import Decision, Monitor
 from boundguard.rules import TAIL_THRESHOLD
-from boundguard.stats import COLUMNS, LOSS_COLUMN, STATS, Snapshot, columns_of, neutral_row
+from boundguard.stats import COLUMNS, LOSS_COLUMN, Snapshot, neutral_row
 
 __all__ = ["watch", "Guard", "TorchEngine", "apply_bounds", "bound_records", "DEFAULT_ALERTS_PATH"]
 
@@ -493,35 +493,86 @@ def apply_bounds(model: nn.Module, source: Any) -> list[dict]:
 
 # ----------------------------------------------------------------------------------------- reducer
 class Reducer:
-    """Per-step statistics reduced on the device into a preallocated ``(rows, len(COLUMNS))`` fp32 buffer.
+    """Per-step statistics reduced on the device into one preallocated buffer.
 
-    No host synchronisation: only shapes (host metadata) are read between checks. :meth:`read`
-    moves the filled rows to the host in one transfer and resets them.
+    Layout (one device allocation, typed views into its bytes): ``rows`` (fp32) — one row per step
+    with each watched tensor's min / max / sum of squares (and the row-sum error of a distribution)
+    and the loss, written in place with ``out=``; ``bins`` (int64) — per watched tensor, counts of
+    values between a few edges (the bounds, clamp points, 0 and 1 for targets, ±inf), accumulated
+    over the interval with ``bucketize`` + ``index_add_``. Four small kernels per tensor per step and
+    no host synchronisation: only shapes (host metadata) are read between checks. :meth:`read` moves
+    the whole buffer to the host in one transfer and turns it into the core's rows
+    (:data:`boundguard.stats.COLUMNS`).
     """
+
+    ROW = {"pred": ("min", "max", "rowsum_err"), "pre": ("min", "max", "sumsq"),
+           "target": ("min", "max"), "input": ("min", "max", "sumsq")}
+    MAX_BINS = 16
 
     def __init__(self, rows: int, device: torch.device) -> None:
         self.device = device
-        self.buf = torch.empty((rows, len(COLUMNS)), dtype=torch.float32, device=device)
-        self.neutral = torch.tensor(neutral_row(), dtype=torch.float32, device=device)
-        self.buf.copy_(self.neutral.expand_as(self.buf))
-        self.slices = {k: columns_of(k) for k in ("pred", "pre", "target", "input")}
-        self.views = [{k: self.buf[i, s] for k, s in self.slices.items()} for i in range(rows)]
-        self.loss_views = [self.buf[i, LOSS_COLUMN] for i in range(rows)]
+        self.n_rows = rows
+        offs, o = {}, 0
+        for kind, fs in self.ROW.items():
+            offs[kind] = o
+            o += len(fs)
+        self.loss_col = o
+        self.width = o + 1
+        row_bytes = -(-rows * self.width * 4 // 8) * 8  # int64 bins start 8-byte aligned
+        nbins = self.MAX_BINS * len(self.ROW)
+        self.raw = torch.zeros(row_bytes + nbins * 8, dtype=torch.uint8, device=device)
+        self.rows = self.raw[: rows * self.width * 4].view(torch.float32).view(rows, self.width)
+        bins = self.raw[row_bytes:].view(torch.int64)
+        self._row_bytes = row_bytes
+        self.bins = {k: bins[i * self.MAX_BINS: (i + 1) * self.MAX_BINS] for i, k in enumerate(self.ROW)}
+        neutral = []
+        for kind, fs in self.ROW.items():
+            neutral += [math.inf if f == "min" else (-math.inf if f in ("max", "rowsum_err") else 0.0) for f in fs]
+        neutral.append(math.nan)
+        self.neutral_row = torch.tensor(neutral, dtype=torch.float32, device=device)
+        # per row and kind, the 0-d views the kernels write into with out=
+        self.cells = [{k: [self.rows[i, offs[k] + j] for j in range(len(fs))] for k, fs in self.ROW.items()}
+                      for i in range(rows)]
+        self.loss_cells = [self.rows[i, self.loss_col] for i in range(rows)]
+        self.offs = offs
+        self.one = torch.ones((), dtype=torch.int64, device=device)
+        self.edges: dict[str, torch.Tensor] = {}
+        self.edge_values: dict[str, list[float]] = {}
         self.row = 0
-        self.counts = {k: 0 for k in self.slices}
+        self.counts = {k: 0 for k in self.ROW}
         self.loss_seen = [False] * rows
         self._written: set[str] = set()
-        self.zero = torch.zeros((), device=device)
-        self.ninf = torch.full((), -math.inf, device=device)
-        ops = [s.reduce for s in STATS]
-        self.ops = {k: ops[s] for k, s in self.slices.items()}
-        # settings that change what pred/pre statistics count
+        # what pred/pre statistics count; set before configure()
         self.lo: Optional[float] = None
         self.hi: Optional[float] = None
         self.distribution = False
         self.class_dim = 1
         self.pin: Optional[tuple[Optional[float], Optional[float]]] = None
         self.tail: Optional[float] = None
+        self.shared = False  # pred is the pre-activation tensor itself (identity head)
+        self.configure()
+        self._reset()
+
+    def configure(self) -> None:
+        """(Re)build each tensor's bin edges from the bounds, clamp points and tail threshold in force."""
+        points = {
+            "pred": [p for p in (self.lo, self.hi) + tuple(self.pin or ()) if p is not None and math.isfinite(p)],
+            "pre": [-self.tail, self.tail] if self.tail is not None else [],
+            "target": [0.0, 1.0],
+            "input": [],
+        }
+        for kind, ps in points.items():
+            e = [-math.inf, -_F32_MAX]
+            for p in sorted(set(ps)):
+                e += [p, _next32(p)]
+            e.append(math.inf)
+            e = sorted(e)
+            self.edge_values[kind] = e
+            self.edges[kind] = torch.tensor(e, dtype=torch.float32, device=self.device)
+
+    def _reset(self) -> None:
+        self.rows.copy_(self.neutral_row.expand(self.n_rows, -1))
+        self.raw[self._row_bytes:].zero_()
 
     def _flat(self, t: Tensor) -> Tensor:
         t = t.detach()
@@ -531,77 +582,74 @@ class Reducer:
             t = t.float()
         return t.reshape(-1)
 
-    def _write(self, kind: str, vals: list[Tensor]) -> None:
-        dst = self.views[self.row][kind]
-        if kind not in self._written:  # the usual case: one call per step writes the row directly
+    def _cells(self, kind: str) -> tuple[list[Tensor], Optional[list[Tensor]]]:
+        """Where this step's values of ``kind`` go; a second call in one step writes to scratch and merges."""
+        cells = self.cells[self.row][kind]
+        if kind not in self._written:
             self._written.add(kind)
-            torch.stack(vals, out=dst)
-            return
-        new = torch.stack(vals).to(torch.float32)  # the module ran again in this step: merge
-        for i, op in enumerate(self.ops[kind]):
-            if op == "min":
-                torch.minimum(dst[i], new[i], out=dst[i])
-            elif op == "max":
-                torch.maximum(dst[i], new[i], out=dst[i])
-            else:
-                dst[i].add_(new[i])
+            return cells, None
+        return [torch.empty((), dtype=torch.float32, device=self.device) for _ in cells], cells
 
-    def pred(self, p: Tensor, shared: Optional[tuple] = None) -> Optional[tuple]:
+    def _merge(self, kind: str, new: list[Tensor], dst: Optional[list[Tensor]]) -> None:
+        if dst is None:
+            return
+        for f, n, d in zip(self.ROW[kind], new, dst):
+            if f == "min":
+                torch.minimum(d, n, out=d)
+            elif f in ("max", "rowsum_err"):
+                torch.maximum(d, n, out=d)
+            else:
+                d.add_(n)
+
+    def _bin(self, kind: str, f: Tensor) -> None:
+        idx = torch.bucketize(f, self.edges[kind], right=True)
+        self.bins[kind].index_add_(0, idx, self.one.expand(idx.shape[0]))
+
+    def pred(self, p: Tensor) -> None:
         f = self._flat(p)
         if f.numel() == 0:
-            return None
-        mn, mx = shared[0] if shared else torch.aminmax(f)
-        fin = shared[1] if shared else torch.isfinite(f).sum()
-        below = above = self.zero
-        if self.lo is not None:
-            below = (f < self.lo).sum()
-            above = (f > self.hi).sum()
-        pinned = self.zero
-        if self.pin is not None:
-            plo, phi = self.pin
-            if plo is not None and phi is not None:
-                pinned = ((f == plo) | (f == phi)).sum()
-            elif plo is not None:
-                pinned = (f == plo).sum()
-            elif phi is not None:
-                pinned = (f == phi).sum()
-        rowsum = self.ninf
+            return
+        c, merge = self._cells("pred")
+        torch.aminmax(f, out=(c[0], c[1]))
         if self.distribution and p.dim() >= 1:
             dim = self.class_dim if p.dim() > self.class_dim else -1
-            rowsum = (f.view(p.shape).sum(dim) - 1).abs().amax()
-        self._write("pred", [mn, mx, fin, below, above, pinned, rowsum])
+            torch.amax((f.view(p.shape).sum(dim) - 1).abs(), out=c[2])
+        self._bin("pred", f)
+        self._merge("pred", c, merge)
         self.counts["pred"] += f.numel()
-        return (mn, mx), fin
 
-    def pre(self, z: Tensor) -> Optional[tuple]:
+    def pre(self, z: Tensor, also_pred: bool = False) -> None:
         f = self._flat(z)
         if f.numel() == 0:
-            return None
-        mn, mx = torch.aminmax(f)
-        fin = torch.isfinite(f).sum()
-        sumsq = torch.dot(f, f)
-        tail = (f.abs() > self.tail).sum() if self.tail is not None else self.zero
-        self._write("pre", [mn, mx, fin, sumsq, tail])
+            return
+        c, merge = self._cells("pre")
+        torch.aminmax(f, out=(c[0], c[1]))
+        torch.dot(f, f, out=c[2])
+        self._bin("pred" if also_pred else "pre", f)
+        self._merge("pre", c, merge)
         self.counts["pre"] += f.numel()
-        return (mn, mx), fin
+        if also_pred:
+            self.counts["pred"] += f.numel()
 
     def target(self, y: Tensor) -> None:
         f = self._flat(y)
         if f.numel() == 0:
             return
-        mn, mx = torch.aminmax(f)
-        fin = torch.isfinite(f).sum()
-        nonbinary = torch.count_nonzero(f * (1 - f))
-        self._write("target", [mn, mx, fin, nonbinary])
+        c, merge = self._cells("target")
+        torch.aminmax(f, out=(c[0], c[1]))
+        self._bin("target", f)
+        self._merge("target", c, merge)
         self.counts["target"] += f.numel()
 
     def input(self, x: Tensor) -> None:
         f = self._flat(x)
         if f.numel() == 0:
             return
-        mn, mx = torch.aminmax(f)
-        fin = torch.isfinite(f).sum()
-        self._write("input", [mn, mx, fin, torch.dot(f, f)])
+        c, merge = self._cells("input")
+        torch.aminmax(f, out=(c[0], c[1]))
+        torch.dot(f, f, out=c[2])
+        self._bin("input", f)
+        self._merge("input", c, merge)
         self.counts["input"] += f.numel()
 
     def loss(self, loss: Tensor) -> None:
@@ -610,8 +658,7 @@ class Reducer:
             if l.numel() == 0:
                 return
             l = l.float().mean()
-        dst = self.loss_views[self.row]
-        dst.copy_(l.reshape(()).to(dst.device, dst.dtype) if l.device != dst.device else l.reshape(()))
+        self.loss_cells[self.row].copy_(l.reshape(()))
         self.loss_seen[self.row] = True
 
     def next_row(self) -> None:
@@ -619,16 +666,81 @@ class Reducer:
         self._written = set()
 
     def read(self) -> tuple[np.ndarray, dict[str, int], list[bool]]:
-        """One device→host transfer of the filled rows; resets them for the next interval."""
+        """One device→host transfer; returns the interval as core rows and resets the buffer."""
         n = max(self.row, 1)
-        rows = self.buf[:n].cpu().numpy().astype(np.float64)
-        self.buf[:n].copy_(self.neutral.expand(n, -1))
+        host = self.raw.to("cpu", copy=True).numpy()
+        self._reset()
+        dev_rows = host[: self.n_rows * self.width * 4].view(np.float32).reshape(self.n_rows, self.width)[:n]
+        bins = host[self._row_bytes:].view(np.int64)
         counts, seen = dict(self.counts), self.loss_seen[:n]
+        out = np.tile(neutral_row(), (n, 1))
+        col = {c: i for i, c in enumerate(COLUMNS)}
+        for kind, fs in self.ROW.items():
+            for j, f in enumerate(fs):
+                out[:, col[f"{kind}.{f}"]] = dev_rows[:, self.offs[kind] + j]
+        out[:, LOSS_COLUMN] = dev_rows[:, self.loss_col]
+        if self.shared:  # identity head: the prediction's min/max are the pre-activation's
+            for f in ("min", "max"):
+                out[:, col[f"pred.{f}"]] = out[:, col[f"pre.{f}"]]
+        for i, kind in enumerate(self.ROW):
+            b = bins[i * self.MAX_BINS: (i + 1) * self.MAX_BINS]
+            for name, v in _bin_counts(self.edge_values[kind], b, self._points(kind)).items():
+                out[0, col[f"{kind}.{name}"]] = v
+        if self.shared:
+            out[0, col["pre.finite"]] = out[0, col["pred.finite"]]
         self.row = 0
         self._written = set()
         self.counts = {k: 0 for k in self.counts}
-        self.loss_seen = [False] * len(self.loss_seen)
-        return rows, counts, seen
+        self.loss_seen = [False] * self.n_rows
+        return out, counts, seen
+
+    def _points(self, kind: str) -> dict[str, Any]:
+        if kind == "pred":
+            return {"below": self.lo, "above": self.hi, "pinned": self.pin}
+        if kind == "pre":
+            return {"tail": self.tail}
+        if kind == "target":
+            return {"nonbinary": True}
+        return {}
+
+
+_F32_MAX = float(np.finfo(np.float32).max)
+
+
+def _next32(x: float) -> float:
+    return float(np.nextafter(np.float32(x), np.float32(np.inf)))
+
+
+def _bin_counts(edges: list[float], bins: np.ndarray, points: dict[str, Any]) -> dict[str, float]:
+    """Turn bucketize counts into the core's count columns.
+
+    Bin ``i`` holds values in ``[edges[i-1], edges[i])``; bin 1 is -inf, the last bin +inf and NaN.
+    """
+    k = len(edges)
+    finite_bins = [(edges[i - 1], edges[i], float(bins[i])) for i in range(2, k)]
+    out = {"finite": sum(c for _, _, c in finite_bins)}
+
+    def lt(a):
+        return sum(c for _, hi, c in finite_bins if hi <= a)
+
+    def gt(a):
+        return sum(c for lo, _, c in finite_bins if lo > a)
+
+    def eq(a):
+        return sum(c for lo, hi, c in finite_bins if lo == a and hi == _next32(a))
+
+    if "below" in points:
+        lo, hi = points["below"], points["above"]
+        out["below"] = lt(lo) if lo is not None else 0.0
+        out["above"] = gt(hi) if hi is not None else 0.0
+        pin = points.get("pinned")
+        out["pinned"] = sum(eq(p) for p in pin if p is not None) if pin else 0.0
+    if "tail" in points:
+        t = points["tail"]
+        out["tail"] = (lt(-t) + gt(t)) if t is not None else 0.0
+    if "nonbinary" in points:
+        out["nonbinary"] = out["finite"] - eq(0.0) - eq(1.0)
+    return out
 
 
 # ----------------------------------------------------------------------------------------- engine
@@ -880,6 +992,7 @@ class TorchEngine:
         if facts.activation == "clamp":
             red.pin = (facts.activation_params.get("lo"), facts.activation_params.get("hi"))
         red.tail = TAIL_THRESHOLD.get(facts.activation)
+        red.configure()
         self._bound_version = b
 
     def _sync_bounds(self) -> None:
@@ -903,6 +1016,8 @@ class TorchEngine:
             replay = lambda z: act(hook.bound(z))  # noqa: E731
         self._pred_from_pre = replay
         same = pre_site is not None and pred_site is not None and pre_site == pred_site and not inserted
+        if self.reducer is not None:
+            self.reducer.shared = same
         if pre_site is not None and pre_site[0] in modules:
             self._hooks.append(modules[pre_site[0]].register_forward_hook(
                 self._stats_hook(pre_site[1], "pre+pred" if same else "pre"), prepend=True))
@@ -938,15 +1053,14 @@ class TorchEngine:
     def _reduce_outputs(self, pre: Optional[Tensor], pred: Optional[Tensor]) -> None:
         red = self.reducer
         assert red is not None
-        shared = red.pre(pre) if pre is not None else None
-        if self._logits:
+        shared = pred is not None and pred is pre and not self._logits
+        if pre is not None:
+            red.pre(pre, also_pred=shared)
+        if self._logits or shared:
             return
-        if pred is not None and pred is pre:
-            red.pred(pred, shared)
-        elif pred is not None:
-            if self._result is not None and self._result.pred_site is not None:
-                red.pred(pred)
-        if self._pred_from_pre is not None and pre is not None and (self._result is None or self._result.pred_site is None):
+        if pred is not None and self._result is not None and self._result.pred_site is not None:
+            red.pred(pred)
+        elif self._pred_from_pre is not None and pre is not None:
             red.pred(self._pred_from_pre(pre.detach()))
 
     # ------------------------------------------------------------------ actions
