@@ -33,6 +33,12 @@ class LossInfo:
     def consumes_logits(self) -> bool:
         return self.family == "logits"
 
+    @property
+    def link_applied(self) -> bool:
+        """The loss applies a link to its input (logits → sigmoid/softmax, log-probabilities → exp), so
+        the predictions a user gets are link(raw) and raw values outside the bounds are no violation."""
+        return self.family in ("logits", "log_probs")
+
 
 _LOSSES = {
     # PyTorch (torch.nn.functional names)
@@ -44,8 +50,8 @@ _LOSSES = {
     "binary_cross_entropy_with_logits": ("logits", False, "sigmoid"),
     "multilabel_soft_margin_loss": ("logits", False, "sigmoid"),
     "cross_entropy": ("logits", True, "softmax"),
-    "nll_loss": ("log_probs", True, None),
-    "kl_div": ("log_probs", True, None),
+    "nll_loss": ("log_probs", True, "exp"),
+    "kl_div": ("log_probs", True, "exp"),
     # Keras (canonical names; from_logits handled in classify_loss)
     "mean_squared_error": ("regression", False, None),
     "mean_absolute_error": ("regression", False, None),
@@ -180,6 +186,12 @@ def infer_activation(z: np.ndarray, p: np.ndarray, *, atol: float = 1e-4) -> tup
 
     if close(z):
         return "identity", {}
+    zf, pf = z.reshape(-1), p.reshape(-1)
+    if zf.std() > 1e-8:
+        b = float(np.cov(zf, pf, bias=True)[0, 1] / zf.var())
+        a = float(pf.mean() - b * zf.mean())
+        if abs(b) > 1e-8 and close((a + b * zf).reshape(p.shape)):
+            return "identity", {"scale": round(b, 6), "shift": round(a, 6)}  # affine: still unbounded
     for name, f in (("sigmoid", _sigmoid), ("tanh", np.tanh)):
         if close(f(z)):
             return name, {}

@@ -720,6 +720,7 @@ def plot_run(run: RunReport, out: PathLike, *, title: Optional[str] = None, size
             plotted = True
     if plotted:
         ax_pre.set_yscale("log")
+        _plain_log_ticks(ax_pre)
     else:
         ax_pre.text(0.5, 0.5, "no pre-activations recorded", transform=ax_pre.transAxes, ha="center", color="grey")
     _mark_nonfinite(ax_pre, x, s.col("pre.nonfinite"), "non-finite pre-activations")
@@ -735,6 +736,7 @@ def plot_run(run: RunReport, out: PathLike, *, title: Optional[str] = None, size
         vals = vals[np.isfinite(vals)]
         if vals.size and vals.min() > 0 and vals.max() / vals.min() >= 10:
             ax_loss.set_yscale("log")
+            _plain_log_ticks(ax_loss)
     else:
         ax_loss.text(0.5, 0.5, "no loss recorded", transform=ax_loss.transAxes, ha="center", color="grey")
     _mark_nonfinite(ax_loss, x, s.col("loss.nonfinite"), "non-finite loss")
@@ -786,6 +788,19 @@ def plot_run(run: RunReport, out: PathLike, *, title: Optional[str] = None, size
     finally:
         plt.close(fig)
     return out
+
+
+def _plain_log_ticks(ax: Any) -> None:
+    """Log-scale tick labels as plain numbers (0.3, 2, 1e+05) rather than 3x10^-1."""
+    from matplotlib import ticker
+
+    def minor(v: float, _pos: Any) -> str:
+        lo, hi = ax.get_ylim()
+        few = lo > 0 and hi / lo < 40  # label minor ticks only when the axis spans under ~1.5 decades
+        return f"{v:g}" if few and str(f"{v:.0e}")[0] in "25" else ""
+
+    ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _pos: f"{v:g}"))
+    ax.yaxis.set_minor_formatter(ticker.FuncFormatter(minor))
 
 
 def _bound(b: Optional[dict], name: str) -> float:

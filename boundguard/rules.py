@@ -203,7 +203,7 @@ class MissingOutputActivation(Rule):
         f, b = ctx.facts, ctx.bounds
         if b is None or not (b.kind == "distribution" or b.finite):
             return []
-        if f.activation not in ("identity", "relu") or (f.loss is not None and f.loss.consumes_logits):
+        if f.activation not in ("identity", "relu") or (f.loss is not None and f.loss.link_applied):
             return []
         what = "a raw linear output" if f.activation == "identity" else "a ReLU output (unbounded above)"
         msg = (f"the prediction of {ctx.where('pred')} is {what}, but the predictions must stay in "
@@ -265,7 +265,7 @@ class TargetOutOfRange(Rule):
         s, f, b = ctx.snap, ctx.facts, ctx.bounds
         if not s.seen("target") or (f.target_integer and f.loss is not None and f.loss.multiclass):
             return []
-        if f.loss is not None and f.loss.consumes_logits:
+        if f.loss is not None and f.loss.link_applied:
             rng, what = (0.0, 1.0), f"the {f.loss.link} of {f.loss.name}"
         elif f.output_range is not None:
             rng, what = f.output_range, f"the {f.activation} output"

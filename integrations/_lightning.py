@@ -136,6 +136,7 @@ def make_callback(pl: Any) -> type:
         def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
             self._engine._batch = batch
             self._engine.begin_step()
+            self._engine.record_batch(batch)  # from step 2 on (the probe locates the tensors at step 1)
 
         @_safe
         def on_before_backward(self, trainer: Any, pl_module: Any, loss: Any) -> None:
@@ -167,7 +168,13 @@ def make_callback(pl: Any) -> type:
             self._engine.finish()
 
         def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
-            self._engine.finish()
+            try:
+                if not isinstance(exception, BoundGuardError):
+                    self._engine.check_partial_step()
+            except Exception:  # never mask the user's exception
+                pass
+            finally:
+                self._engine.finish()
 
         def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
             if stage == "fit":

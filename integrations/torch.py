@@ -109,6 +109,7 @@ _SHAPE_OPS = {
 }
 _ACT_OPS = {"sigmoid", "tanh", "softmax", "log_softmax", "clamp", "clip", "hardtanh", "relu", "relu6",
             "clamp_min", "clamp_max"}
+_INPUT = "<input>"  # path marker: a module's first positional input, not its output
 _INPUT_KEYS = ("x", "input", "inputs", "features", "image", "images", "pixel_values", "input_ids", "data", "src")
 _TARGET_KEYS = ("y", "target", "targets", "label", "labels", "y_true")
 
@@ -160,6 +161,7 @@ class Probe:
         self.names = {m: n for n, m in model.named_modules()}
         self.recorder = _Recorder()
         self.module_outputs: dict[int, tuple[str, tuple, Tensor]] = {}  # id(tensor) -> (module name, path, t)
+        self.module_inputs: dict[str, Tensor] = {}  # first tensor argument of each module's first call
         self.order: list[tuple[str, nn.Module, Any]] = []
         self.root_inputs: Optional[tuple] = None
         self._handles: list = []
@@ -190,6 +192,8 @@ class Probe:
     def _hook(self, name: str):
         def hook(module, args, output):
             self.order.append((name, module, output))
+            if name not in self.module_inputs and args and isinstance(args[0], Tensor):
+                self.module_inputs[name] = args[0]
             for path, t in flatten(output):
                 self.module_outputs.setdefault(id(t), (name, path, t))  # innermost module first
         return hook
@@ -266,20 +270,27 @@ class Probe:
             steps.append(call)
             cur = call.tensor_arg(0)
             site = self._site(cur)
-        # pre-activation: the output of the last parametrised layer before the prediction
-        pre_site, chain = self._walk_to_param_output(pred)
-        if pre_site is None:
-            pre_site = self._fallback_pre(pred)
-            chain = []
-            if pre_site is not None:
-                r.activation, r.activation_params = infer_activation(_np(pre_site[2]), _np(pred))
-                if r.activation == "unknown":
-                    pre_site = None
+        # pre-activation: the input of a parameter-free activation module that produces the
+        # prediction (nn.Sigmoid, nn.Softmax, a custom activation module), else the output of the
+        # last parametrised layer before the prediction.
+        z = self._activation_module_input(site)
+        if z is not None:
+            r.pre_site, r.pre = (site[0], (_INPUT, 0)), z
+            chain = self._chain_between(site[2], z)
+            r.activation, r.activation_params = (
+                _classify_chain(chain, z, site[2]) if chain is not None else infer_activation(_np(z), _np(site[2])))
         else:
-            r.activation, r.activation_params = _classify_chain(chain, pre_site[2], pred)
-        if pre_site is not None:
-            r.pre_site = (pre_site[0], pre_site[1])
-            r.pre = pre_site[2]
+            pre_site, chain = self._walk_to_param_output(pred)
+            if pre_site is None:
+                pre_site = self._fallback_pre(pred)
+                if pre_site is not None:
+                    r.activation, r.activation_params = infer_activation(_np(pre_site[2]), _np(pred))
+                    if r.activation == "unknown":
+                        pre_site = None
+            else:
+                r.activation, r.activation_params = _classify_chain(chain, pre_site[2], pred)
+            if pre_site is not None:
+                r.pre_site, r.pre = (pre_site[0], pre_site[1]), pre_site[2]
         acts_after_site = [c for c in steps if c.name not in _SHAPE_OPS]
         if site is not None and not acts_after_site:
             r.pred_site = (site[0], site[1])
@@ -296,6 +307,30 @@ class Probe:
                             "Make the head an nn.Module with parameters (e.g. nn.Linear) followed by its activation."))
         r.root_inputs = self.root_inputs
         return r
+
+    def _activation_module_input(self, site: Optional[tuple]) -> Optional[Tensor]:
+        """The input tensor of ``site``'s module when it is a parameter-free leaf (an activation module)."""
+        if site is None or site[0] not in self.module_inputs:
+            return None
+        m = dict(self.model.named_modules()).get(site[0])
+        if m is None or m is self.model or any(True for _ in m.children()) or any(True for _ in m.parameters()):
+            return None
+        z = self.module_inputs[site[0]]
+        return z if z.is_floating_point() and z.numel() == site[2].numel() else None
+
+    def _chain_between(self, p: Tensor, z: Tensor, max_depth: int = 12) -> Optional[list[_Call]]:
+        """The recorded calls leading from ``z`` to ``p`` (walked backwards), or None if not connected."""
+        chain: list[_Call] = []
+        cur = p
+        for _ in range(max_depth):
+            if cur is z:
+                return chain
+            call = self.recorder.producer.get(id(cur))
+            if call is None or call.tensor_arg(0) is None:
+                return None
+            chain.append(call)
+            cur = call.tensor_arg(0)
+        return None
 
     def _fallback_pre(self, pred: Tensor) -> Optional[tuple[str, tuple, Tensor]]:
         for name, module, out in reversed(self.order):
@@ -323,8 +358,8 @@ def _classify_chain(chain: list[_Call], z: Tensor, p: Tensor) -> tuple[str, dict
     acts = [c for c in chain if c.name not in _SHAPE_OPS]
     if not acts:
         return "identity", {}
-    if len(acts) == 1:
-        c = acts[0]
+    c = acts[0]  # the outermost op decides the range of the prediction
+    if c.name in _ACT_OPS:
         if c.name in ("sigmoid", "tanh"):
             return c.name, {}
         if c.name in ("softmax", "log_softmax"):
@@ -414,8 +449,13 @@ class BoundHook:
         lo, hi = float(r["lo"]), float(r["hi"])
         return lo + (hi - lo) * torch.sigmoid(z)
 
-    def __call__(self, module: nn.Module, args: Any, output: Any) -> Any:
+    def __call__(self, module: nn.Module, args: Any, *output: Any) -> Any:
         path = tuple(self.record.get("path", ()))
+        if path[:1] == (_INPUT,):  # registered as a forward pre-hook: bound the module's input
+            if not args or not isinstance(args[0], Tensor):
+                return None
+            return (self.bound(args[0]),) + tuple(args[1:])
+        output = output[0]
         t = get_path(output, path)
         if t is None:
             return None
@@ -487,7 +527,11 @@ def apply_bounds(model: nn.Module, source: Any) -> list[dict]:
         m = modules.get(rec["module"])
         if m is None:
             raise ValueError(f"apply_bounds: the model has no module named {rec['module']!r}")
-        applied[key] = m.register_forward_hook(BoundHook(rec))
+        hook = BoundHook(rec)
+        if key[1][:1] == (_INPUT,):
+            applied[key] = m.register_forward_pre_hook(hook)
+        else:
+            applied[key] = m.register_forward_hook(hook)
     return records
 
 
@@ -764,6 +808,7 @@ class TorchEngine:
         self._hooks: list = []
         self._result: Optional[ProbeResult] = None
         self._loss_seen_this_step = False
+        self._batch_recorded = False
         self._target_path: Optional[tuple] = None
         self._input_path: Optional[tuple] = None
         self._pred_from_pre: Optional[Callable[[Tensor], Tensor]] = None
@@ -798,6 +843,7 @@ class TorchEngine:
             return
         self.armed = True
         self._loss_seen_this_step = False
+        self._batch_recorded = False
         if not self.probed and self.probe is None:
             self.probe = Probe(self.model)
             self.probe.start()
@@ -812,9 +858,10 @@ class TorchEngine:
             self._loss_seen_this_step = True
 
     def record_batch(self, batch: Any = None, inputs: Any = None, targets: Any = None) -> None:
-        """Targets and inputs of the step: given explicitly, or located in the batch."""
-        if self.disabled or self.reducer is None:
+        """Targets and inputs of the step: given explicitly, or located in the batch (once per step)."""
+        if self.disabled or self.reducer is None or self._batch_recorded:
             return
+        self._batch_recorded = True
         y = targets if isinstance(targets, Tensor) else (get_path(batch, self._target_path) if self._target_path is not None else None)
         x = inputs if isinstance(inputs, Tensor) else (get_path(batch, self._input_path) if self._input_path is not None else None)
         if isinstance(y, Tensor):
@@ -850,6 +897,22 @@ class TorchEngine:
         self.last_snapshot = snap
         decisions = self.monitor.check(snap)
         self._sync_bounds()
+        return decisions
+
+    def check_partial_step(self) -> list[Decision]:
+        """After the training loop raised mid-step: judge what the unfinished step already showed
+        (a NaN input before the loss crashed, say), so the alerts file explains the crash. Records
+        alerts only; takes no action."""
+        if self.disabled or self.reducer is None or not self.armed:
+            return []
+        self.armed = False
+        if self.probe is not None:
+            self.probe.stop()
+            self.probe = None
+        self.step += 1
+        decisions = self._check()
+        for d in decisions:
+            d.alert.details["during_exception"] = True
         return decisions
 
     def reduce_across_processes(self, rows: np.ndarray, counts: dict) -> tuple[np.ndarray, dict]:
@@ -894,7 +957,7 @@ class TorchEngine:
             activation=r.activation, activation_params=r.activation_params,
             loss=classify_loss(r.loss_name), loss_where=r.loss_name,
         )
-        self._logits = bool(facts.loss and facts.loss.consumes_logits)
+        self._logits = bool(facts.loss and facts.loss.link_applied)
         device = _device_of(self.model, r)
         self.reducer = Reducer(self.config.check_every_n_steps, device)
         for key, msg, fix in r.notes:
@@ -1015,7 +1078,8 @@ class TorchEngine:
             act = replay or (lambda z: z)
             replay = lambda z: act(hook.bound(z))  # noqa: E731
         self._pred_from_pre = replay
-        same = pre_site is not None and pred_site is not None and pre_site == pred_site and not inserted
+        same = (pre_site is not None and pred_site is not None and pre_site == pred_site and not inserted
+                and not self._logits)
         if self.reducer is not None:
             self.reducer.shared = same
         if pre_site is not None and pre_site[0] in modules:
@@ -1034,7 +1098,7 @@ class TorchEngine:
             if not self.armed or self.disabled:
                 return None
             try:
-                t = get_path(output, path)
+                t = (args[0] if args and isinstance(args[0], Tensor) else None) if path[:1] == (_INPUT,) else get_path(output, path)
                 if t is None:
                     return None
                 if what == "pred":
@@ -1053,10 +1117,12 @@ class TorchEngine:
     def _reduce_outputs(self, pre: Optional[Tensor], pred: Optional[Tensor]) -> None:
         red = self.reducer
         assert red is not None
-        shared = pred is not None and pred is pre and not self._logits
+        if red.shared and pre is not None:  # identity head: one tensor is both
+            red.pre(pre, also_pred=True)
+            return
         if pre is not None:
-            red.pre(pre, also_pred=shared)
-        if self._logits or shared:
+            red.pre(pre)
+        if self._logits:
             return
         if pred is not None and self._result is not None and self._result.pred_site is not None:
             red.pred(pred)

@@ -1,0 +1,39 @@
+"""The README's catalogue table is generated from the catalogue."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from boundguard.catalogue import CATALOGUE, CODES
+from boundguard.report import CATALOGUE_END, CATALOGUE_START, ReportError, catalogue_markdown, replace_catalogue
+
+
+def test_table_has_one_row_per_code():
+    lines = catalogue_markdown().splitlines()
+    assert lines[0] == "| code | default severity | fires when | fix |"
+    assert lines[1] == "| --- | --- | --- | --- |"
+    assert [line.split(" | ")[0] for line in lines[2:]] == [f"| `{c}`" for c in CODES]
+    for line, code in zip(lines[2:], CODES):
+        cells = line.strip("| ").split(" | ")
+        assert cells == [f"`{code}`", CATALOGUE[code].severity, CATALOGUE[code].meaning, CATALOGUE[code].fix]
+
+
+def test_module_prints_table_and_updates_readme(tmp_path):
+    res = subprocess.run([sys.executable, "-m", "boundguard.report", "--catalogue"], capture_output=True, text=True)
+    assert res.returncode == 0 and res.stdout == catalogue_markdown()
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n\n{CATALOGUE_START}\nold table\n{CATALOGUE_END}\n\nmore\n")
+    res = subprocess.run([sys.executable, "-m", "boundguard.report", "--write-readme", str(readme)],
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert readme.read_text() == f"# x\n\n{CATALOGUE_START}\n{catalogue_markdown()}{CATALOGUE_END}\n\nmore\n"
+    assert "already up to date" in subprocess.run(
+        [sys.executable, "-m", "boundguard.report", "--write-readme", str(readme)], capture_output=True, text=True
+    ).stdout
+
+
+def test_replace_needs_markers():
+    with pytest.raises(ReportError, match="markers"):
+        replace_catalogue("no markers here")

@@ -1,0 +1,317 @@
+"""Conformance over the whole catalogue: every rule fires on a hand-made scenario and stays quiet on its
+healthy twin. Rules are pure functions of (snapshot, facts, bounds, history), so each case runs in
+microseconds without any framework.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional
+
+import numpy as np
+import pytest
+
+from boundguard.alerts import SEVERITIES
+from boundguard.bounds import Bounds
+from boundguard.catalogue import CATALOGUE, CODES
+from boundguard.model_facts import ModelFacts, classify_loss
+from boundguard.rules import RULES, Context, History, default_rules
+from boundguard.stats import KINDS, LOSS_COLUMN, Snapshot, neutral_row
+
+RULE_BY_CODE = {r.code: r for r in RULES}
+
+
+# ----------------------------------------------------------------------------------------- builders
+def make_snap(
+    seen: Optional[dict[str, int]] = None,
+    values: Optional[dict[str, float]] = None,
+    losses: tuple = (),
+    *,
+    first_step: int = 1,
+    step: Optional[int] = None,
+) -> Snapshot:
+    """A snapshot in which each kind in ``seen`` was seen that many times, all values finite and in
+    [-1, 1] unless ``values`` overrides them; ``losses`` are the per-step losses of the interval."""
+    n = max(len(losses), 1)
+    rows = np.tile(neutral_row(), (n, 1))
+    for i, loss in enumerate(losses):
+        rows[i, LOSS_COLUMN] = loss
+    counts = dict(seen or {})
+    snap = Snapshot.from_rows(
+        rows, counts, step=first_step + n - 1 if step is None else step, first_step=first_step,
+        loss_seen=[True] * len(losses) + [False] * (n - len(losses)),
+    )
+    for kind, c in counts.items():
+        snap.values.update({f"{kind}.min": -1.0 if kind != "target" else 0.0, f"{kind}.max": 1.0,
+                            f"{kind}.finite": float(c)})
+        if kind in ("pre", "input"):
+            snap.values[f"{kind}.sumsq"] = 0.5 * c  # rms ~0.7
+    snap.values.update(values or {})
+    return snap
+
+
+def facts(activation: str = "identity", loss: Optional[str] = "mse_loss", **kw) -> ModelFacts:
+    return ModelFacts(pred_where="head", pre_where="head.fc", activation=activation,
+                      loss=classify_loss(loss), loss_where=loss, **kw)
+
+
+def history(**kw) -> History:
+    h = History()
+    for k, v in kw.items():
+        if k in ("window", "pre_absmax"):
+            getattr(h, k).extend(v)
+        else:
+            setattr(h, k, v)
+    return h
+
+
+def ctx(snap=None, f=None, bounds=None, h=None) -> Context:
+    return Context(snap or make_snap(), f or facts(), bounds, h or History())
+
+
+P = Bounds.probability()
+DIST = Bounds.distribution()
+NOISY = [1.0 + 0.01 * math.sin(i) for i in range(30)]
+
+# code -> list of (id, firing context builder); and code -> list of (id, healthy twin builder)
+FIRING: dict[str, list[tuple[str, Callable[[], Context]]]] = {
+    "nonfinite_input": [
+        ("nan-inputs", lambda: ctx(make_snap({"input": 10}, {"input.finite": 7.0, "input.min": math.nan}))),
+    ],
+    "nonfinite_output": [
+        ("nan-pred", lambda: ctx(make_snap({"pred": 10, "pre": 10}, {"pred.finite": 9.0, "pred.max": math.nan}))),
+        ("inf-pre", lambda: ctx(make_snap({"pre": 10}, {"pre.finite": 8.0, "pre.max": math.inf}))),
+    ],
+    "nonfinite_loss": [
+        ("nan-step", lambda: ctx(make_snap(losses=(0.5, math.nan, 0.4)))),
+        ("inf-step", lambda: ctx(make_snap(losses=(math.inf,)))),
+    ],
+    "output_out_of_range": [
+        ("declared-interval", lambda: ctx(make_snap({"pred": 10}, {"pred.min": -0.5, "pred.max": 1.2,
+                                                                    "pred.below": 2.0, "pred.above": 1.0}),
+                                          facts("sigmoid"), P)),
+        ("distribution-rowsum", lambda: ctx(make_snap({"pred": 30}, {"pred.min": 0.0, "pred.max": 1.0,
+                                                                      "pred.rowsum_err": 0.5}),
+                                            facts("softmax", "cross_entropy"), DIST)),
+    ],
+    "missing_output_activation": [
+        ("identity-probability", lambda: ctx(f=facts("identity"), bounds=P)),
+        ("relu-symmetric", lambda: ctx(f=facts("relu"), bounds=Bounds.symmetric())),
+        ("identity-distribution", lambda: ctx(f=facts("identity", "mse_loss"), bounds=DIST)),
+        ("identity-scaled", lambda: ctx(f=facts("identity"), bounds=Bounds(2.0, 5.0))),
+    ],
+    "activation_loss_mismatch": [
+        ("sigmoid-bce-with-logits", lambda: ctx(f=facts("sigmoid", "binary_cross_entropy_with_logits"))),
+        ("softmax-cross-entropy", lambda: ctx(f=facts("softmax", "cross_entropy"))),
+        ("softmax-nll", lambda: ctx(f=facts("softmax", "nll_loss"))),
+        ("identity-bce", lambda: ctx(f=facts("identity", "binary_cross_entropy"))),
+        ("unknown-bce-out-of-range", lambda: ctx(make_snap({"pred": 10}, {"pred.min": -2.0, "pred.max": 3.0}),
+                                                 facts("unknown", "binary_cross_entropy"))),
+    ],
+    "target_out_of_range": [
+        ("sigmoid-head-targets-to-10", lambda: ctx(make_snap({"target": 10}, {"target.max": 10.0}),
+                                                   facts("sigmoid"))),
+        ("logits-loss-negative-targets", lambda: ctx(make_snap({"target": 10}, {"target.min": -1.0}),
+                                                     facts("identity", "binary_cross_entropy_with_logits"))),
+        ("declared-bounds", lambda: ctx(make_snap({"target": 10}, {"target.max": 7.0}), facts("identity"),
+                                        Bounds(0.0, 5.0))),
+    ],
+    "output_saturated": [
+        ("clamp-pinned", lambda: ctx(make_snap({"pred": 100}, {"pred.pinned": 50.0}), facts("clamp"))),
+        ("sigmoid-tail", lambda: ctx(make_snap({"pre": 100}, {"pre.tail": 80.0}), facts("sigmoid"))),
+    ],
+    "preactivation_exploding": [
+        ("absmax", lambda: ctx(make_snap({"pre": 10}, {"pre.min": -5e3, "pre.max": 2e3}), facts("sigmoid"))),
+        ("growing", lambda: ctx(make_snap({"pre": 10}, {"pre.min": -10.0, "pre.max": 900.0}), facts("sigmoid"),
+                                h=history(pre_absmax=[5.0, 50.0, 200.0]))),
+    ],
+    "regression_loss_on_probabilities": [
+        ("mse-on-sigmoid-binary", lambda: ctx(f=facts("sigmoid", "mse_loss"),
+                                              h=history(target_seen=10, target_min=0.0, target_max=1.0))),
+    ],
+    "inputs_not_scaled": [
+        ("rms-high", lambda: ctx(make_snap({"input": 10}, {"input.sumsq": 10 * 100.0 ** 2}))),
+        ("rms-low", lambda: ctx(make_snap({"input": 10}, {"input.sumsq": 10 * 1e-5 ** 2}))),
+    ],
+    "loss_spike": [
+        ("x20", lambda: ctx(make_snap(losses=(1.0, 20.0, 1.0)), h=history(window=NOISY, initial_level=1.0))),
+    ],
+    "loss_diverging": [
+        ("x50", lambda: ctx(h=history(window=[5.0] * 20, initial_level=1.0, best_level=0.1, best_step=100))),
+    ],
+    "loss_plateau": [
+        ("stalled", lambda: ctx(make_snap(step=2000, first_step=1951),
+                                h=history(window=[1.0] * 20, best_level=1.0, best_step=10, steps_seen=2000))),
+    ],
+}
+
+HEALTHY: dict[str, list[tuple[str, Callable[[], Context]]]] = {
+    "nonfinite_input": [("finite", lambda: ctx(make_snap({"input": 10})))],
+    "nonfinite_output": [("finite", lambda: ctx(make_snap({"pred": 10, "pre": 10})))],
+    "nonfinite_loss": [("finite", lambda: ctx(make_snap(losses=(0.5, 0.45, 0.4))))],
+    "output_out_of_range": [
+        ("in-range", lambda: ctx(make_snap({"pred": 10}, {"pred.min": 0.1, "pred.max": 0.9}), facts("sigmoid"), P)),
+        ("distribution-ok", lambda: ctx(make_snap({"pred": 30}, {"pred.min": 0.0, "pred.max": 1.0,
+                                                                  "pred.rowsum_err": 1e-6}),
+                                        facts("softmax", "nll_loss"), DIST)),
+        ("no-bounds", lambda: ctx(make_snap({"pred": 10}, {"pred.below": 3.0}), facts("identity"), None)),
+    ],
+    "missing_output_activation": [
+        ("sigmoid-head", lambda: ctx(f=facts("sigmoid"), bounds=P)),
+        ("logits-loss", lambda: ctx(f=facts("identity", "binary_cross_entropy_with_logits"), bounds=P)),
+        ("unbounded", lambda: ctx(f=facts("identity"), bounds=None)),
+    ],
+    "activation_loss_mismatch": [
+        ("identity-bce-with-logits", lambda: ctx(f=facts("identity", "binary_cross_entropy_with_logits"))),
+        ("identity-cross-entropy", lambda: ctx(f=facts("identity", "cross_entropy"))),
+        ("log-softmax-nll", lambda: ctx(f=facts("log_softmax", "nll_loss"))),
+        ("sigmoid-bce", lambda: ctx(f=facts("sigmoid", "binary_cross_entropy"))),
+        ("unknown-bce-in-range", lambda: ctx(make_snap({"pred": 10}, {"pred.min": 0.0}),
+                                             facts("unknown", "binary_cross_entropy"))),
+    ],
+    "target_out_of_range": [
+        ("sigmoid-head-unit-targets", lambda: ctx(make_snap({"target": 10}), facts("sigmoid"))),
+        ("class-indices", lambda: ctx(make_snap({"target": 10}, {"target.max": 9.0}),
+                                      facts("identity", "cross_entropy", target_integer=True))),
+        ("unbounded-head", lambda: ctx(make_snap({"target": 10}, {"target.max": 10.0}), facts("identity"))),
+    ],
+    "output_saturated": [
+        ("clamp-few-pinned", lambda: ctx(make_snap({"pred": 100}, {"pred.pinned": 5.0}), facts("clamp"))),
+        ("sigmoid-tail-with-log-loss", lambda: ctx(make_snap({"pre": 100}, {"pre.tail": 80.0}),
+                                                   facts("sigmoid", "binary_cross_entropy"))),
+    ],
+    "preactivation_exploding": [
+        ("moderate", lambda: ctx(make_snap({"pre": 10}, {"pre.min": -5.0, "pre.max": 5.0}), facts("sigmoid"))),
+        ("regression-head-at-target-scale", lambda: ctx(make_snap({"pre": 10}, {"pre.max": 5e3}), facts("identity"),
+                                                        h=history(target_min=0.0, target_max=1e4))),
+    ],
+    "regression_loss_on_probabilities": [
+        ("continuous-targets", lambda: ctx(f=facts("sigmoid", "mse_loss"),
+                                           h=history(target_seen=10, target_min=0.0, target_max=1.0,
+                                                     target_nonbinary=6.0))),
+        ("bce", lambda: ctx(f=facts("sigmoid", "binary_cross_entropy"),
+                            h=history(target_seen=10, target_min=0.0, target_max=1.0))),
+    ],
+    "inputs_not_scaled": [
+        ("unit-rms", lambda: ctx(make_snap({"input": 10}, {"input.sumsq": 10.0}))),
+        ("integer-inputs", lambda: ctx(make_snap({"input": 10}, {"input.sumsq": 10 * 100.0 ** 2}),
+                                       facts(input_integer=True))),
+    ],
+    "loss_spike": [
+        ("steady", lambda: ctx(make_snap(losses=(1.0, 1.02, 0.99)), h=history(window=NOISY, initial_level=1.0))),
+        ("too-little-history", lambda: ctx(make_snap(losses=(1.0, 20.0)), h=history(window=[1.0] * 3))),
+    ],
+    "loss_diverging": [
+        ("at-best", lambda: ctx(h=history(window=[0.1] * 20, initial_level=1.0, best_level=0.1, best_step=100))),
+    ],
+    "loss_plateau": [
+        ("improving-recently", lambda: ctx(make_snap(step=2000, first_step=1951),
+                                           h=history(window=[1.0] * 20, best_level=1.0, best_step=1500,
+                                                     steps_seen=2000))),
+    ],
+}
+
+
+def _cases(table):
+    return [pytest.param(code, build, id=f"{code}-{name}") for code, items in table.items() for name, build in items]
+
+
+# ----------------------------------------------------------------------------------------- conformance
+def test_every_catalogue_code_has_exactly_one_rule():
+    rule_codes = [r.code for r in RULES]
+    assert len(rule_codes) == len(set(rule_codes))
+    assert set(rule_codes) == set(CODES) - {"probe_incomplete"}
+    assert set(rule_codes) <= set(CATALOGUE)
+
+
+def test_every_rule_has_a_firing_scenario_and_a_healthy_twin():
+    assert set(FIRING) == set(RULE_BY_CODE)
+    assert set(HEALTHY) == set(RULE_BY_CODE)
+
+
+def test_catalogue_entries_are_complete():
+    for code, e in CATALOGUE.items():
+        assert e.code == code
+        assert e.severity in SEVERITIES
+        for text in (e.title, e.meaning, e.fix, e.why):
+            assert text.strip()
+
+
+@pytest.mark.parametrize("code,build", _cases(FIRING))
+def test_rule_fires(code, build):
+    findings = RULE_BY_CODE[code]().evaluate(build())
+    assert findings, f"{code} did not fire"
+    for f in findings:
+        assert f.code == code
+        assert f.message and f.where
+        assert f.severity is None or f.severity in SEVERITIES
+        if f.value is not None and f.threshold is not None:
+            assert isinstance(float(f.value), float) and isinstance(float(f.threshold), float)
+
+
+@pytest.mark.parametrize("code,build", _cases(HEALTHY))
+def test_rule_quiet_on_healthy_twin(code, build):
+    assert RULE_BY_CODE[code]().evaluate(build()) == []
+
+
+def test_healthy_snapshot_raises_nothing_anywhere():
+    """A sigmoid head on probability targets with a BCE loss, everything finite and in range."""
+    c = ctx(
+        make_snap({"pred": 10, "pre": 10, "target": 10, "input": 10},
+                  {"pred.min": 0.1, "pred.max": 0.9, "pre.min": -2.0, "pre.max": 2.0, "target.nonbinary": 0.0},
+                  losses=(0.7, 0.69, 0.68)),
+        facts("sigmoid", "binary_cross_entropy"), P,
+        history(window=NOISY, initial_level=1.0, best_level=1.0, best_step=1, steps_seen=30,
+                target_seen=10, target_min=0.0, target_max=1.0),
+    )
+    assert [f for r in default_rules() for f in r.evaluate(c)] == []
+
+
+# ----------------------------------------------------------------------------------------- specifics
+def test_nonfinite_counts_and_first_step():
+    (f,) = RULE_BY_CODE["nonfinite_loss"]().evaluate(ctx(make_snap(losses=(0.5, math.nan, math.inf), first_step=11)))
+    assert f.value == 2.0
+    assert f.details["first_step"] == 12
+    (f,) = RULE_BY_CODE["nonfinite_input"]().evaluate(ctx(make_snap({"input": 10}, {"input.finite": 7.0})))
+    assert f.value == 3
+
+
+def test_out_of_range_severity_depends_on_inferred():
+    snap = make_snap({"pred": 10}, {"pred.min": -0.5, "pred.below": 4.0})
+    (declared,) = RULE_BY_CODE["output_out_of_range"]().evaluate(ctx(snap, facts("unknown"), P))
+    (inferred,) = RULE_BY_CODE["output_out_of_range"]().evaluate(ctx(snap, facts("unknown"), P.as_inferred()))
+    assert declared.severity == "error" and inferred.severity == "warning"
+    assert declared.value == pytest.approx(0.4)
+    assert "inferred" in inferred.message
+
+
+def test_target_out_of_range_reports_the_worse_side():
+    snap = make_snap({"target": 10}, {"target.min": -0.5, "target.max": 10.0})
+    (f,) = RULE_BY_CODE["target_out_of_range"]().evaluate(ctx(snap, facts("sigmoid")))
+    assert (f.value, f.threshold) == (10.0, 1.0)
+
+
+@pytest.mark.parametrize("overrides,fires", [({}, True), ({"rms_high": 1000.0}, False)])
+def test_threshold_overrides(overrides, fires):
+    c = ctx(make_snap({"input": 10}, {"input.sumsq": 10 * 100.0 ** 2}))
+    assert bool(RULE_BY_CODE["inputs_not_scaled"](**overrides).evaluate(c)) is fires
+
+
+def test_unknown_threshold_key_names_the_rule():
+    with pytest.raises(ValueError, match="loss_spike.*bogus"):
+        RULE_BY_CODE["loss_spike"](bogus=1)
+    with pytest.raises(ValueError, match="nope"):
+        default_rules({"nope": {}})
+
+
+def test_history_round_trip():
+    h = history(window=[1.0, 2.0], pre_absmax=[3.0], initial_level=1.0, best_level=0.5, best_step=7,
+                target_min=0.0, target_max=1.0, target_nonbinary=2.0, target_seen=4, steps_seen=9)
+    assert History.from_dict(h.to_dict()).to_dict() == h.to_dict()
+
+
+def test_rules_do_not_depend_on_unseen_kinds():
+    """A snapshot where nothing but the loss was seen raises nothing (no division by zero either)."""
+    c = ctx(make_snap(losses=(1.0,)), facts("unknown", None), P)
+    assert [f for r in default_rules() for f in r.evaluate(c)] == []
+    for kind in KINDS:
+        assert c.snap.share(kind, "finite") == 0.0
