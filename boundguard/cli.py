@@ -115,7 +115,7 @@ def _write_rich(runs: Sequence) -> None:
             table = Table(show_lines=True, expand=True)
             for name, kw in (("severity", {"no_wrap": True}), ("code", {"no_wrap": True}),
                              ("count", {"justify": "right"}), ("steps", {"no_wrap": True}),
-                             ("worst (threshold)", {}), ("message and fix", {"ratio": 1})):
+                             ("worst", {"no_wrap": True}), ("message and fix", {"ratio": 1})):
                 table.add_column(name, **kw)
             for g in run.groups:
                 body = Text(g.message)
@@ -123,8 +123,11 @@ def _write_rich(runs: Sequence) -> None:
                 body.append(g.fix)
                 if g.where:
                     body.append(f"\nwhere: {', '.join(g.where)}", style="dim")
+                worst = Text(rp._g(g.value) if g.value is not None else "-")
+                if g.value is not None and g.threshold is not None:
+                    worst.append(f"\nthreshold {rp._g(g.threshold)}", style="dim")
                 table.add_row(Text(g.severity, style=_RICH_STYLES.get(g.severity, "")), Text(g.code),
-                              str(g.count), rp._steps(g), Text(rp._worst(g)), body)
+                              str(g.count), rp._steps(g), worst, body)
             console.print(table)
         console.print()
     console.print(Text(rp._totals(runs)))

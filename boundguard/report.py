@@ -32,11 +32,13 @@ __all__ = [
     "ReportError", "MissingDependency", "LineProblem", "JsonLines", "read_jsonl", "RunFiles", "find_runs",
     "stats_path_for", "AlertGroup", "RunReport", "load_run", "group_alerts", "StatsLog", "read_stats",
     "render_text", "render_markdown", "render_json", "report_dict", "worst_severity", "plot_run",
-    "catalogue_markdown", "CATALOGUE_START", "CATALOGUE_END", "replace_catalogue", "MAX_LINE_BYTES",
+    "catalogue_markdown", "CATALOGUE_START", "CATALOGUE_END", "replace_catalogue", "MAX_LINE_BYTES", "LINE_KEY",
 ]
 
 #: Lines longer than this are skipped unread (an alert record is a few kilobytes).
 MAX_LINE_BYTES = 1 << 20
+#: Key :func:`read_jsonl` adds to each record: the line it was read from.
+LINE_KEY = "__line__"
 STATS_FILENAME = "stats.jsonl"
 CATALOGUE_START = "<!-- catalogue:start -->"
 CATALOGUE_END = "<!-- catalogue:end -->"
@@ -75,9 +77,7 @@ class JsonLines:
         n = len(self.problems)
         shown = "; ".join((f"line {p.line}: " if p.line else "") + p.reason for p in self.problems[:3])
         more = f"; and {n - 3} more" if n > 3 else ""
-        what = f"record{'s' if n != 1 else ''}" if any(not p.line for p in self.problems) else \
-            f"line{'s' if n != 1 else ''}"
-        return f"{self.path}: skipped {n} unreadable {what} of {self.lines} lines ({shown}{more})"
+        return f"{self.path}: skipped {n} unreadable line{'s' if n != 1 else ''} of {self.lines} ({shown}{more})"
 
 
 def _raw_lines(fh: Any, max_bytes: int) -> Iterator[tuple[Optional[bytes], bool]]:
@@ -121,7 +121,7 @@ def read_jsonl(path: PathLike, *, max_line_bytes: int = MAX_LINE_BYTES) -> JsonL
                     continue
                 if not raw.strip():
                     continue
-                reason = _parse_line(raw, ended, out.records)
+                reason = _parse_line(raw, ended, out.records, out.lines)
                 if reason:
                     out.problems.append(LineProblem(out.lines, reason))
         except OSError as err:
@@ -129,7 +129,7 @@ def read_jsonl(path: PathLike, *, max_line_bytes: int = MAX_LINE_BYTES) -> JsonL
     return out
 
 
-def _parse_line(raw: bytes, ended: bool, records: list[dict]) -> Optional[str]:
+def _parse_line(raw: bytes, ended: bool, records: list[dict], lineno: int) -> Optional[str]:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
@@ -145,6 +145,7 @@ def _parse_line(raw: bytes, ended: bool, records: list[dict]) -> Optional[str]:
         return "no boundguard schema version"
     if schema > SCHEMA_VERSION:
         return f"schema {schema} is newer than this boundguard reads ({SCHEMA_VERSION}); upgrade boundguard"
+    obj[LINE_KEY] = lineno
     records.append(obj)
     return None
 
@@ -154,7 +155,7 @@ def stats_path_for(alerts_path: PathLike) -> Path:
     """The statistics log written beside ``alerts_path``: ``stats.jsonl`` for ``alerts.jsonl``,
     ``<stem>.stats.jsonl`` for any other ``<stem>.jsonl``."""
     p = Path(alerts_path)
-    stem = p.name[: -len(".jsonl")] if p.name.endswith(".jsonl") else p.name
+    stem = p.name.removesuffix(".jsonl")
     return p.with_name(STATS_FILENAME if stem == "alerts" else f"{stem}.stats.jsonl")
 
 
@@ -344,10 +345,10 @@ class AlertGroup:
                 "events": [{"step": s, "severity": v} for s, v in self.events]}
 
 
-def group_alerts(records: Sequence[dict]) -> tuple[list[AlertGroup], list[str]]:
+def group_alerts(records: Sequence[dict]) -> tuple[list[AlertGroup], list[LineProblem]]:
     """Group alert records by code. Returns the groups (highest severity first, then earliest) and
-    the reasons records were skipped."""
-    skipped: list[str] = []
+    the records skipped (line, reason)."""
+    skipped: list[LineProblem] = []
     by_code: dict[str, list[_AlertRecord]] = {}
     for rec in records:
         if rec.get("type", "alert") != "alert":
@@ -355,7 +356,8 @@ def group_alerts(records: Sequence[dict]) -> tuple[list[AlertGroup], list[str]]:
         try:
             a = _alert_record(rec)
         except (ValueError, KeyError, TypeError) as err:
-            skipped.append(f"invalid alert record ({err})")
+            line = rec.get(LINE_KEY)
+            skipped.append(LineProblem(line if isinstance(line, int) else 0, f"invalid alert record ({err})"))
             continue
         by_code.setdefault(a.code, []).append(a)
     groups = []
@@ -509,8 +511,7 @@ def load_run(files: RunFiles) -> RunReport:
     if written:
         jl = read_jsonl(files.alerts)
         groups, skipped = group_alerts(jl.records)
-        for reason in skipped:
-            jl.problems.append(LineProblem(0, reason))
+        jl.problems = sorted(jl.problems + skipped, key=lambda p: p.line)
         if jl.warning():
             warnings.append(jl.warning())  # type: ignore[arg-type]
         if jl.problems and not groups:
@@ -685,7 +686,7 @@ def plot_run(run: RunReport, out: PathLike, *, title: Optional[str] = None, size
         pad = 0.05 * (y1 - y0)
         y0, y1 = y0 - pad, y1 + pad
         shade = dict(step="pre", color="#d62728", alpha=0.07, lw=0)
-        ax_pred.fill_between(x, np.where(np.isfinite(hi), hi, y1), y1, label="outside the bounds", **shade)
+        ax_pred.fill_between(x, np.where(np.isfinite(hi), hi, y1), y1, label="region outside the bounds", **shade)
         ax_pred.fill_between(x, y0, np.where(np.isfinite(lo), lo, y0), **shade)
         ax_pred.set_ylim(y0, y1)
     _mark_nonfinite(ax_pred, x, s.col("pred.nonfinite"), "non-finite predictions")
@@ -698,9 +699,13 @@ def plot_run(run: RunReport, out: PathLike, *, title: Optional[str] = None, size
         out_share = 100 * (np.nan_to_num(s.col("pred.below")) + np.nan_to_num(s.col("pred.above"))) / n
         pinned = 100 * s.col("pred.pinned") / n
     out_share[~(n > 0)] = np.nan
-    ax_share.plot(x, out_share, color="#d62728", lw=1.5, marker="o", ms=3, label="outside the bounds", **step_kw)
+    ax_share.plot(x, out_share, color="#d62728", lw=1.5, marker="o", ms=3, label="share outside the bounds", **step_kw)
     if np.nan_to_num(pinned).any():
         ax_share.plot(x, pinned, color="#8c564b", lw=1.2, ls=":", label="pinned at a bound", **step_kw)
+    if not np.nan_to_num(out_share).any():
+        note = ("no predictions recorded" if not (n > 0).any() else
+                "no bounds in force (range checks off)" if not any(s.bounds) else "no prediction outside the bounds")
+        ax_share.text(0.5, 0.5, note, transform=ax_share.transAxes, ha="center", va="center", color="grey")
     ax_share.set_ylabel("% of predictions")
     top = np.nanmax(np.r_[out_share, pinned, 1.0]) if np.isfinite(np.r_[out_share, pinned]).any() else 1.0
     ax_share.set_ylim(0, max(1.0, min(100.0, top * 1.15)))
@@ -751,16 +756,13 @@ def plot_run(run: RunReport, out: PathLike, *, title: Optional[str] = None, size
             escalated = i > 0 and severity_rank(sev) > severity_rank(g.events[i - 1][1])
             events.setdefault(step, []).append((g.code, sev, escalated))
     severities = set()
+    labels: list[tuple[int, str, str]] = []
     for step, items in sorted(events.items()):
         sev = max((v for _, v, _ in items), key=severity_rank)
         severities.add(sev)
         for ax in axes:
             ax.axvline(step, color=_SEVERITY_COLOURS[sev], lw=1.0, alpha=0.8, zorder=0)
-        label = "\n".join(sorted({c + (f" \u2192 {v}" if esc else "") for c, v, esc in items}))
-        ax_pred.annotate(label, xy=(step, 1.0), xycoords=("data", "axes fraction"), xytext=(3, -4),
-                         textcoords="offset points", rotation=90, va="top", ha="left", fontsize=7,
-                         color=_SEVERITY_COLOURS[sev],
-                         bbox=dict(boxstyle="square,pad=0.15", fc="white", ec="none", alpha=0.75))
+        labels.append((step, "\n".join(sorted({c + (f" \u2192 {v}" if esc else "") for c, v, esc in items})), sev))
     handles = [Line2D([], [], color=_SEVERITY_COLOURS[v], lw=1.0, label=f"{v} alert")
                for v in SEVERITIES if v in severities]
 
@@ -771,8 +773,9 @@ def plot_run(run: RunReport, out: PathLike, *, title: Optional[str] = None, size
         if h or extra:
             ax.legend(handles=h + extra, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8,
                       frameon=False, borderaxespad=0.0)
-    if np.isfinite(x).any():
-        lo_x, hi_x = np.nanmin(x), np.nanmax(x)
+    xs = np.r_[x[np.isfinite(x)], np.array(list(events), dtype=float)]
+    if xs.size:
+        lo_x, hi_x = xs.min(), xs.max()
         ax_loss.set_xlim(max(0.0, lo_x - 1), hi_x + max(1.0, 0.02 * (hi_x - lo_x)))
     n_alerts = len(run.groups)
     head = title or f"boundguard: {run.name}"
@@ -780,6 +783,7 @@ def plot_run(run: RunReport, out: PathLike, *, title: Optional[str] = None, size
            if n_alerts else "no alerts") + f"; {run.stats_summary()}"
     fig.suptitle(f"{head}\n{sub}", fontsize=11)
     fig.tight_layout(rect=(0, 0, 1, 0.97))
+    _label_alerts(ax_pred, labels, fig.dpi)
     out = Path(out)
     try:
         fig.savefig(out, dpi=dpi, format="png")
@@ -788,6 +792,34 @@ def plot_run(run: RunReport, out: PathLike, *, title: Optional[str] = None, size
     finally:
         plt.close(fig)
     return out
+
+
+def _label_alerts(ax: Any, labels: list[tuple[int, str, str]], dpi: float) -> None:
+    """Write each alert's codes up its line, vertically; where lines crowd, a label moves right of
+    the one before (tied to its line by a thin stroke); labels that no longer fit are counted."""
+    fontsize = 7.0
+    px_per_pt = dpi / 72.0
+    right = ax.transAxes.transform((1.0, 0.0))[0]
+    free = -math.inf
+    unlabelled = 0
+    for step, text, sev in labels:
+        x_px = ax.transData.transform((step, 0.0))[0]
+        width = (text.count("\n") + 1) * fontsize * 1.3 * px_per_pt + 2 * px_per_pt
+        left = max(x_px + 2 * px_per_pt, free)
+        if left + width > right:
+            unlabelled += text.count("\n") + 1
+            continue
+        colour = _SEVERITY_COLOURS[sev]
+        moved = left - x_px > 4 * px_per_pt
+        ax.annotate(text, xy=(step, 1.0), xycoords=("data", "axes fraction"),
+                    xytext=((left - x_px) / px_per_pt, -12 if moved else -4), textcoords="offset points",
+                    rotation=90, va="top", ha="left", fontsize=fontsize, color=colour,
+                    bbox=dict(boxstyle="square,pad=0.15", fc="white", ec="none", alpha=0.75),
+                    arrowprops=dict(arrowstyle="-", color=colour, lw=0.6, shrinkA=0, shrinkB=0) if moved else None)
+        free = left + width + 1 * px_per_pt
+    if unlabelled:
+        ax.text(0.995, 0.03, f"+{unlabelled} alert{'s' if unlabelled != 1 else ''} not labelled",
+                transform=ax.transAxes, ha="right", va="bottom", fontsize=fontsize, color="dimgrey")
 
 
 def _plain_log_ticks(ax: Any) -> None:

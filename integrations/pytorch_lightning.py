@@ -12,5 +12,6 @@ from boundguard.integrations.torch import apply_bounds, watch
 
 BoundGuard = make_callback(_pl)
 BoundGuard.__module__ = __name__
+BoundGuard.__qualname__ = "BoundGuard"
 
 __all__ = ["BoundGuard", "apply_bounds", "watch"]

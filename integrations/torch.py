@@ -489,8 +489,8 @@ def bound_records(source: Any) -> list[dict]:
     if isinstance(source, Mapping):
         if "callbacks" in source:  # a Lightning checkpoint
             out: list[dict] = []
-            for key, state in source["callbacks"].items():
-                if str(key).startswith("BoundGuard") and isinstance(state, Mapping):
+            for state in source["callbacks"].values():
+                if isinstance(state, Mapping) and "monitor" in state:  # a boundguard callback's state
                     out.extend(bound_records(state))
             return out
         if "monitor" in source:
@@ -1170,7 +1170,10 @@ class TorchEngine:
             if d.action == "halt":
                 halt = True
             elif d.action == "bound":
-                self.insert_bound(d.alert)
+                if self.monitor.inserted:  # one bound per run: a second range alert at the same check
+                    d.action = d.alert.action = "warn"
+                else:
+                    self.insert_bound(d.alert)
             elif d.action == "raise":
                 self.monitor.finish()
                 raise BoundGuardError(d.alert)

@@ -27,9 +27,8 @@ class Runs:
 def _train(kind: str, alerts_path: Path) -> list:
     import lightning as L
     import torch
-    from torch import nn
-
     from boundguard.integrations.lightning import BoundGuard
+    from torch import nn
 
     class Model(L.LightningModule):
         def __init__(self) -> None:
@@ -86,7 +85,7 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, module
     cmd = [sys.executable, "-m", "boundguard"] if module or not BIN.exists() else [str(BIN)]
     full_env = {**os.environ, "COLUMNS": "120", **(env or {})}
     full_env.pop("NO_COLOR", None)
-    return subprocess.run(cmd + [str(a) for a in args], capture_output=True, text=True, cwd=cwd, env=full_env,
+    return subprocess.run(cmd + [str(a) for a in args], check=False, capture_output=True, text=True, cwd=cwd, env=full_env,
                           timeout=timeout)
 
 

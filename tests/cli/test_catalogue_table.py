@@ -7,7 +7,13 @@ import sys
 import pytest
 
 from boundguard.catalogue import CATALOGUE, CODES
-from boundguard.report import CATALOGUE_END, CATALOGUE_START, ReportError, catalogue_markdown, replace_catalogue
+from boundguard.report import (
+    CATALOGUE_END,
+    CATALOGUE_START,
+    ReportError,
+    catalogue_markdown,
+    replace_catalogue,
+)
 
 
 def test_table_has_one_row_per_code():
@@ -21,16 +27,16 @@ def test_table_has_one_row_per_code():
 
 
 def test_module_prints_table_and_updates_readme(tmp_path):
-    res = subprocess.run([sys.executable, "-m", "boundguard.report", "--catalogue"], capture_output=True, text=True)
+    res = subprocess.run([sys.executable, "-m", "boundguard.report", "--catalogue"], check=False, capture_output=True, text=True)
     assert res.returncode == 0 and res.stdout == catalogue_markdown()
     readme = tmp_path / "README.md"
     readme.write_text(f"# x\n\n{CATALOGUE_START}\nold table\n{CATALOGUE_END}\n\nmore\n")
     res = subprocess.run([sys.executable, "-m", "boundguard.report", "--write-readme", str(readme)],
-                         capture_output=True, text=True)
+                         check=False, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     assert readme.read_text() == f"# x\n\n{CATALOGUE_START}\n{catalogue_markdown()}{CATALOGUE_END}\n\nmore\n"
     assert "already up to date" in subprocess.run(
-        [sys.executable, "-m", "boundguard.report", "--write-readme", str(readme)], capture_output=True, text=True
+        [sys.executable, "-m", "boundguard.report", "--write-readme", str(readme)], check=False, capture_output=True, text=True
     ).stdout
 
 

@@ -58,7 +58,7 @@ def test_damaged_lines_are_skipped_and_counted(runs, cli, tmp_path, records):
     assert res.returncode == 0, res.stderr
     lines = [line for line in res.stderr.splitlines() if line]
     assert len(lines) == 1, lines
-    assert "skipped 8 unreadable records" in lines[0] and "and 5 more" in lines[0]
+    assert "skipped 8 unreadable lines of 11" in lines[0] and "and 5 more" in lines[0]
     assert "output_out_of_range" in res.stdout and "from_the_future" not in res.stdout
     assert "Traceback" not in res.stderr
 

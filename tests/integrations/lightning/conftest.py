@@ -44,7 +44,10 @@ class Tiny(L.LightningModule):
         self.scale = scale
 
     def forward(self, x):
-        return self.head(self.fc(self.body(x)) * self.scale)
+        z = self.fc(self.body(x))
+        if self.scale != 1.0:
+            z = z * self.scale
+        return self.head(z)
 
     def training_step(self, batch, batch_idx):
         x, y = batch

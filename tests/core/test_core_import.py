@@ -1,0 +1,29 @@
+"""Importing the core pulls in no framework (contract: ``import boundguard`` imports no torch,
+lightning, tensorflow or keras)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+FRAMEWORKS = ("torch", "lightning", "pytorch_lightning", "lightning_fabric", "tensorflow", "keras", "jax")
+CORE = ("alerts", "catalogue", "bounds", "model_facts", "stats", "rules", "config", "sinks", "monitor")
+
+
+def test_import_boundguard_imports_no_framework():
+    code = (
+        "import sys, json, boundguard\n"
+        + "".join(f"import boundguard.{m}\n" for m in CORE)
+        + f"bad = sorted(m for m in sys.modules if m.split('.')[0] in {FRAMEWORKS!r})\n"
+        + "print(json.dumps(bad))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == []
+
+
+def test_top_level_exports_only_core_types():
+    import boundguard
+
+    assert set(boundguard.__all__) == {"Alert", "BoundGuardError", "BoundGuardWarning", "Bounds", "__version__"}
+    assert issubclass(boundguard.BoundGuardWarning, UserWarning)
+    assert issubclass(boundguard.BoundGuardError, Exception)
