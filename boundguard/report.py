@@ -422,10 +422,11 @@ def read_stats(path: PathLike) -> StatsLog:
         try:
             _int(r.get("step"), "step")
         except ValueError:
-            jl.problems.append(LineProblem(0, "stats record without a step"))
+            line = r.get(LINE_KEY)
+            jl.problems.append(LineProblem(line if isinstance(line, int) else 0, "stats record without a step"))
             continue
         recs.append(r)
-    names = sorted({k for r in recs for k, v in r.items() if k not in ("type", "schema", "bounds")})
+    names = sorted({k for r in recs for k, v in r.items() if k not in ("type", "schema", "bounds", LINE_KEY)})
     columns: dict[str, np.ndarray] = {}
     for name in names:
         col = np.full(len(recs), np.nan)

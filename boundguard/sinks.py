@@ -12,6 +12,7 @@ from boundguard.alerts import SCHEMA_VERSION, Alert, BoundGuardWarning
 __all__ = ["JsonLinesWriter", "logger", "emit_warning", "log_alert"]
 
 logger = logging.getLogger("boundguard")
+logger.addHandler(logging.NullHandler())  # a library: the application decides where log lines go
 
 _LEVELS = {"info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR, "critical": logging.CRITICAL}
 

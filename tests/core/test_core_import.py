@@ -27,3 +27,18 @@ def test_top_level_exports_only_core_types():
     assert set(boundguard.__all__) == {"Alert", "BoundGuardError", "BoundGuardWarning", "Bounds", "__version__"}
     assert issubclass(boundguard.BoundGuardWarning, UserWarning)
     assert issubclass(boundguard.BoundGuardError, Exception)
+
+
+def test_no_core_source_file_is_git_ignored():
+    """Every module of the package must reach a commit (an ignore pattern once hid ``alerts.py``)."""
+    import shutil
+    from pathlib import Path
+
+    import pytest
+
+    root = Path(__file__).resolve().parents[2]
+    if shutil.which("git") is None or not (root / ".git").exists():
+        pytest.skip("not a git checkout")
+    files = sorted(str(p.relative_to(root)) for d in ("boundguard", "integrations") for p in (root / d).glob("*.py"))
+    out = subprocess.run(["git", "check-ignore", "--no-index", *files], cwd=root, capture_output=True, text=True)
+    assert out.stdout.split() == []
