@@ -60,6 +60,7 @@ class Monitor:
         self._stats_file: Optional[JsonLinesWriter] = None
         self.alerts_path: Optional[Path] = None
         self.notes_reported: set[str] = set()
+        self._summarised: dict[int, int] = {}  # id(alert) -> count at its last summary record
 
     # ------------------------------------------------------------------ files
     def open_files(self, alerts_path: Path) -> None:
@@ -197,7 +198,8 @@ class Monitor:
     def finish(self) -> None:
         """Write the final counts of alerts that repeated after they were written, then close the files."""
         for alert in self._active.values():
-            if alert.count > 1:
+            if alert.count > self._summarised.get(id(alert), 1):
+                self._summarised[id(alert)] = alert.count
                 self._write(alert, "summary")
         self.close()
 

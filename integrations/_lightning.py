@@ -124,6 +124,7 @@ def make_callback(pl: Any) -> type:
                 if log_dir:
                     default = Path(log_dir) / "alerts.jsonl"
             self._engine.attach(pl_module, default, write=trainer.is_global_zero)
+            self._engine.distributed = trainer.world_size > 1
 
         @_safe
         def on_fit_start(self, trainer: Any, pl_module: Any) -> None:

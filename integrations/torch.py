@@ -632,7 +632,8 @@ class Reducer:
         if kind not in self._written:
             self._written.add(kind)
             return cells, None
-        return [torch.empty((), dtype=torch.float32, device=self.device) for _ in cells], cells
+        return [torch.full((), math.inf if f == "min" else (-math.inf if f in ("max", "rowsum_err") else 0.0),
+                           dtype=torch.float32, device=self.device) for f in self.ROW[kind]], cells  # neutral scratch
 
     def _merge(self, kind: str, new: list[Tensor], dst: Optional[list[Tensor]]) -> None:
         if dst is None:
@@ -708,6 +709,33 @@ class Reducer:
     def next_row(self) -> None:
         self.row += 1
         self._written = set()
+
+    def all_reduce(self) -> None:
+        """Merge every process's buffer in place (min/max/sum per column, losses averaged), so every
+        rank judges the same snapshot. Four collectives per check, none between checks."""
+        import torch.distributed as dist
+
+        world = dist.get_world_size()
+        kinds = {"min": [], "max": [], "sum": []}
+        for kind, fs in self.ROW.items():
+            for j, f in enumerate(fs):
+                kinds["min" if f == "min" else ("sum" if f == "sumsq" else "max")].append(self.offs[kind] + j)
+        rows = self.rows
+        for op, cols in (("min", kinds["min"]), ("max", kinds["max"])):
+            t = rows[:, cols].contiguous()
+            dist.all_reduce(t, op=dist.ReduceOp.MIN if op == "min" else dist.ReduceOp.MAX)
+            rows[:, cols] = t
+        sums = rows[:, kinds["sum"] + [self.loss_col]].contiguous()
+        counts = torch.tensor([self.counts[k] for k in self.ROW], dtype=torch.float32, device=self.device)
+        packed = torch.cat([sums.reshape(-1), counts])
+        dist.all_reduce(packed, op=dist.ReduceOp.SUM)
+        sums = packed[: sums.numel()].view_as(sums)
+        rows[:, kinds["sum"]] = sums[:, :-1]
+        rows[:, self.loss_col] = sums[:, -1] / world
+        bins = self.raw[self._row_bytes:].view(torch.int64)
+        dist.all_reduce(bins, op=dist.ReduceOp.SUM)
+        for k, v in zip(self.ROW, packed[sums.numel():].tolist()):
+            self.counts[k] = int(v)
 
     def read(self) -> tuple[np.ndarray, dict[str, int], list[bool]]:
         """One device→host transfer; returns the interval as core rows and resets the buffer."""
@@ -804,6 +832,7 @@ class TorchEngine:
         self.armed = False
         self.disabled = False
         self.should_stop = False
+        self.distributed = False  # set by adapters running under torch.distributed
         self.write_files = True
         self._hooks: list = []
         self._result: Optional[ProbeResult] = None
@@ -889,8 +918,9 @@ class TorchEngine:
     def _check(self) -> list[Decision]:
         assert self.reducer is not None
         self.reducer.next_row()
+        if self.distributed:
+            self.reducer.all_reduce()
         rows, counts, seen = self.reducer.read()
-        rows, counts = self.reduce_across_processes(rows, counts)
         snap = Snapshot.from_rows(rows, counts, step=self.step, first_step=self.interval_start, epoch=self.epoch,
                                   loss_seen=seen)
         self.interval_start = self.step + 1
@@ -914,10 +944,6 @@ class TorchEngine:
         for d in decisions:
             d.alert.details["during_exception"] = True
         return decisions
-
-    def reduce_across_processes(self, rows: np.ndarray, counts: dict) -> tuple[np.ndarray, dict]:
-        """Hook for distributed adapters: merge every process's rows before judging."""
-        return rows, counts
 
     def finish(self) -> None:
         if self.probe is not None:
