@@ -422,6 +422,7 @@ class BoundGuard(keras.callbacks.Callback):
         self._epoch_counts = {k: 0 for k in KINDS}
         self._epoch_loss = [0.0, 0]
         self._epoch_first: Optional[int] = None
+        self._log_keys: set[str] = set()
         self.last_snapshot: Optional[Snapshot] = None
 
     # -------------------------------------------------------------- public
@@ -502,10 +503,10 @@ class BoundGuard(keras.callbacks.Callback):
         if self.step >= self._interval_start:
             self._check()
         if logs is not None and self._epoch_rows:
-            snap = self._epoch_snapshot()
-            metrics = snap.metrics()
+            metrics = self._epoch_snapshot().metrics()
             metrics["boundguard/alerts"] = float(len(self.alerts))
-            logs.update(metrics)
+            self._log_keys.update(metrics)
+            logs.update({k: metrics.get(k, math.nan) for k in sorted(self._log_keys)})  # same keys every epoch
 
     def on_train_end(self, logs: Optional[dict] = None) -> None:
         self._teardown_quietly()
@@ -517,7 +518,7 @@ class BoundGuard(keras.callbacks.Callback):
         self._loss_name, self._from_logits = _loss_info(model)
         loss = classify_loss(self._loss_name, self._from_logits)
         self._loss = loss
-        self._logits = bool(loss and loss.consumes_logits)
+        self._logits = bool(loss and getattr(loss, "link_applied", loss.consumes_logits))
         head = _find_head(model)
         self._head = head
         self._owner = head.owner if head.static else None
@@ -955,7 +956,10 @@ class BoundGuard(keras.callbacks.Callback):
             if d.action == "halt":
                 self.model.stop_training = True
             elif d.action == "bound":
-                self._insert_bound(d.alert)
+                if self.monitor.inserted:  # one bound per run: a second range alert at the same check
+                    d.action = d.alert.action = "warn"
+                else:
+                    self._insert_bound(d.alert)
             elif d.action == "raise":
                 self._teardown_quietly()
                 self.monitor.finish()

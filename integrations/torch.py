@@ -580,6 +580,7 @@ class Reducer:
         self.loss_cells = [self.rows[i, self.loss_col] for i in range(rows)]
         self.offs = offs
         self.one = torch.ones((), dtype=torch.int64, device=device)
+        self._ones: dict[int, Tensor] = {}
         self.edges: dict[str, torch.Tensor] = {}
         self.edge_values: dict[str, list[float]] = {}
         self.row = 0
@@ -648,7 +649,13 @@ class Reducer:
 
     def _bin(self, kind: str, f: Tensor) -> None:
         idx = torch.bucketize(f, self.edges[kind], right=True)
-        self.bins[kind].index_add_(0, idx, self.one.expand(idx.shape[0]))
+        n = idx.shape[0]
+        ones = self._ones.get(n)
+        if ones is None:
+            if len(self._ones) > 64:
+                self._ones.clear()
+            ones = self._ones[n] = self.one.expand(n)  # batch sizes repeat: one view per size
+        self.bins[kind].index_add_(0, idx, ones)
 
     def pred(self, p: Tensor) -> None:
         f = self._flat(p)

@@ -314,3 +314,41 @@ def test_boundguard_error_pickles_with_its_alert():
     err = pickle.loads(pickle.dumps(BoundGuardError(alert)))
     assert isinstance(err, BoundGuardError) and err.alert == alert
     assert str(err) == str(BoundGuardError(alert)) and "nonfinite_loss" in str(err)
+
+
+# ----------------------------------------------------------------------------------------- auto bounds
+def test_auto_bounds_follow_the_targets():
+    m = monitor(facts=ModelFacts(activation="unknown", loss=classify_loss("mse_loss")), bounds="auto")
+    assert m.bounds is None  # nothing seen yet
+    m.check(snap(1, target=(0.0, 1.0)))
+    assert m.bounds == Bounds.probability().as_inferred()
+    m.check(snap(2, target=(0.0, 5.0)))  # a later target outside [0, 1] revokes (0, 1)
+    assert m.bounds is None
+
+
+def test_auto_bounds_for_class_indices_are_a_distribution():
+    m = monitor(facts=ModelFacts(activation="identity", loss=classify_loss("cross_entropy"), target_integer=True),
+                bounds="auto")
+    m.observe_targets(0.0, 9.0)
+    assert m.bounds == Bounds.distribution().as_inferred()
+
+
+def test_alerts_against_inferred_bounds_say_so():
+    m = monitor(facts=ModelFacts(activation="unknown", loss=classify_loss("mse_loss")), bounds="auto")
+    (d,) = m.check(snap(1, target=(0.0, 1.0), pred=(-0.5, 1.5, {"pred.below": 2.0, "pred.above": 3.0})))
+    a = d.alert
+    assert (a.code, a.severity, a.bounds_inferred) == ("output_out_of_range", "warning", True)
+    assert "inferred" in a.message
+
+
+def test_alerts_take_the_catalogue_severity():
+    from boundguard.catalogue import CATALOGUE
+
+    m = monitor(bounds=(0, 1))
+    s = out_of_range(1, losses=(math.nan,), input_rms=1.0)
+    s.values["input.finite"] = 9.0
+    decisions = m.check(s)
+    assert {d.alert.code for d in decisions} == {"output_out_of_range", "nonfinite_loss", "nonfinite_input"}
+    for d in decisions:
+        assert d.alert.severity == CATALOGUE[d.alert.code].severity
+        assert d.alert.fix == CATALOGUE[d.alert.code].fix

@@ -5,7 +5,7 @@ microseconds without any framework.
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from typing import Callable
 
 import numpy as np
 import pytest
@@ -22,12 +22,12 @@ RULE_BY_CODE = {r.code: r for r in RULES}
 
 # ----------------------------------------------------------------------------------------- builders
 def make_snap(
-    seen: Optional[dict[str, int]] = None,
-    values: Optional[dict[str, float]] = None,
+    seen: dict[str, int] | None = None,
+    values: dict[str, float] | None = None,
     losses: tuple = (),
     *,
     first_step: int = 1,
-    step: Optional[int] = None,
+    step: int | None = None,
 ) -> Snapshot:
     """A snapshot in which each kind in ``seen`` was seen that many times, all values finite and in
     [-1, 1] unless ``values`` overrides them; ``losses`` are the per-step losses of the interval."""
@@ -49,7 +49,7 @@ def make_snap(
     return snap
 
 
-def facts(activation: str = "identity", loss: Optional[str] = "mse_loss", **kw) -> ModelFacts:
+def facts(activation: str = "identity", loss: str | None = "mse_loss", **kw) -> ModelFacts:
     return ModelFacts(pred_where="head", pre_where="head.fc", activation=activation,
                       loss=classify_loss(loss), loss_where=loss, **kw)
 

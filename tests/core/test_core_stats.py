@@ -10,8 +10,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from boundguard.stats import (COLUMNS, KINDS, LOSS_COLUMN, STATS, Snapshot, columns_of, merge_rows, neutral_row,
-                              reduce_rows)
+from boundguard.stats import (
+    COLUMNS,
+    KINDS,
+    LOSS_COLUMN,
+    STATS,
+    Snapshot,
+    columns_of,
+    merge_rows,
+    neutral_row,
+    reduce_rows,
+)
 
 W = len(COLUMNS)
 OPS = np.array([s.reduce for s in STATS])

@@ -8,16 +8,24 @@ import math
 import numpy as np
 import pytest
 import torch
+from boundguard.integrations.torch import Reducer
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from boundguard.integrations.torch import Reducer
 from boundguard.stats import KINDS, Snapshot
 
-FAST = settings(max_examples=30, deadline=None)
+FAST = settings(max_examples=50, deadline=None)
 NAN, INF = math.nan, math.inf
-SPECIAL = [NAN, INF, -INF, 0.0, 1.0, -1.0, 2.5, 6.0, -6.0, 1e-30, float(np.nextafter(np.float32(1), np.float32(2)))]
+
+
+def _f32(x) -> float:
+    return float(np.float32(x))
+
+
+SPECIAL = [NAN, INF, -INF, 0.0, 1.0, -1.0, 2.5, 6.0, -6.0, 1e-30, float(np.nextafter(np.float32(1), np.float32(2))),
+           _f32(0.1), _f32(0.9), float(np.nextafter(np.float32(0.1), np.float32(0))),
+           float(np.nextafter(np.float32(0.9), np.float32(1)))]
 DTYPES = {"fp32": torch.float32, "fp64": torch.float64, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 elements = st.one_of(st.floats(-20, 20, width=32), st.sampled_from(SPECIAL))
@@ -25,15 +33,11 @@ tensor_data = arrays(np.float32, st.integers(0, 9), elements=elements)
 step_strategy = st.fixed_dictionaries({
     "pred": st.lists(tensor_data, max_size=2),  # two writes in one step: a module called twice
     "pre": st.lists(tensor_data, max_size=2),
-    "target": st.lists(tensor_data, max_size=1),
+    "target": st.lists(tensor_data, max_size=2),
     "input": st.lists(tensor_data, max_size=2),
     "loss": st.one_of(st.none(), st.floats(width=32), arrays(np.float32, st.integers(1, 3), elements=elements)),
 })
 interval_strategy = st.lists(step_strategy, min_size=1, max_size=4)
-
-
-def _f32(x) -> float:
-    return float(np.float32(x))
 
 
 def reference(steps: list[dict], dtype: torch.dtype, *, lo=None, hi=None, pin=None, tail=None) -> dict:
@@ -59,8 +63,9 @@ def reference(steps: list[dict], dtype: torch.dtype, *, lo=None, hi=None, pin=No
         if kind in ("pre", "input"):
             out[f"{kind}.sumsq"] = float(np.sum(x.astype(np.float64) ** 2)) if x.size else 0.0
         if kind == "pred":
-            out["pred.below"] = float(np.sum(fin < _f32(lo))) if lo is not None else 0.0
-            out["pred.above"] = float(np.sum(fin > _f32(hi))) if hi is not None else 0.0
+            f64 = fin.astype(np.float64)  # the true comparison, also for bounds fp32 cannot represent
+            out["pred.below"] = float(np.sum(f64 < lo)) if lo is not None else 0.0
+            out["pred.above"] = float(np.sum(f64 > hi)) if hi is not None else 0.0
             points = {_f32(p) for p in (pin or ()) if p is not None}
             out["pred.pinned"] = float(sum(np.sum(fin == p) for p in points))
             out["pred.rowsum_err"] = -INF  # not a distribution: the column stays neutral, merges included
@@ -104,10 +109,11 @@ def make_reducer(rows=4, *, lo=None, hi=None, pin=None, tail=None, distribution=
 
 
 CONFIGS = {
-    "probability-clamp": dict(lo=0.0, hi=1.0, pin=(0.0, 1.0), tail=None),
-    "scaled-sigmoid": dict(lo=-1.0, hi=2.5, pin=None, tail=6.0),
-    "relu-pin": dict(lo=None, hi=None, pin=(0.0, None), tail=3.0),
-    "unbounded": dict(lo=None, hi=None, pin=None, tail=None),
+    "probability-clamp": {"lo": 0.0, "hi": 1.0, "pin": (0.0, 1.0), "tail": None},
+    "scaled-sigmoid": {"lo": -1.0, "hi": 2.5, "pin": None, "tail": 6.0},
+    "relu-pin": {"lo": None, "hi": None, "pin": (0.0, None), "tail": 3.0},
+    "unbounded": {"lo": None, "hi": None, "pin": None, "tail": None},
+    "bounds-fp32-cannot-represent": {"lo": 0.1, "hi": 0.9, "pin": (0.1, 0.9), "tail": None},
 }
 
 
@@ -246,3 +252,18 @@ def test_loss_per_step():
     snap = Snapshot.from_rows(rows, counts, step=14, first_step=11, loss_seen=seen)
     np.testing.assert_array_equal(snap.losses, [0.5, 2.0, NAN])
     np.testing.assert_array_equal(snap.loss_steps, [11, 13, 14])
+
+
+def test_bounds_that_fp32_cannot_represent():
+    """bounds=(0.1, 0.9): a value is below/above by the true comparison; a clamp's output counts as pinned."""
+    below = float(np.nextafter(np.float32(0.1), np.float32(0)))
+    above = float(np.nextafter(np.float32(0.9), np.float32(1)))
+    p = torch.tensor([below, _f32(0.1), 0.5, _f32(0.9), above], dtype=torch.float32)
+    red = make_reducer(lo=0.1, hi=0.9, pin=(0.1, 0.9))
+    red.pred(p)
+    red.pred(torch.clamp(torch.tensor([-3.0, 3.0]), 0.1, 0.9))
+    red.next_row()
+    rows, counts, seen = red.read()
+    snap = Snapshot.from_rows(rows, counts, step=1, first_step=1, loss_seen=seen)
+    assert (snap.values["pred.below"], snap.values["pred.above"]) == (1, 1)
+    assert snap.values["pred.pinned"] == 4  # f32(0.1) and f32(0.9), once each from p and from the clamp

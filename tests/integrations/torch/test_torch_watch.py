@@ -3,7 +3,6 @@ what the probe infers (activation, loss), the logits trap, incomplete probes, an
 changes nothing about training."""
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import math
@@ -12,18 +11,19 @@ import pickle
 import pytest
 import torch
 import torch.nn.functional as F
+from boundguard.integrations.torch import Guard, apply_bounds, watch
 from torch import nn
 
 from boundguard import Alert, BoundGuardError, BoundGuardWarning
 from boundguard.alerts import SCHEMA_VERSION, severity_rank
-from boundguard.integrations.torch import Guard, apply_bounds, watch
 
 pytestmark = pytest.mark.filterwarnings("ignore::boundguard.alerts.BoundGuardWarning")
 
 
 @pytest.fixture(autouse=True)
-def _quiet_logs(caplog):
+def _quiet_logs_and_seed(caplog):
     caplog.set_level(logging.CRITICAL + 1, logger="boundguard")
+    torch.manual_seed(0)
 
 
 # ----------------------------------------------------------------------------------------- helpers
@@ -69,7 +69,7 @@ def train(model, loss_fn, data, steps=4, guard=None, lr=0.05, seed=0):
             guard.step(loss=loss, inputs=x, targets=y)
             if guard.should_stop:
                 break
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     return losses
 
 
@@ -160,6 +160,45 @@ def test_statistics_accumulate_between_checks(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------- actions
+def test_interval_statistics_match_the_tensors_the_model_produced(tmp_path):
+    """Two forward passes per step (the head module runs twice: the merge path) over a 3-step interval:
+    the snapshot's numbers are those of every prediction, pre-activation, target and input of the interval."""
+    model = Head(nn.Sigmoid(), hidden=8)
+    seen = {"pred": [], "pre": [], "target": [], "input": []}
+
+    def record(module, args, out):
+        seen["pre"].append(args[0].detach().reshape(-1))
+        seen["pred"].append(out.detach().reshape(-1))
+
+    model.act.register_forward_hook(record)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    guard = watch(model, **opts(tmp_path, bounds=(0.2, 0.8), check_every_n_steps=4))
+    for step in range(1, 5):
+        if step == 2:
+            for v in seen.values():
+                v.clear()  # the interval of the check at step 4 is steps 2-4
+        x1, y1 = unit_data(8)
+        x2, y2 = unit_data(8)
+        x2 = x2 * 3
+        loss = F.mse_loss(model(x1), y1) + F.mse_loss(model(x2), y2)
+        loss.backward(); opt.step(); opt.zero_grad()
+        x, y = torch.cat([x1, x2]), torch.cat([y1, y2])
+        seen["target"].append(y.reshape(-1)); seen["input"].append(x.reshape(-1))
+        guard.step(loss=loss, inputs=x, targets=y)
+    guard.close()
+    snap = guard.engine.last_snapshot
+    assert (snap.first_step, snap.step) == (2, 4)
+    for kind, ts in seen.items():
+        t = torch.cat(ts)
+        assert snap.counts[kind] == t.numel(), kind
+        assert snap.values[f"{kind}.min"] == pytest.approx(float(t.min()), rel=1e-6)
+        assert snap.values[f"{kind}.max"] == pytest.approx(float(t.max()), rel=1e-6)
+    pred, pre = torch.cat(seen["pred"]), torch.cat(seen["pre"])
+    assert snap.values["pred.below"] == int((pred < 0.2).sum()) and snap.values["pred.above"] == int((pred > 0.8).sum())
+    assert snap.values["pre.sumsq"] == pytest.approx(float((pre.double() ** 2).sum()), rel=1e-5)
+    assert snap.values["pre.tail"] == int((pre.abs() > 6).sum())
+
+
 def test_halt_sets_should_stop(tmp_path):
     model = nn.Linear(4, 1)
     guard = watch(model, **opts(tmp_path, bounds=(0, 1), on_violation="halt"))
@@ -194,19 +233,19 @@ def test_bound_inserts_a_bounding_activation(tmp_path, bounds, kind):
     model = Head(hidden=8)
     keys = list(model.state_dict())
     lo, hi = bounds
-    data = lambda: (torch.randn(32, 4), lo + (hi - lo) * torch.rand(32, 1))  # noqa: E731
-    with pytest.warns(BoundGuardWarning, match="inserted"):
-        with watch(model, **opts(tmp_path, bounds=bounds, on_violation="bound")) as guard:
-            train(model, F.mse_loss, data, steps=4, guard=guard)
+    data = lambda: (torch.randn(32, 4), lo + (hi - lo) * torch.rand(32, 1))
+    with pytest.warns(BoundGuardWarning, match="inserted"), \
+            watch(model, **opts(tmp_path, bounds=bounds, on_violation="bound")) as guard:
+        train(model, F.mse_loss, data, steps=4, guard=guard)
     (rec,) = guard.bounds_inserted
     assert rec["kind"] == kind
     assert list(model.state_dict()) == keys  # parameter names unchanged
     x = torch.randn(256, 4) * 100
     with torch.no_grad():
         out = model(x)
-        raw = model.fc(model.body(x))
+        raw = F.linear(model.body(x), model.fc.weight, model.fc.bias)  # the head without its hooks
     assert out.min() >= lo and out.max() <= hi
-    assert not torch.equal(out, raw)
+    assert raw.min() < lo and raw.max() > hi  # the raw head really leaves the bounds
     # the same bound replays on a fresh copy from the guard
     fresh = Head(hidden=8)
     fresh.load_state_dict(model.state_dict())
@@ -313,6 +352,7 @@ def test_logits_trap_raw_logits_are_not_violations(tmp_path, case, bounds):
     elif case == "cross-entropy":
         model, loss_fn, data = _big_logits_head(3), nn.CrossEntropyLoss(), class_data
     else:
+        torch.manual_seed(0)
         model, loss_fn, data = SeqLogits(), lambda o, y: F.cross_entropy(o.view(-1, 3), y), class_data
         with torch.no_grad():
             model.fc.weight.mul_(8.0)
@@ -334,7 +374,7 @@ def test_unlocatable_loss_gives_one_info_alert(tmp_path):
     assert loud(guard.alerts) == []
     assert not guard.engine.disabled
     assert guard.engine.monitor.facts.loss is None
-    assert guard.engine.last_snapshot.losses.size == 1  # the loss itself is still watched (step 5 interval: 1)
+    assert list(guard.engine.last_snapshot.loss_steps) == [3, 4]  # the loss value itself is still watched
 
 
 # ----------------------------------------------------------------------------------------- no side effects
@@ -376,3 +416,51 @@ def test_guard_state_round_trips_through_pickle_and_json(tmp_path):
         assert other.engine.step == guard.engine.step
         assert other.engine.monitor.history.to_dict() == guard.engine.monitor.history.to_dict()
         other.close()
+
+
+# ----------------------------------------------------------------------------------------- scenarios in a loop
+SCENARIOS = [
+    # (id, model, loss, data, options, codes that must fire (empty: a healthy run, nothing >= warning))
+    ("softmax-then-cross-entropy", lambda: Head(nn.Softmax(dim=1), out=3), nn.CrossEntropyLoss(), class_data, {},
+     {"activation_loss_mismatch"}),
+    ("sigmoid-then-bce-with-logits", lambda: Head(nn.Sigmoid()), nn.BCEWithLogitsLoss(),
+     lambda: unit_data(binary=True), {}, {"activation_loss_mismatch"}),
+    ("softmax-then-nll", lambda: Head(nn.Softmax(dim=1), out=3), nn.NLLLoss(), class_data, {},
+     {"activation_loss_mismatch"}),
+    ("sigmoid-head-targets-to-10", lambda: Head(nn.Sigmoid()), nn.MSELoss(),
+     lambda: (torch.randn(32, 4), 10 * torch.rand(32, 1)), {"bounds": None}, {"target_out_of_range"}),
+    ("clamped-head", lambda: Head(lambda z: torch.clamp(z, 0, 1)), nn.MSELoss(),
+     lambda: (3 * torch.randn(32, 4), torch.rand(32, 1)), {"bounds": (0, 1)}, {"output_saturated"}),
+    ("unscaled-inputs", lambda: Head(), nn.MSELoss(), lambda: (1000 * torch.randn(32, 4), torch.rand(32, 1)),
+     {"bounds": None}, {"inputs_not_scaled"}),
+    ("healthy-log-softmax-nll", lambda: Head(nn.LogSoftmax(dim=1), out=3), nn.NLLLoss(), class_data, {}, set()),
+    ("healthy-sigmoid-bce", lambda: Head(nn.Sigmoid(), hidden=8), nn.BCELoss(), lambda: unit_data(binary=True),
+     {}, set()),
+    ("healthy-cross-entropy", lambda: Head(out=3, hidden=8), nn.CrossEntropyLoss(), class_data, {}, set()),
+    ("healthy-regression", lambda: Head(hidden=8), nn.MSELoss(), lambda: (torch.randn(32, 4), 5 * torch.randn(32, 1)),
+     {}, set()),
+]
+
+
+@pytest.mark.parametrize("make,loss_fn,data,options,codes", [pytest.param(*s[1:], id=s[0]) for s in SCENARIOS])
+def test_scenarios(tmp_path, make, loss_fn, data, options, codes):
+    model = make()
+    with watch(model, **opts(tmp_path, **options)) as guard:
+        train(model, loss_fn, data, steps=4, guard=guard, lr=0.01)
+    if codes:
+        assert codes <= {a.code for a in guard.alerts}
+    else:
+        assert loud(guard.alerts) == []
+
+
+def test_bound_to_a_distribution_inserts_softmax(tmp_path):
+    model = Head(out=3, hidden=8)
+    onehot = lambda: (torch.randn(32, 4), F.one_hot(torch.randint(0, 3, (32,)), 3).float())
+    with watch(model, **opts(tmp_path, bounds="distribution", on_violation="bound")) as guard:
+        train(model, F.mse_loss, onehot, steps=3, guard=guard)
+    (rec,) = guard.bounds_inserted
+    assert rec["kind"] == "softmax"
+    with torch.no_grad():
+        out = model(30 * torch.randn(64, 4))
+    assert out.min() >= 0 and out.max() <= 1
+    torch.testing.assert_close(out.sum(1), torch.ones(64))
