@@ -74,7 +74,8 @@ _ENTRIES = [
     ),
     Entry(
         "preactivation_exploding", "warning", "Pre-activations are huge or growing",
-        "The output layer's pre-activation magnitudes are very large or grow check after check.",
+        "The output layer's pre-activation magnitudes are very large, grow check after check, or approach "
+        "float16's overflow at 65504.",
         "Lower the learning rate, clip gradients (Trainer(gradient_clip_val=1.0), optimizer clipnorm=1.0), "
         "scale the inputs, or add normalisation before the head.",
         "Huge pre-activations saturate any bounding activation and precede overflow to Inf/NaN.",
@@ -101,7 +102,7 @@ _ENTRIES = [
     ),
     Entry(
         "nonfinite_input", "critical", "NaN/Inf in the inputs",
-        "The inputs of a batch contain NaN or Inf.",
+        "The inputs (or the targets) of a batch contain NaN or Inf.",
         "Clean the data: find the rows with NaN/Inf (np.isfinite), impute or drop them, and check "
         "divisions and logs in the preprocessing.",
         "One NaN input poisons the weights it touches at the next update.",

@@ -125,6 +125,7 @@ class ModelFacts:
     target_integer: bool = False
     input_integer: bool = False
     classes: Optional[int] = None  # size of the class dimension of the prediction, when > 1
+    pre_dtype: Optional[str] = None  # e.g. "float16" under fp16 autocast
     notes: list = field(default_factory=list)  # (what could not be located, option that fixes it)
 
     @property

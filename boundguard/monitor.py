@@ -107,6 +107,9 @@ class Monitor:
         if self.config.bounds != "auto":
             return
         loss = self.facts.loss
+        if loss is None:  # without the loss, which batch entry is the target is only a guess
+            self._inferred = None
+            return
         if loss is not None and loss.consumes_logits and not loss.multiclass:
             # predictions are sigmoid(raw) by construction
             self._inferred = Bounds.probability().as_inferred() if self.history.target_min >= 0 else None

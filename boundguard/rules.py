@@ -20,6 +20,8 @@ __all__ = ["Finding", "History", "Context", "Rule", "RULES", "default_rules", "T
 
 #: |pre-activation| beyond which sigmoid / tanh are in their flat tail (derivative < ~1e-2).
 TAIL_THRESHOLD = {"sigmoid": 6.0, "scaled_sigmoid": 6.0, "tanh": 3.0, "scaled_tanh": 3.0}
+#: The largest finite float16.
+FP16_MAX = 65504.0
 #: Distribution rows may sum to 1 only up to rounding in low precision.
 ROWSUM_TOL = 1e-2
 
@@ -113,6 +115,9 @@ class Rule:
             raise ValueError(
                 f"thresholds[{self.code!r}] got unknown keys {sorted(unknown)}; expected some of {sorted(type(self).params)}"
             )
+        for k, v in overrides.items():
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v:
+                raise TypeError(f"thresholds[{self.code!r}][{k!r}] must be a number, got {v!r}")
         self.p = {**type(self).params, **{k: float(v) for k, v in overrides.items()}}
 
     def evaluate(self, ctx: Context) -> list[Finding]:  # pragma: no cover - abstract
@@ -129,15 +134,19 @@ def _pct(x: float) -> str:
 
 # ------------------------------------------------------------------------------------- non-finite
 class NonfiniteInput(Rule):
+    """NaN/Inf in what the batch feeds the model and the loss: the inputs, and the targets too."""
+
     code = "nonfinite_input"
 
     def evaluate(self, ctx):
         s = ctx.snap
-        bad = s.nonfinite("input") if s.seen("input") else 0
-        if not bad:
-            return []
-        return [Finding(self.code, ctx.where("input"),
-                        f"{bad} of {s.counts['input']} input values were NaN/Inf in {ctx.span}.", bad, 0)]
+        out = []
+        for kind, label in (("input", "input"), ("target", "target")):
+            bad = s.nonfinite(kind) if s.seen(kind) else 0
+            if bad:
+                out.append(Finding(self.code, ctx.where(kind),
+                                   f"{bad} of {s.counts[kind]} {label} values were NaN/Inf in {ctx.span}.", bad, 0))
+        return out
 
 
 class NonfiniteOutput(Rule):
@@ -316,7 +325,7 @@ class OutputSaturated(Rule):
 
 class PreactivationExploding(Rule):
     code = "preactivation_exploding"
-    params = {"absmax": 1e3, "growth": 10.0, "growth_floor": 100.0, "growth_checks": 4}
+    params = {"absmax": 1e3, "growth": 10.0, "growth_floor": 100.0, "growth_checks": 4, "fp16_share": 0.25}
 
     def evaluate(self, ctx):
         s, f, h = ctx.snap, ctx.facts, ctx.history
@@ -329,6 +338,12 @@ class PreactivationExploding(Rule):
             scale = max(1.0, abs(h.target_min), abs(h.target_max))
         h.pre_absmax.append(absmax)
         limit = self.p["absmax"] * scale
+        if f.pre_dtype == "float16" and absmax >= self.p["fp16_share"] * FP16_MAX:
+            return [Finding(self.code, ctx.where("pre"),
+                            f"pre-activations reached |z| = {_g(absmax)} in float16 in {ctx.span}: float16 overflows "
+                            f"to Inf above {FP16_MAX:g}.", absmax, self.p["fp16_share"] * FP16_MAX,
+                            fix="Train in bf16 (precision='bf16-mixed') or keep the head in float32, and lower the "
+                                "learning rate or clip gradients.")]
         if absmax >= limit:
             return [Finding(self.code, ctx.where("pre"),
                             f"pre-activations reached |z| = {_g(absmax)} in {ctx.span} (limit {_g(limit)}).",
@@ -473,7 +488,10 @@ def default_rules(thresholds: Optional[dict[str, dict[str, float]]] = None) -> l
     thresholds = dict(thresholds or {})
     rules = []
     for cls in RULES:
-        rules.append(cls(**thresholds.pop(cls.code, {})))
+        overrides = thresholds.pop(cls.code, {})
+        if not isinstance(overrides, dict):
+            raise TypeError(f"thresholds[{cls.code!r}] must be a dict of threshold names to numbers, got {overrides!r}")
+        rules.append(cls(**overrides))
     if thresholds:
         raise ValueError(f"thresholds names unknown alert codes {sorted(thresholds)}; expected some of {[r.code for r in RULES]}")
     return rules

@@ -995,6 +995,8 @@ class TorchEngine:
         self.reducer = Reducer(self.config.check_every_n_steps, device)
         for key, msg, fix in r.notes:
             self.monitor.note(key, msg, fix, step=self.step + 1)
+        if r.pre is not None:
+            facts.pre_dtype = str(r.pre.dtype).replace("torch.", "")
         if r.pred is not None and r.pred.dim() >= 2:
             facts.classes = int(r.pred.shape[1 if facts.loss and facts.loss.multiclass else -1])
         self._locate_batch_tensors(r, facts)

@@ -58,11 +58,7 @@ def test_bad_option_is_rejected_with_a_teaching_message(option, value, exc, word
         assert w in msg, f"{w!r} missing from {msg!r}"
 
 
-# A threshold whose value is not a number is a bad option value as well; today it surfaces as a bare
-# "argument after ** must be a mapping" / "could not convert string to float" that names neither the
-# option nor the alert code.
-@pytest.mark.xfail(strict=True, reason="Config(thresholds=...) does not validate threshold values: the error "
-                                       "does not name the option (bug reported)")
+# A threshold whose value is not a number is a bad option value as well: the error names the option.
 @pytest.mark.parametrize("value", [{"loss_spike": 5}, {"loss_spike": {"factor": "big"}},
                                    {"loss_spike": {"factor": None}}])
 def test_malformed_threshold_values_name_the_option(value):

@@ -352,3 +352,12 @@ def test_alerts_take_the_catalogue_severity():
     for d in decisions:
         assert d.alert.severity == CATALOGUE[d.alert.code].severity
         assert d.alert.fix == CATALOGUE[d.alert.code].fix
+
+
+def test_fresh_state_round_trips_through_json():
+    """Before any target is seen the history holds +-inf: json (not strict JSON) carries it."""
+    m = monitor(bounds="auto")
+    restored = monitor(bounds="auto")
+    restored.load_state_dict(json.loads(json.dumps(m.state_dict())))
+    assert restored.history.to_dict() == m.history.to_dict()
+    assert restored.alerts == [] and restored.bounds is None

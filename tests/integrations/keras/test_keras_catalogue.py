@@ -27,7 +27,7 @@ FIRING = {
     "target_out_of_range": lambda: (dense(activation="sigmoid"), data("big"), "mse", {}, {}),
     "output_saturated": lambda: (dense(activation=clip_activation(), kernel=3.0), data("wide"), "mse",
                                  dict(bounds="symmetric"), {}),
-    "preactivation_exploding": lambda: (dense(kernel=2000.0), data("linear"), "mse", dict(bounds=None),
+    "preactivation_exploding": lambda: (dense(kernel=1e5), data("linear"), "mse", dict(bounds=None),
                                         dict(optimizer=keras.optimizers.SGD(0.0))),
     "regression_loss_on_probabilities": lambda: (dense(activation="sigmoid"), data("binary"), "mse", {}, {}),
     "inputs_not_scaled": lambda: (dense(activation="sigmoid"), data("binary", scale=1000.0), "binary_crossentropy",
