@@ -488,8 +488,12 @@ class BoundGuard(keras.callbacks.Callback):
     def on_train_batch_end(self, batch: int, logs: Optional[dict] = None) -> None:
         if not self._installed:
             return
-        done = int(batch) - self._last_batch
-        self._last_batch = int(batch)
+        batch = int(batch)
+        steps = (self.params or {}).get("steps")
+        if isinstance(steps, int) and steps > 0:
+            batch = min(batch, steps - 1)  # Keras reports a full last execution with steps_per_execution > 1
+        done = batch - self._last_batch
+        self._last_batch = batch
         prev = self.step
         self.step += max(1, done)
         n = self._config.check_every_n_steps
@@ -984,7 +988,7 @@ class BoundGuard(keras.callbacks.Callback):
         else:
             owner.activation = act
         rec = {"module": _name(owner), "path": [], "kind": act.kind, "lo": b.lo, "hi": b.hi, "dim": -1,
-               "step": self.step}
+               "step": self.step, "attr": _attr_of(self._wmodel, owner), "output": True}
         self.monitor.inserted.append(rec)
         self._mark_bounded(rec)
         self._sync_settings()
@@ -1074,6 +1078,26 @@ def _reduce_to_row(rows: np.ndarray) -> np.ndarray:
     return out
 
 
+def _attr_of(model: Any, layer: Any) -> Optional[str]:
+    """The model attribute that holds ``layer`` (subclassed models), so a rebuilt model finds it again."""
+    try:
+        return next((k for k, v in vars(model).items() if v is layer and not k.startswith("_")), None)
+    except TypeError:
+        return None
+
+
+def _locate(model: Any, rec: dict, layers: dict) -> Any:
+    """The layer a bound record names: by name, by attribute, or (a rebuilt model, other auto-names) the output."""
+    for cand in (layers.get(rec.get("module")), getattr(model, rec["attr"], None) if rec.get("attr") else None):
+        if cand is not None and _activation_attr(cand) is not None:
+            return cand
+    if rec.get("output"):
+        head = _find_head(model)
+        if head.static and head.owner is not None and head.shape_only_after:
+            return head.owner
+    return None
+
+
 def _bound_kind(b: Bounds) -> tuple[str, float, float]:
     if b.kind == "distribution":
         return "softmax", 0.0, 1.0
@@ -1101,9 +1125,10 @@ def apply_bounds(model: Any, source: Any, *, retrace: bool = True) -> list[dict]
         raise TypeError(f"apply_bounds: cannot read bound records from {type(source).__name__}")
     layers = {_name(l): l for l in _flat_layers(model)}
     for rec in records:
-        layer = layers.get(rec["module"])
-        if layer is None or _activation_attr(layer) is None:
-            raise ValueError(f"apply_bounds: the model has no layer named {rec['module']!r} with an activation")
+        layer = _locate(model, rec, layers)
+        if layer is None:
+            raise ValueError(f"apply_bounds: the model has no layer named {rec['module']!r} with an activation "
+                             f"(nor an output layer with one)")
         act = BoundActivation(rec["kind"], rec.get("lo", 0.0), rec.get("hi", 1.0), rec.get("dim", -1))
         cur = layer.activation
         if isinstance(cur, _WatchedActivation):

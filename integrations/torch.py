@@ -1129,6 +1129,7 @@ class TorchEngine:
         self._hooks.clear()
 
     def _stats_hook(self, path: tuple, what: str):
+        @_eager
         def hook(module, args, output):
             if not self.armed or self.disabled:
                 return None
@@ -1224,6 +1225,15 @@ class TorchEngine:
         self.interval_start = self.step + 1
         if self.model is not None and self.monitor.inserted:
             apply_bounds(self.model, self.monitor.inserted)
+
+
+def _eager(fn: Callable) -> Callable:
+    """Run ``fn`` eagerly under torch.compile: statistics writes into the monitor's buffer are
+    side effects dynamo must not trace (they would break AOT autograd's view-mutation rules)."""
+    try:
+        return torch._dynamo.disable(fn, recursive=True)
+    except Exception:  # pragma: no cover - torch without dynamo
+        return fn
 
 
 def _where(site: tuple[str, tuple]) -> str:
