@@ -1081,9 +1081,11 @@ def _reduce_to_row(rows: np.ndarray) -> np.ndarray:
 def _attr_of(model: Any, layer: Any) -> Optional[str]:
     """The model attribute that holds ``layer`` (subclassed models), so a rebuilt model finds it again."""
     try:
-        return next((k for k, v in vars(model).items() if v is layer and not k.startswith("_")), None)
+        attrs = dict(vars(model))
     except TypeError:
         return None
+    attrs.update(attrs.get("_modules") or {})  # torch backend: sub-layers live in the Module's _modules
+    return next((k for k, v in attrs.items() if v is layer and not k.startswith("_")), None)
 
 
 def _locate(model: Any, rec: dict, layers: dict) -> Any:

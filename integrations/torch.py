@@ -14,7 +14,7 @@ import warnings
 from collections.abc import Mapping
 from dataclasses import fields, is_dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Union
+from typing import Any, Callable, Iterator, Optional
 
 try:
     import torch
@@ -251,7 +251,7 @@ class Probe:
                             "first training step, so the loss family and the prediction it consumes are unknown.",
                             "Compute the loss with an nn.*Loss module or a torch.nn.functional loss on the "
                             "model's output; the loss value itself is still watched."))
-            for name, module, out in reversed(self.order):
+            for _name, module, out in reversed(self.order):
                 if module is self.model:
                     pred = next((t for _, t in flatten(out) if t.is_floating_point()), None)
                     break
@@ -570,7 +570,7 @@ class Reducer:
         self._row_bytes = row_bytes
         self.bins = {k: bins[i * self.MAX_BINS: (i + 1) * self.MAX_BINS] for i, k in enumerate(self.ROW)}
         neutral = []
-        for kind, fs in self.ROW.items():
+        for fs in self.ROW.values():
             neutral += [math.inf if f == "min" else (-math.inf if f in ("max", "rowsum_err") else 0.0) for f in fs]
         neutral.append(math.nan)
         self.neutral_row = torch.tensor(neutral, dtype=torch.float32, device=device)

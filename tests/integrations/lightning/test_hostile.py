@@ -4,7 +4,6 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 
-import pytest
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
