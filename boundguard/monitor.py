@@ -184,6 +184,9 @@ class Monitor:
         action = "log"
         if severity_rank(alert.severity) >= severity_rank("warning"):
             action = self.config.action_for(alert.code)
+            if (action in ("halt", "raise") and alert.bounds_inferred and alert.code in RANGE_CODES
+                    and alert.code not in (self.config.actions or {})):
+                action = "warn"  # a range guessed from the targets never stops a run; bounds= enforces it
             if action == "bound" and (alert.code not in RANGE_CODES or self.inserted):
                 action = "warn"
         alert.action = action

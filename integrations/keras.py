@@ -411,6 +411,7 @@ class BoundGuard(keras.callbacks.Callback):
         self._facts_ready = False
         self._logits = False
         self._act: tuple[str, dict] = ("unknown", {})
+        self._loss: Optional[LossInfo] = None
         self._loss_name: Optional[str] = None
         self._from_logits = False
         self._settings_now: Optional[tuple] = None
@@ -741,6 +742,7 @@ class BoundGuard(keras.callbacks.Callback):
                   target_dtype=_dtype(yt) if yt is not None else None,
                   target_shape=tuple(yt.shape) if yt is not None else None,
                   input_dtype=_dtype(xs[0][1]) if xs else None, input_index=xf[0] if xf else None,
+                  pre_dtype=_dtype(entry[2]) if entry is not None else None,
                   n_inputs=len(xs), loss_called=True)
         cols: list = [None] * _W0
         extra = [c["zero"]] * len(_EXTRA)
@@ -859,7 +861,7 @@ class BoundGuard(keras.callbacks.Callback):
         self._act_on(decisions)
 
     def _finalize_facts(self) -> None:
-        tr, head, model = self._trace, self._head, self._wmodel
+        tr, head = self._trace, self._head
         owner = tr.get("owner") if tr else None
         if head is not None and head.static:
             owner = head.owner
@@ -911,6 +913,8 @@ class BoundGuard(keras.callbacks.Callback):
             input_integer=bool(input_dtype and not _float_dtype(input_dtype)) and idx is None,
             classes=classes,
         )
+        if "pre_dtype" in ModelFacts.__dataclass_fields__:
+            facts.pre_dtype = tr.get("pre_dtype")
         self.monitor.set_facts(facts)
         if self.monitor.inserted:
             self._mark_bounded(self.monitor.inserted[-1])

@@ -552,8 +552,12 @@ class Reducer:
     ROW = {"pred": ("min", "max", "rowsum_err"), "pre": ("min", "max", "sumsq"),
            "target": ("min", "max"), "input": ("min", "max", "sumsq")}
     MAX_BINS = 16
+    #: Per watched tensor, up to this many elements per interval are staged as raw values (one copy
+    #: per step) and reduced in one batch at the check; larger tensors are reduced every step.
+    STAGE_ELEMENTS = 1 << 18
+    STAGE_ROW_CAP = 4096
 
-    def __init__(self, rows: int, device: torch.device) -> None:
+    def __init__(self, rows: int, device: torch.device, stage_elements: Optional[int] = None) -> None:
         self.device = device
         self.n_rows = rows
         offs, o = {}, 0
@@ -595,6 +599,12 @@ class Reducer:
         self.pin: Optional[tuple[Optional[float], Optional[float]]] = None
         self.tail: Optional[float] = None
         self.shared = False  # pred is the pre-activation tensor itself (identity head)
+        budget = self.STAGE_ELEMENTS if stage_elements is None else stage_elements
+        self.cap = min(self.STAGE_ROW_CAP, budget // rows)
+        self.stage = {k: torch.empty((rows, self.cap), dtype=torch.float32, device=device) for k in self.ROW} \
+            if self.cap > 0 else {}
+        self.stage_rows = {k: [b[i] for i in range(rows)] for k, b in self.stage.items()}
+        self.staged = {k: [0] * rows for k in self.stage}  # elements staged per row (host ints)
         self.configure()
         self._reset()
 
@@ -647,6 +657,47 @@ class Reducer:
             else:
                 d.add_(n)
 
+    def _stage(self, kind: str, t: Tensor, n: int) -> bool:
+        """Copy a small tensor's values into this step's staging row (one kernel); False: reduce now."""
+        if n > self.cap or kind in self._written or (kind == "pred" and self.distribution):
+            return False
+        self._written.add(kind)
+        self.stage_rows[kind][self.row][:n].copy_(t.detach().reshape(-1))
+        self.staged[kind][self.row] = n
+        return True
+
+    def flush(self) -> None:
+        """Reduce the staged values of the interval into the rows and bins (a few kernels per run of
+        equal-sized steps); called at the check, before the buffer is merged across processes or read."""
+        used = max(self.row, 1)
+        for kind, lens in self.staged.items():
+            if not any(lens[:used]):
+                continue
+            bins_kind = "pred" if kind == "pre" and self.shared else kind
+            start = 0
+            while start < used:
+                n = lens[start]
+                end = start + 1
+                while end < used and lens[end] == n:
+                    end += 1
+                if n:
+                    self._reduce_block(kind, bins_kind, self.stage[kind][start:end, :n], start, end)
+                start = end
+            for i in range(used):
+                lens[i] = 0
+
+    def _reduce_block(self, kind: str, bins_kind: str, block: Tensor, a: int, b: int) -> None:
+        off = self.offs[kind]
+        mn, mx = torch.aminmax(block, dim=1)
+        cols = self.rows[a:b]
+        cols[:, off].copy_(torch.minimum(cols[:, off], mn))
+        cols[:, off + 1].copy_(torch.maximum(cols[:, off + 1], mx))
+        if "sumsq" in self.ROW[kind]:
+            j = off + self.ROW[kind].index("sumsq")
+            cols[:, j].add_((block * block).sum(1))
+        idx = torch.bucketize(block, self.edges[bins_kind], right=True).reshape(-1)
+        self.bins[bins_kind].index_add_(0, idx, self.one.expand(idx.shape[0]))
+
     def _bin(self, kind: str, f: Tensor) -> None:
         idx = torch.bucketize(f, self.edges[kind], right=True)
         n = idx.shape[0]
@@ -658,9 +709,13 @@ class Reducer:
         self.bins[kind].index_add_(0, idx, ones)
 
     def pred(self, p: Tensor) -> None:
-        f = self._flat(p)
-        if f.numel() == 0:
+        n = p.numel()
+        if n == 0:
             return
+        if self._stage("pred", p, n):
+            self.counts["pred"] += n
+            return
+        f = self._flat(p)
         c, merge = self._cells("pred")
         torch.aminmax(f, out=(c[0], c[1]))
         if self.distribution and p.dim() >= 1:
@@ -671,9 +726,15 @@ class Reducer:
         self.counts["pred"] += f.numel()
 
     def pre(self, z: Tensor, also_pred: bool = False) -> None:
-        f = self._flat(z)
-        if f.numel() == 0:
+        n = z.numel()
+        if n == 0:
             return
+        if also_pred == self.shared and self._stage("pre", z, n):
+            self.counts["pre"] += n
+            if also_pred:
+                self.counts["pred"] += n
+            return
+        f = self._flat(z)
         c, merge = self._cells("pre")
         torch.aminmax(f, out=(c[0], c[1]))
         torch.dot(f, f, out=c[2])
@@ -684,9 +745,13 @@ class Reducer:
             self.counts["pred"] += f.numel()
 
     def target(self, y: Tensor) -> None:
-        f = self._flat(y)
-        if f.numel() == 0:
+        n = y.numel()
+        if n == 0:
             return
+        if self._stage("target", y, n):
+            self.counts["target"] += n
+            return
+        f = self._flat(y)
         c, merge = self._cells("target")
         torch.aminmax(f, out=(c[0], c[1]))
         self._bin("target", f)
@@ -694,9 +759,13 @@ class Reducer:
         self.counts["target"] += f.numel()
 
     def input(self, x: Tensor) -> None:
-        f = self._flat(x)
-        if f.numel() == 0:
+        n = x.numel()
+        if n == 0:
             return
+        if self._stage("input", x, n):
+            self.counts["input"] += n
+            return
+        f = self._flat(x)
         c, merge = self._cells("input")
         torch.aminmax(f, out=(c[0], c[1]))
         torch.dot(f, f, out=c[2])
@@ -722,6 +791,7 @@ class Reducer:
         rank judges the same snapshot. Four collectives per check, none between checks."""
         import torch.distributed as dist
 
+        self.flush()
         world = dist.get_world_size()
         kinds = {"min": [], "max": [], "sum": []}
         for kind, fs in self.ROW.items():
@@ -746,6 +816,7 @@ class Reducer:
 
     def read(self) -> tuple[np.ndarray, dict[str, int], list[bool]]:
         """One device→host transfer; returns the interval as core rows and resets the buffer."""
+        self.flush()
         n = max(self.row, 1)
         host = self.raw.to("cpu", copy=True).numpy()
         self._reset()

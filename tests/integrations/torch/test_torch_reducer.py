@@ -101,6 +101,14 @@ def assert_matches(snap: Snapshot, ref: dict) -> None:
     np.testing.assert_allclose(snap.losses, ref["losses"], rtol=1e-6, equal_nan=True)
 
 
+@pytest.fixture(autouse=True, params=["staged", "per-step"])
+def reduction_path(request, monkeypatch):
+    """Every test runs twice: small tensors staged and reduced at the check, and reduced every step."""
+    if request.param == "per-step":
+        monkeypatch.setattr(Reducer, "STAGE_ELEMENTS", 0)
+    return request.param
+
+
 def make_reducer(rows=4, *, lo=None, hi=None, pin=None, tail=None, distribution=False) -> Reducer:
     red = Reducer(rows, torch.device("cpu"))
     red.lo, red.hi, red.pin, red.tail, red.distribution = lo, hi, pin, tail, distribution
