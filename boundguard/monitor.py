@@ -54,6 +54,7 @@ class Monitor:
         self.alerts: list[Alert] = []
         self._active: dict[tuple, Alert] = {}
         self._inferred: Optional[Bounds] = None
+        self._onehot = False  # the targets seen at the probe were one-hot rows
         self.inserted: list[dict] = []  # records of inserted bounds (adapters replay them)
         self.write = write
         self._alerts_file: Optional[JsonLinesWriter] = None
@@ -101,9 +102,11 @@ class Monitor:
             h.target_min = min(h.target_min, tmin)
         if math.isfinite(tmax):
             h.target_max = max(h.target_max, tmax)
-        self._infer(onehot=onehot)
+        if onehot:
+            self._onehot = True
+        self._infer()
 
-    def _infer(self, onehot: bool = False) -> None:
+    def _infer(self) -> None:
         if self.config.bounds != "auto":
             return
         loss = self.facts.loss
@@ -116,11 +119,9 @@ class Monitor:
             return
         self._inferred = infer_bounds(
             self.history.target_min, self.history.target_max,
-            target_integer=self.facts.target_integer, target_onehot=onehot or getattr(self, "_onehot", False),
+            target_integer=self.facts.target_integer, target_onehot=self._onehot,
             multiclass_loss=bool(loss and loss.multiclass),
         )
-        if onehot:
-            self._onehot = True
 
     def note(self, key: str, message: str, fix: str, step: int, epoch: Optional[int] = None) -> Optional[Alert]:
         """A one-time info alert that something could not be located, with the option that fixes it."""
@@ -217,7 +218,7 @@ class Monitor:
             "active": [[a.code, a.where, self.alerts.index(a) if a in self.alerts else -1] for a in self._active.values()],
             "history": self.history.to_dict(),
             "inferred": self._inferred.to_dict() if self._inferred else None,
-            "onehot": getattr(self, "_onehot", False),
+            "onehot": self._onehot,
             "facts": self.facts.to_dict(),
             "inserted": [dict(r) for r in self.inserted],
             "notes": sorted(self.notes_reported),

@@ -41,9 +41,6 @@ __all__ = ["watch", "Guard", "TorchEngine", "apply_bounds", "bound_records", "DE
 DEFAULT_ALERTS_PATH = Path("boundguard") / "alerts.jsonl"
 
 # ----------------------------------------------------------------------------------------- structures
-Path_ = tuple  # a path into a nested output/batch: (0,), ("logits",), (1, "y")
-
-
 def flatten(obj: Any, prefix: tuple = (), depth: int = 0) -> Iterator[tuple[tuple, Tensor]]:
     """Every tensor in a nested structure (tuple/list/dict/ModelOutput/dataclass) with its path."""
     if isinstance(obj, Tensor):
@@ -294,7 +291,6 @@ class Probe:
         acts_after_site = [c for c in steps if c.name not in _SHAPE_OPS]
         if site is not None and not acts_after_site:
             r.pred_site = (site[0], site[1])
-            r.pred_shape_ops = bool(steps)
         elif r.pre is not None and r.activation not in ("unknown",):
             r.pred_from_pre = True  # the activation is applied outside any module: recompute it
         else:
@@ -393,7 +389,6 @@ class ProbeResult:
         self.pre: Optional[Tensor] = None
         self.target: Optional[Tensor] = None
         self.pred_site: Optional[tuple[str, tuple]] = None
-        self.pred_shape_ops = False
         self.pre_site: Optional[tuple[str, tuple]] = None
         self.pred_from_pre = False
         self.activation = "unknown"
@@ -909,9 +904,7 @@ class TorchEngine:
         self.probed = False
         self.armed = False
         self.disabled = False
-        self.should_stop = False
         self.distributed = False  # set by adapters running under torch.distributed
-        self.write_files = True
         self._hooks: list = []
         self._result: Optional[ProbeResult] = None
         self._loss_seen_this_step = False
@@ -920,7 +913,6 @@ class TorchEngine:
         self._input_path: Optional[tuple] = None
         self._pred_from_pre: Optional[Callable[[Tensor], Tensor]] = None
         self._logits = False
-        self._onehot = False
         self._bound_version: Any = None
         self._warned_error = False
         self.last_snapshot: Optional[Snapshot] = None
@@ -928,7 +920,6 @@ class TorchEngine:
     # ------------------------------------------------------------------ lifecycle
     def attach(self, model: nn.Module, alerts_path: Optional[Path] = None, write: bool = True) -> None:
         self.model = model
-        self.write_files = write
         if self.monitor.alerts_path is None:
             path = Path(self.config.alerts_path) if self.config.alerts_path else (alerts_path or DEFAULT_ALERTS_PATH)
             self.monitor.write = write
@@ -1077,10 +1068,10 @@ class TorchEngine:
             tf = t.float()
             fin = tf[torch.isfinite(tf)]
             if fin.numel():
-                self._onehot = bool(
+                onehot = bool(
                     t.dim() >= 2 and t.shape[-1] > 1 and ((tf == 0) | (tf == 1)).all() and (tf.sum(-1) == 1).all()
                 )
-                self.monitor.observe_targets(float(fin.min()), float(fin.max()), onehot=self._onehot)
+                self.monitor.observe_targets(float(fin.min()), float(fin.max()), onehot=onehot)
         self._configure_reducer()
         self._install_hooks()
         # statistics of this (probe) step come from the tensors the probe saw
@@ -1354,6 +1345,7 @@ class Guard:
             raise TypeError(f"watch() needs a torch.nn.Module, got {type(model).__name__}")
         self.engine = TorchEngine(Config(**options))
         self.engine.attach(model)
+        self.should_stop = False  #: set by on_violation="halt"; the loop decides
         self._pre = model.register_forward_pre_hook(self._before_forward)
         self._closed = False
 
@@ -1393,8 +1385,6 @@ class Guard:
                 raise
             e.disable(err)
             return []
-
-    should_stop: bool = False
 
     @property
     def alerts(self) -> list[Alert]:
