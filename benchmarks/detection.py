@@ -25,8 +25,11 @@ allowed that much more). An alternative detects a program when it stops or raise
 onset; EarlyStopping's "did not improve" stop counts only on a loss-dynamics fault (elsewhere it is
 not a diagnosis of the fault and is listed, not counted). A *false alarm* is any alert of severity
 warning or above on a healthy program (or before the onset of a faulty one); for an alternative,
-any stop or raise there. Wall time is the sum of ``fit`` times per tool (model building excluded,
-one untimed warm-up run per framework first).
+any stop or raise there (a patience stop of EarlyStopping on a healthy run is listed, not counted). Wall
+time is the sum over programs of each tool's ``fit`` time (median of ``--repeats`` runs, the order of the
+tools rotating; model building excluded; one untimed warm-up run per framework first). These runs are
+short (about 0.1 s of Lightning and 0.5 s of Keras each), so fixed per-run costs weigh heavily; the
+steady-state step-time overhead is what ``benchmarks/overhead.py`` measures.
 
 Keras runs in a child process of this script (``--framework keras``) with ``KERAS_BACKEND=tensorflow``.
 Results land in ``benchmarks/results/detection-<date>-cpu.json`` and ``.md``.
@@ -36,7 +39,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import os
 import platform
 import subprocess
@@ -140,8 +142,8 @@ def zoo() -> list[Program]:
           "huge learning rate → overflow → NaN loss", data="regression", opt="sgd", lr=3.0),
         P("corrupted batch (targets ×30) at step 55", lt, "dynamics", "loss_spike", 55,
           "one batch of bad labels", data="regression", corrupt=[("y_scale", 55, 30.0)]),
-        P("Adam lr 1e-2 → 1.0 at step 50", lt, "dynamics", "loss_diverging", 50,
-          "a learning-rate jump mid-run", data="regression", lr_events={50: 1.0}),
+        P("Adam lr 1e-2 → 3.0 at step 50", lt, "dynamics", "loss_diverging", 50,
+          "a learning-rate jump mid-run", data="regression", lr_events={50: 3.0}),
         P("LR → 0 at step 40 (plateau)", lt, "dynamics", "loss_plateau", 40,
           "training stops making progress", act="sigmoid", loss="bce", opt="sgd", lr=0.5,
           lr_events={40: 0.0}, steps=150, guard=plateau, allowance=70),
@@ -156,6 +158,12 @@ def zoo() -> list[Program]:
         P("healthy: tanh + MSE, targets in [-0.8, 0.8], symmetric", lt, "healthy", None, None, "",
           data="sym", act="tanh", guard=dict(bounds="symmetric")),
         P("healthy: linear regression, unbounded targets", lt, "healthy", None, None, "", data="regression"),
+        P("healthy: regression, Adam lr ÷10 at step 50", lt, "healthy", None, None, "", data="regression",
+          lr_events={50: 1e-3}),
+        P("healthy: sigmoid + BCELoss on soft targets, SGD", lt, "healthy", None, None, "", data="unit",
+          act="sigmoid", loss="bce", opt="sgd", lr=0.5),
+        P("healthy: GaussianNLLLoss regression (the loss goes negative)", lt, "healthy", None, None, "",
+          data="small", out=2, loss="gaussian_nll", steps=300),
         # ---------------------------------------------------------------- Keras, faulty
         P("seed LSTM, Dense(1) linear, MSE on 0/1 targets", kr, "range", "missing_output_activation", 1,
           "the seed's bug: no output activation for a probability target", data="updown", arch="lstm",
@@ -188,8 +196,8 @@ def zoo() -> list[Program]:
           "huge learning rate → overflow → NaN loss", data="regression", opt="sgd", lr=3.0),
         P("corrupted batch (targets ×30) at step 55", kr, "dynamics", "loss_spike", 55,
           "one batch of bad labels", data="regression", corrupt=[("y_scale", 55, 30.0)]),
-        P("Adam lr 1e-2 → 1.0 at step 50", kr, "dynamics", "loss_diverging", 50,
-          "a learning-rate jump mid-run", data="regression", lr_events={50: 1.0}),
+        P("Adam lr 1e-2 → 3.0 at step 50", kr, "dynamics", "loss_diverging", 50,
+          "a learning-rate jump mid-run", data="regression", lr_events={50: 3.0}),
         P("LR → 0 at step 40 (plateau)", kr, "dynamics", "loss_plateau", 40,
           "training stops making progress", act="sigmoid", loss="bce", opt="sgd", lr=0.5,
           lr_events={40: 0.0}, steps=150, guard=plateau, allowance=70),
@@ -205,6 +213,12 @@ def zoo() -> list[Program]:
         P("healthy: tanh + mse, targets in [-0.8, 0.8], symmetric", kr, "healthy", None, None, "",
           data="sym", act="tanh", guard=dict(bounds="symmetric")),
         P("healthy: linear regression, unbounded targets", kr, "healthy", None, None, "", data="regression"),
+        P("healthy: regression, Adam lr ÷10 at step 50", kr, "healthy", None, None, "", data="regression",
+          lr_events={50: 1e-3}),
+        P("healthy: sigmoid + binary_crossentropy on soft targets, SGD", kr, "healthy", None, None, "",
+          data="unit", act="sigmoid", loss="bce", opt="sgd", lr=0.5),
+        P("healthy: Gaussian NLL regression, custom loss (the loss goes negative)", kr, "healthy", None, None, "",
+          data="small", out=2, loss="gaussian_nll", steps=300),
     ]
 
 
@@ -238,6 +252,8 @@ def make_data(p: Program, steps: int, seed: int = 0) -> list[tuple[np.ndarray, n
         y = np.digitize(s, [-1.0, 0.0, 1.0]).astype("int64")
     elif k == "regression":
         y = (3 * s + 1).astype("float32")[:, None]
+    elif k == "small":  # a regression target in small units, with noise (the variance is learnable)
+        y = (0.1 * s + 0.03 * rng.standard_normal(n)).astype("float32")[:, None]
     else:
         raise ValueError(f"unknown data kind {k!r}")
     x = x * np.float32(p.x_scale)
@@ -269,9 +285,11 @@ def score_boundguard(p: Program, alerts: list[dict]) -> dict:
     pre = [a for a in alerts if a["severity"] in SEVERE and a["step"] < p.onset]
     out["pre_onset_alarms"] = [f"{a['code']}@{a['step']}" for a in pre]
     out["false_alarm"] = bool(pre)
-    out["expected_seen"] = any(a["code"] == p.expected and a["step"] >= p.onset for a in alerts)
+    exp = [a["step"] for a in alerts if a["code"] == p.expected and a["step"] >= p.onset]
+    out["expected_seen"] = bool(exp)
+    out["expected_lag"] = min(exp) - p.onset if exp else None
     if hits:
-        first = min(hits, key=lambda a: a["step"])
+        first = min(hits, key=lambda a: (a["step"], a["code"] != p.expected))  # a tie goes to the expected code
         lag = first["step"] - p.onset
         out.update(detected=True, first_code=first["code"], alert_step=first["step"], lag=lag,
                    passed=lag <= CHECK + p.allowance)
@@ -283,7 +301,10 @@ def score_boundguard(p: Program, alerts: list[dict]) -> dict:
 def score_alternative(p: Program, fired_step: Optional[int], reason: Optional[str]) -> dict:
     out: dict[str, Any] = {"fired_step": fired_step, "reason": reason}
     if p.family == "healthy":
-        out["false_alarm"] = fired_step is not None
+        # a patience stop on a healthy run is EarlyStopping doing its job (the loss converged), not an alarm
+        out["false_alarm"] = fired_step is not None and reason != "no improvement"
+        if fired_step is not None and reason == "no improvement":
+            out["note"] = "stopped (no improvement): not an alarm"
         return out
     counts = fired_step is not None and fired_step >= p.onset
     if counts and reason == "no improvement" and p.family != "dynamics":
@@ -327,7 +348,7 @@ def run_lightning(p: Program, tool: str, tmp: Path) -> dict:
     acts = {"identity": nn.Identity, "sigmoid": nn.Sigmoid, "tanh": nn.Tanh, "clamp01": Clamp01,
             "softmax": lambda: nn.Softmax(dim=1), "log_softmax": lambda: nn.LogSoftmax(dim=1)}
     losses = {"mse": nn.MSELoss, "bce": nn.BCELoss, "bce_logits": nn.BCEWithLogitsLoss,
-              "ce": nn.CrossEntropyLoss, "nll": nn.NLLLoss}
+              "ce": nn.CrossEntropyLoss, "nll": nn.NLLLoss, "gaussian_nll": nn.GaussianNLLLoss}
 
     class Net(L.LightningModule):
         def __init__(self):
@@ -349,7 +370,11 @@ def run_lightning(p: Program, tool: str, tmp: Path) -> dict:
 
         def training_step(self, batch, batch_idx):
             x, y = batch
-            loss = self.loss_fn(self(x), y)
+            if p.loss == "gaussian_nll":  # a mean and a log-variance column
+                out = self(x)
+                loss = self.loss_fn(out[:, :1], y, out[:, 1:].exp())
+            else:
+                loss = self.loss_fn(self(x), y)
             self.log("train_loss", loss, on_step=False, on_epoch=True)
             return loss
 
@@ -454,11 +479,16 @@ def run_keras(p: Program, tool: str, tmp: Path) -> dict:
     def clip11(z):
         return tf.clip_by_value(z, -1.0, 1.0)
 
+    def gaussian_nll(y_true, y_pred):  # a mean and a log-variance column
+        mu, logvar = y_pred[:, :1], y_pred[:, 1:]
+        return 0.5 * keras.ops.mean(logvar + keras.ops.square(y_true - mu) / keras.ops.exp(logvar), axis=-1)
+
     act = {"identity": None, "sigmoid": "sigmoid", "tanh": "tanh", "softmax": "softmax", "clip11": clip11}[p.act]
     loss = {"mse": "mse", "bce": keras.losses.BinaryCrossentropy(),
             "bce_logits": keras.losses.BinaryCrossentropy(from_logits=True),
             "scce": keras.losses.SparseCategoricalCrossentropy(),
-            "scce_logits": keras.losses.SparseCategoricalCrossentropy(from_logits=True)}[p.loss]
+            "scce_logits": keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            "gaussian_nll": gaussian_nll}[p.loss]
 
     class LR(keras.callbacks.Callback):
         def on_train_batch_begin(self, batch, logs=None):
@@ -533,7 +563,11 @@ def _setup_framework(framework: str) -> None:
     _quiet()
 
 
-def run_framework(framework: str, programs: list[Program], smoke: bool) -> list[dict]:
+def _outcome(r: dict) -> tuple:
+    return (tuple((a["code"], a["step"]) for a in r.get("alerts", [])), r.get("fired_step"), r.get("error"))
+
+
+def run_framework(framework: str, programs: list[Program], smoke: bool, repeats: int = 1) -> list[dict]:
     """Every program of ``framework`` under every tool, in this process, printing a line per program."""
     _setup_framework(framework)
     runner = run_keras if framework == "keras" else run_lightning
@@ -542,12 +576,23 @@ def run_framework(framework: str, programs: list[Program], smoke: bool) -> list[
         tmp = Path(d)
         warm = Program("warm-up", framework, "healthy", None, None, "", steps=CHECK)
         runner(warm, "none", tmp)
-        for p in programs:
+        tools = TOOLS[framework]
+        for i, p in enumerate(programs):
             if smoke:
                 p.steps = min(p.steps, 20)
+            runs: dict[str, list[dict]] = {t: [] for t in tools}
+            for rep in range(repeats):
+                for j in range(len(tools)):  # the order rotates, so no tool always runs first
+                    tool = tools[(i + rep + j) % len(tools)]
+                    runs[tool].append(runner(p, tool, tmp))
             row = {"program": asdict(p), "tools": {}}
-            for tool in TOOLS[framework]:
-                row["tools"][tool] = runner(p, tool, tmp)
+            for tool, rs in runs.items():
+                res = dict(rs[0])  # detection from the first repeat; the time is the median over repeats
+                times = [r["seconds"] for r in rs]
+                res["seconds"] = round(float(np.median(times)), 3)
+                res["seconds_runs"] = times
+                res["same_outcome_every_repeat"] = all(_outcome(r) == _outcome(rs[0]) for r in rs)
+                row["tools"][tool] = res
             out.append(row)
             print(_progress(row), flush=True)
     return out
@@ -570,7 +615,7 @@ def _alt_cell(v: dict, p: dict) -> str:
     s = f"step {v['fired_step']}"
     if v.get("reason") == "no improvement":
         s += " (no improvement)"
-    if p["family"] != "healthy" and not v.get("detected") and v["fired_step"] >= (p["onset"] or 0):
+    if not v.get("detected") and not v.get("false_alarm"):
         s += ", not counted"
     return s
 
@@ -620,13 +665,13 @@ def summary_text(summary: dict) -> str:
     for fw, s in summary.items():
         for tool, t in s["tools"].items():
             if tool == "none":
-                lines.append(f"  {fw:<9} {TOOL_LABEL[tool]:<28} time {t['seconds_total']:.1f}s "
-                             f"(healthy programs {t['seconds_healthy']:.1f}s)")
+                lines.append(f"  {fw:<9} {TOOL_LABEL[tool]:<28} time {t['seconds_total']:.2f}s "
+                             f"(healthy programs {t['seconds_healthy']:.2f}s)")
                 continue
             lines.append(f"  {fw:<9} {TOOL_LABEL[tool]:<28} recall {t['detected']}/{t['faulty']}, "
                          f"in-interval {t['within_interval']}/{t['faulty']}, false alarms "
                          f"{t['false_alarms']}/{t['healthy']} (+{t['pre_onset_alarms']} before onset), "
-                         f"time {t['seconds_total']:.1f}s (healthy ×{t['time_ratio_healthy']})")
+                         f"time {t['seconds_total']:.2f}s (healthy ×{t['time_ratio_healthy']})")
     return "\n".join(lines)
 
 
@@ -640,11 +685,20 @@ def meta(args, argv) -> dict:
             versions[dist] = version(dist)
         except PackageNotFoundError:
             pass
-    return {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "device": "cpu",
+    root = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                                check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "boundguard", "integrations"], cwd=root,
+                               capture_output=True, text=True, check=True).stdout.strip()
+        commit += " (library files modified)" if dirty else ""
+    except (OSError, subprocess.CalledProcessError):
+        commit = None
+    return {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "device": "cpu", "commit": commit,
             "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                         "cpus": os.cpu_count()},
-            "versions": versions, "command": "python -m benchmarks.detection " + " ".join(argv),
-            "check_every_n_steps": CHECK, "batch": BATCH, "threads": 1,
+            "versions": versions, "command": " ".join(["python -m benchmarks.detection", *argv]),
+            "check_every_n_steps": CHECK, "batch": BATCH, "threads": 1, "repeats": args.repeats,
             "keras_backend": "tensorflow"}
 
 
@@ -666,6 +720,8 @@ def _bg_cell(t: dict, p: dict) -> str:
         s += " (**late**)"
     if not t["expected_seen"]:
         s += f" (no `{p['expected']}`)"
+    elif t["first_code"] != p["expected"]:
+        s += f"; `{p['expected']}` +{t['expected_lag']}"
     if t["pre_onset_alarms"]:
         s += " (alarm before onset: " + ", ".join(t["pre_onset_alarms"]) + ")"
     return s
@@ -675,6 +731,8 @@ def _alt_md(t: dict, p: dict) -> str:
     if t.get("fired_step") is None:
         return "–"
     if p["family"] == "healthy":
+        if not t["false_alarm"]:
+            return f"stopped step {t['fired_step']} ({t['reason']}; not an alarm)"
         return f"**fired** step {t['fired_step']} ({t['reason']})"
     if t["detected"]:
         s = f"+{t['lag']}"
@@ -689,10 +747,11 @@ def _alt_md(t: dict, p: dict) -> str:
 def markdown(r: dict) -> str:
     m = r["meta"]
     lines = [f"# boundguard detection — {m['date']}, {m['device']}", "",
-             f"Machine: {m['machine']}  ", f"Versions: {m['versions']}  ",
+             f"Machine: {m['machine']}  ", f"Versions: {m['versions']}  ", f"Commit: {m.get('commit')}  ",
              f"Command: `{m['command']}` (Keras on the {m['keras_backend']} backend, in a child process; "
              f"1 CPU thread per framework; batch {m['batch']}; boundguard `on_violation=\"log\"`, "
-             f"`check_every_n_steps={m['check_every_n_steps']}`)", "",
+             f"`check_every_n_steps={m['check_every_n_steps']}`; each program run {m['repeats']}× per tool, "
+             "detection from the first run, time the median)", "",
              "Cells: `code` +lag = the first alert of the fault's family, lag = steps from the fault's onset "
              f"to the alert (a pass is ≤ {CHECK}, one check interval; the plateau program is allowed its "
              "`patience` of 50 plus one 20-step median window more). Alternatives: +lag = steps from onset to "
@@ -710,7 +769,8 @@ def markdown(r: dict) -> str:
         for x in rows:
             p, t = x["program"], x["tools"]
             bg = t["boundguard"]
-            other = [c for c in bg["codes"] if c != bg.get("first_code")]
+            shown = {bg.get("first_code")} | {a.split("@")[0] for a in bg.get("false_alarms", [])}
+            other = [c for c in bg["codes"] if c not in shown]
             lines.append(f"| {p['name']} | {p['family']} | {('`' + p['expected'] + '`') if p['expected'] else '–'} | "
                          f"{p['onset'] if p['onset'] else '–'} | {_bg_cell(bg, p)} | "
                          + " | ".join(_alt_md(t[a], p) for a in alts)
@@ -725,11 +785,17 @@ def markdown(r: dict) -> str:
             if tool == "none":
                 lines.append(f"| {fw} | {TOOL_LABEL[tool]} | – | – | – | – | – | – | {t['seconds_total']:.1f} | 1.00 |")
                 continue
-            fam = "/".join(t["by_family"].get(f, "–") for f in FAMILIES)
+            fam = ", ".join(t["by_family"].get(f, "–") for f in FAMILIES)
             lines.append(f"| {fw} | {TOOL_LABEL[tool]} | {t['detected']}/{t['faulty']} ({t['recall']:.0%}) | "
                          f"{t['within_interval']}/{t['faulty']} | {t['median_lag'] if t['median_lag'] is not None else '–'} | "
                          f"{fam} | {t['false_alarms']}/{t['healthy']} | {t['pre_onset_alarms']} | "
                          f"{t['seconds_total']:.1f} | {t['time_ratio_healthy']:.2f} |")
+    lines += ["", "A tool that stops a run early also shortens its fit time: EarlyStopping's ratio on healthy "
+              "programs includes its patience stops."]
+    unstable = [(x["program"]["framework"], x["program"]["name"], k) for x in r["programs"]
+                for k, v in x["tools"].items() if not v.get("same_outcome_every_repeat", True)]
+    lines += ["", "Outcomes that differed between repeats: "
+              + ("none." if not unstable else ", ".join(f"{a} / {b} / {c}" for a, b, c in unstable))]
     errs = [(x["program"]["framework"], x["program"]["name"], k, v["error"]) for x in r["programs"]
             for k, v in x["tools"].items() if v.get("error")]
     if errs:
@@ -752,6 +818,7 @@ def _run_keras_child(args) -> tuple[list[dict], Optional[str]]:
     with tempfile.TemporaryDirectory(prefix="bg-detect-keras-") as d:
         out = Path(d) / "keras.json"
         cmd = [sys.executable, "-m", "benchmarks.detection", "--framework", "keras", "--json-out", str(out)]
+        cmd += ["--repeats", str(args.repeats)]
         if args.smoke:
             cmd.append("--smoke")
         if args.only:
@@ -774,14 +841,19 @@ def main(argv=None) -> int:
     ap.add_argument("--smoke", action="store_true", help="one faulty + one healthy program per framework, 20 steps; "
                                                          "nothing written")
     ap.add_argument("--only", default=None, help="run only programs whose name contains this (nothing written)")
+    ap.add_argument("--repeats", type=int, default=3, help="runs per program and tool; the time reported is the "
+                                                            "median (detection is from the first run)")
     ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument("--json-out", default=None, help=argparse.SUPPRESS)  # the Keras child's rows
     args = ap.parse_args(argv)
+    if args.smoke:
+        args.repeats = 1
 
     programs = zoo()
     t0 = time.perf_counter()
     if args.json_out:  # a child: one framework, rows to a file
-        rows = run_framework(args.framework, select(programs, args.framework, args.only, args.smoke), args.smoke)
+        rows = run_framework(args.framework, select(programs, args.framework, args.only, args.smoke), args.smoke,
+                             args.repeats)
         Path(args.json_out).write_text(json.dumps(rows))
         return 0
     rows: list[dict] = []
@@ -789,7 +861,7 @@ def main(argv=None) -> int:
     if args.framework in ("both", "lightning"):
         sel = select(programs, "lightning", args.only, args.smoke)
         if sel:
-            rows += run_framework("lightning", sel, args.smoke)
+            rows += run_framework("lightning", sel, args.smoke, args.repeats)
     if args.framework in ("both", "keras") and select(programs, "keras", args.only, args.smoke):
         krows, failed = _run_keras_child(args)
         rows += krows

@@ -395,6 +395,9 @@ class InputsNotScaled(Rule):
 
 # ------------------------------------------------------------------------------------- loss dynamics
 class LossSpike(Rule):
+    """One step's loss far above its running median. Works for losses of either sign (Gaussian NLL):
+    the ratio test applies only to a positive median; the MAD and rise tests always do."""
+
     code = "loss_spike"
     params = {"factor": 4.0, "mad_sigmas": 8.0, "min_history": 10, "min_rise": 0.1}
 
@@ -409,35 +412,44 @@ class LossSpike(Rule):
                 ref = np.asarray(window[-50:])
                 med = float(np.median(ref))
                 mad = 1.4826 * float(np.median(np.abs(ref - med)))
-                floor = self.p["min_rise"] * (h.initial_level if h.initial_level else abs(med))
-                if (loss > self.p["factor"] * med and loss > med + self.p["mad_sigmas"] * mad
-                        and loss - med > floor and med >= 0):
-                    ratio = loss / med if med > 0 else math.inf
-                    if worst is None or ratio > worst[0]:
-                        worst = (ratio, int(step), float(loss), med)
+                scale = max(abs(h.initial_level), abs(med)) if h.initial_level is not None else abs(med)
+                ratio_ok = loss > self.p["factor"] * med if med > 0 else True
+                if (ratio_ok and loss > med + self.p["mad_sigmas"] * mad
+                        and loss - med > self.p["min_rise"] * scale and loss - med > 0):
+                    excess = (loss - med) / max(mad, 1e-12 * max(1.0, scale))
+                    if worst is None or excess > worst[0]:
+                        worst = (excess, int(step), float(loss), med)
             window.append(float(loss))
         if worst is None:
             return []
-        ratio, step, loss, med = worst
-        return [Finding(self.code, ctx.where("loss"),
-                        f"loss jumped to {_g(loss)} at step {step}, {_g(ratio)}x its running median {_g(med)}.",
-                        ratio, self.p["factor"], details={"spike_step": step})]
+        _, step, loss, med = worst
+        ratio = loss / med if med > 0 else None
+        how = f"{_g(ratio)}x its running median {_g(med)}" if ratio is not None else f"{_g(loss - med)} above its running median {_g(med)}"
+        return [Finding(self.code, ctx.where("loss"), f"loss jumped to {_g(loss)} at step {step}, {how}.",
+                        ratio if ratio is not None else loss - med, self.p["factor"] if ratio is not None else None,
+                        details={"spike_step": step})]
 
 
 class LossDiverging(Rule):
+    """The loss level rose far above its best: by ``factor`` times (for a positive best) and by more
+    than ``min_rise`` of the loss's own scale (its start, or how far it had come down)."""
+
     code = "loss_diverging"
     params = {"factor": 10.0, "min_rise": 0.5}
 
     def evaluate(self, ctx):
         h = ctx.history
-        level, best = _level(h), h.best_level
-        if level is None or best is None or h.initial_level is None:
+        level, best, start = _level(h), h.best_level, h.initial_level
+        if level is None or best is None or start is None:
             return []
-        if level > self.p["factor"] * best and level - best > self.p["min_rise"] * h.initial_level:
+        rise = level - best
+        scale = max(abs(start), start - best)
+        ratio_ok = level > self.p["factor"] * best if best > 0 else True
+        if ratio_ok and rise > self.p["min_rise"] * scale and rise > 0:
+            how = f"{_g(level / best)}x its best" if best > 0 else f"{_g(rise)} above its best"
             return [Finding(self.code, ctx.where("loss"),
-                            f"the loss level {_g(level)} is {_g(level / best) if best > 0 else 'inf'}x its best "
-                            f"{_g(best)} (reached at step {h.best_step}).",
-                            level / best if best > 0 else math.inf, self.p["factor"])]
+                            f"the loss level {_g(level)} is {how} {_g(best)} (reached at step {h.best_step}).",
+                            level / best if best > 0 else rise, self.p["factor"] if best > 0 else None)]
         return []
 
 
@@ -473,7 +485,7 @@ def update_loss_history(h: History, snap: Snapshot, min_improvement: float) -> N
         return
     if h.initial_level is None:
         h.initial_level = level
-    if h.best_level is None or level < h.best_level * (1 - min_improvement):
+    if h.best_level is None or level < h.best_level - min_improvement * abs(h.best_level):
         h.best_level, h.best_step = level, snap.step
 
 

@@ -23,10 +23,18 @@ Model shapes: Sequential and functional models (the output layer found from the 
 parameter-free layers such as ``Softmax``/``Activation``/``Reshape``/``Dropout``, also through a nested
 model at the output) and subclassed models (the layer whose activation output *is* ``y_pred`` is found
 while the step is traced; an activation applied outside any layer is inferred from the first batch).
-Models with several outputs are watched on their first output. Backends: TensorFlow and torch (JAX is
-not supported: its stateless train step drops writes to callback-owned variables; the callback warns
-once and does nothing there). A custom ``train_step`` that does not call ``self.compute_loss`` gets
-activation facts only (the callback says so in a ``probe_incomplete`` note).
+Models with several outputs are watched on their first output. Backends: TensorFlow (graph and eager,
+``steps_per_execution`` > 1 included) and torch (eager, and ``jit_compile=True``, where the callback's
+Python side runs outside the compiled graph: one graph break per step instead of a recompile). JAX is
+not supported: its stateless train step drops writes to callback-owned variables; the callback warns once
+and does nothing there. A custom ``train_step`` that does not call ``self.compute_loss`` gets activation
+facts only (the callback says so in a ``probe_incomplete`` note).
+
+Known limits: with ``bounds="auto"`` the targets are first seen at the first check, so the out-of-range
+*counts* of step 1 are taken against the bounds the loss implies (``(0, 1)`` / a distribution for
+probability losses, none for regression losses); min/max of step 1 are exact and the inferred bounds
+apply from step 2. Like any callback with a batch-end hook, this one turns off Keras' asynchronous
+callback dispatch (torch/JAX backends), so Keras converts each batch's ``logs`` on the main thread.
 """
 from __future__ import annotations
 
@@ -366,6 +374,12 @@ class BoundGuard(keras.callbacks.Callback):
     Raises:
         ValueError, TypeError: an invalid option (the message names it, what was expected and what was given).
 
+    How it hooks in (details in the module docstring of ``boundguard.integrations.keras``): the output
+    layer's ``activation`` attribute is wrapped to see the pre-activation, and ``model.compute_loss`` to see
+    ``x``, ``y``, ``y_pred`` and the batch loss; both are removed at ``on_train_end``. Covered: Sequential,
+    functional (also with trailing ``Softmax``/``Activation``/``Reshape`` layers, Operations or a nested model
+    at the output) and subclassed models, on the TensorFlow and torch backends.
+
     Keys added to the epoch's ``logs`` (so ``History``, ``CSVLogger`` and ``TensorBoard`` listed after this
     callback record them): ``boundguard/output_min``, ``boundguard/output_max``,
     ``boundguard/out_of_bounds_share``, ``boundguard/preact_absmax``, ``boundguard/preact_rms``,
@@ -498,7 +512,7 @@ class BoundGuard(keras.callbacks.Callback):
         prev = self.step
         self.step += max(1, done)
         n = self._config.check_every_n_steps
-        if prev == 0 or self.step // n > prev // n:
+        if prev == 0 or not self._facts_ready or self.step // n > prev // n:  # first step of a fit, every n
             self._check()
 
     @_safe
@@ -546,6 +560,7 @@ class BoundGuard(keras.callbacks.Callback):
         else:
             self._act = ("unknown", {})
         self._install_compute_loss(model)
+        self._eager_under_torch_compile(model)
         self._installed = True
         self._sync_settings()
         model.make_train_function(force=True)
@@ -573,6 +588,20 @@ class BoundGuard(keras.callbacks.Callback):
         if hasattr(model, "_compute_loss_has_training_arg"):
             self._saved_training_flag = model._compute_loss_has_training_arg
             model._compute_loss_has_training_arg = True  # so eval steps reach the wrapper with training=False
+
+    def _eager_under_torch_compile(self, model: Any) -> None:
+        """torch backend with ``jit_compile=True``: the callback's Python side runs outside the compiled graph.
+
+        Its side effects (remembering the activation's tensors, writing the row) would otherwise make
+        ``torch.compile`` recompile at every step; run eagerly they cost a graph break each instead.
+        """
+        for name in ("_seen_activation", "_after_loss"):
+            self.__dict__.pop(name, None)
+        if keras.backend.backend() == "torch" and getattr(model, "jit_compile", False):
+            import torch
+
+            for name in ("_seen_activation", "_after_loss"):
+                setattr(self, name, torch.compiler.disable(getattr(type(self), name).__get__(self)))
 
     def _remove_leftovers(self, model: Any) -> None:
         """Wrappers left on the model by a run that ended in an exception."""
@@ -646,17 +675,27 @@ class BoundGuard(keras.callbacks.Callback):
         self._probe = keras.Variable(np.full((2, _PROBE_K), np.nan, np.float32), trainable=False, dtype="float32",
                                      autocast=False, name="boundguard_probe")
         self._settings_now = None
-        # constants on the device, so the step never turns a Python number into a tensor
-        c = lambda v, dt="float32": ops.convert_to_tensor(np.asarray(v, dtype=dt))  # noqa: E731
-        self._c = {"nan": c(np.nan), "zero": c(0.0), "one": c(1.0), "ninf": c(-np.inf),
-                   "last": c(rows - 1, "int32"), "zero_i": c(0, "int32"), "nan_k": c(np.full(_PROBE_K, np.nan))}
-        self._arange = ops.convert_to_tensor(np.arange(rows, dtype=np.int32))
+        # Constants made once on the device, so an eager step (torch) never turns a Python number into a
+        # tensor (a host→device copy); a traced step (tensorflow) gets them as graph constants instead.
+        self._cv = {"nan": np.float32(np.nan), "zero": np.float32(0.0), "one": np.float32(1.0),
+                    "ninf": np.float32(-np.inf), "last": np.int32(rows - 1), "zero_i": np.int32(0),
+                    "nan_k": np.full(_PROBE_K, np.nan, np.float32), "arange": np.arange(rows, dtype=np.int32)}
+        self._cv.update({f"neutral{i}": np.float32(v) for i, v in enumerate(neutral)})
+        self._c = {k: ops.convert_to_tensor(v) for k, v in self._cv.items()}
         self._neutral_rows = ops.convert_to_tensor(init)
         self._vars_ready = True
 
+    def _consts(self) -> dict:
+        if keras.backend.backend() == "tensorflow":
+            import tensorflow as tf
+
+            if not tf.executing_eagerly():
+                return {k: tf.constant(v) for k, v in self._cv.items()}
+        return self._c
+
     def _reset_buffer(self) -> None:
         self._buf.assign(self._neutral_rows)
-        self._row.assign(self._c["zero_i"])
+        self._row.assign(self._c["zero_i"])  # (host side, eager)
 
     def _read(self) -> np.ndarray:
         """The one device→host transfer of a check; resets the rows for the next interval."""
@@ -665,8 +704,7 @@ class BoundGuard(keras.callbacks.Callback):
         return rows
 
     def _sync_settings(self) -> None:
-        b = self.monitor.bounds if self._config.bounds == "auto" and self.monitor._inferred is not None \
-            else (self._config.bounds if isinstance(self._config.bounds, Bounds) else None)
+        b = self.monitor.bounds  # declared, or inferred so far ("auto")
         if self._config.bounds == "auto" and b is None and not self._facts_ready:
             b = self._provisional_bounds()
         lo, hi, dist = -math.inf, math.inf, 0.0
@@ -714,8 +752,14 @@ class BoundGuard(keras.callbacks.Callback):
             self._in_loss = False
 
     def _write_row(self, x: Any, y: Any, y_pred: Any, loss: Any, stash: dict) -> None:
-        c = self._c
-        s = self._settings.value
+        c = self._consts()
+        s = ops.unstack(self._settings.value)
+        # statistics that cannot be non-neutral for this model are not computed (decided at trace time;
+        # a bound insertion retraces the step)
+        static_act = self._act[0] if self._head is not None and self._head.static else None
+        want_pin = static_act in (None, "clamp", "unknown")
+        want_tail = static_act is None or static_act in TAIL_THRESHOLD
+        want_range = self._config.bounds is not None
         preds = [t for t in keras.tree.flatten(y_pred) if t is not None] if y_pred is not None else []
         yp = preds[0] if preds else None
         yt = None
@@ -755,27 +799,30 @@ class BoundGuard(keras.callbacks.Callback):
         if yp is not None and not self._logits and _nonempty(yp):
             p = _f32(yp)
             f = ops.reshape(p, (-1,))
-            mn, mx, fin, n = self._basic(f)
-            below = _count(ops.less(f, s[_S_LO]))
-            above = _count(ops.greater(f, s[_S_HI]))
-            pinned = _count(ops.logical_or(ops.equal(f, s[_S_PIN_LO]), ops.equal(f, s[_S_PIN_HI])))
+            mn, mx, fin, n = self._basic(f, c)
+            below = above = pinned = c["zero"]
+            if want_range:
+                below = _count(ops.less(f, s[_S_LO]))
+                above = _count(ops.greater(f, s[_S_HI]))
+            if want_pin:
+                pinned = _count(ops.logical_or(ops.equal(f, s[_S_PIN_LO]), ops.equal(f, s[_S_PIN_HI])))
             rowsum = c["ninf"]
-            if len(p.shape) >= 2:
+            if want_range and len(p.shape) >= 2 and p.shape[-1] != 1:
                 err = ops.max(ops.abs(ops.subtract(ops.sum(p, axis=-1), c["one"])))
                 rowsum = ops.where(ops.greater(s[_S_DIST], c["zero"]), err, c["ninf"])
             put("pred", [mn, mx, fin, below, above, pinned, rowsum], n)
         if entry is not None and _nonempty(entry[2]):
             f = ops.reshape(_f32(entry[2]), (-1,))
-            mn, mx, fin, n = self._basic(f)
+            mn, mx, fin, n = self._basic(f, c)
             sumsq = ops.sum(ops.multiply(f, f))
-            tail = _count(ops.greater(ops.abs(f), s[_S_TAIL]))
+            tail = _count(ops.greater(ops.abs(f), s[_S_TAIL])) if want_tail else c["zero"]
             put("pre", [mn, mx, fin, sumsq, tail], n)
             if not direct and not (self._head is not None and self._head.static) and yp is not None:
-                self._write_probe(entry[2], yp)
+                self._write_probe(entry[2], yp, c)
         if yt is not None and _nonempty(yt):
             t = _f32(yt)
             f = ops.reshape(t, (-1,))
-            mn, mx, fin, n = self._basic(f)
+            mn, mx, fin, n = self._basic(f, c)
             nonbinary = _count(ops.not_equal(ops.multiply(f, ops.subtract(c["one"], f)), c["zero"]))
             put("target", [mn, mx, fin, nonbinary], n)
             if len(t.shape) >= 2 and t.shape[-1] is not None and t.shape[-1] > 1:
@@ -784,7 +831,7 @@ class BoundGuard(keras.callbacks.Callback):
                 extra[_ONEHOT_COL - _W0] = ops.cast(ops.logical_and(binary, rows1), "float32")
         if xf is not None and _nonempty(xf[1]):
             f = ops.reshape(_f32(xf[1]), (-1,))
-            mn, mx, fin, n = self._basic(f)
+            mn, mx, fin, n = self._basic(f, c)
             put("input", [mn, mx, fin, ops.sum(ops.multiply(f, f))], n)
         if loss is not None:
             l = _f32(loss)
@@ -792,30 +839,27 @@ class BoundGuard(keras.callbacks.Callback):
                 l = ops.mean(l)
             cols[LOSS_COLUMN] = l
             extra[_SEEN_COL - _W0] = c["one"]
-        neutral = self._neutral_rows[0]
         for i, v in enumerate(cols):
             if v is None:
-                cols[i] = neutral[i]
-        row = ops.concatenate([ops.stack(cols), ops.stack(extra)], axis=0)
+                cols[i] = c[f"neutral{i}"]
+        row = ops.stack(cols + extra)
         idx = ops.minimum(self._row.value, c["last"])
-        mask = ops.expand_dims(ops.equal(self._arange, idx), 1)
+        mask = ops.expand_dims(ops.equal(c["arange"], idx), 1)
         self._buf.assign(ops.where(mask, ops.expand_dims(row, 0), self._buf.value))
         self._row.assign(self._row.value + 1)
 
-    def _basic(self, f: Any) -> tuple:
-        c = self._c
-        isf = ops.isfinite(f)
-        fin = _count(isf)
-        has_nan = ops.any(ops.isnan(f))
-        mn = ops.where(has_nan, c["nan"], ops.min(f))
-        mx = ops.where(has_nan, c["nan"], ops.max(f))
+    def _basic(self, f: Any, c: dict) -> tuple:
+        fin = _count(ops.isfinite(f))
+        # min/max propagate NaN on both backends (tf.reduce_min/max, torch.amin/amax): a NaN anywhere
+        # in the step shows as NaN, as the statistics declare (tested in test_keras_catalogue)
+        mn, mx = ops.min(f), ops.max(f)
         if keras.backend.backend() == "tensorflow":
             n = ops.cast(ops.size(f), "float32")
         else:  # no Python number → device tensor (a host round-trip on an accelerator)
             n = ops.sum(ops.ones_like(f))
         return mn, mx, fin, n
 
-    def _write_probe(self, z: Any, p: Any) -> None:
+    def _write_probe(self, z: Any, p: Any, c: dict) -> None:
         """A few rows of z and y_pred, to infer an activation applied outside any layer (read at the first check)."""
         zs, ps = tuple(z.shape[1:]), tuple(p.shape[1:])
         if zs != ps or any(d is None for d in zs):
@@ -824,7 +868,7 @@ class BoundGuard(keras.callbacks.Callback):
         if per > _PROBE_K:
             return
         m = _PROBE_K // per
-        k = self._c["nan_k"]
+        k = c["nan_k"]
         out = []
         for t in (z, p):
             flat = ops.reshape(_f32(t[:m]), (-1,))

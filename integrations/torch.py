@@ -98,6 +98,9 @@ def describe_path(root: str, path: tuple) -> str:
 _LOSS_FUNCS = {
     "mse_loss", "l1_loss", "smooth_l1_loss", "huber_loss", "binary_cross_entropy",
     "binary_cross_entropy_with_logits", "cross_entropy", "nll_loss", "kl_div", "multilabel_soft_margin_loss",
+    # losses boundguard does not judge by family, but whose input is still the prediction
+    "gaussian_nll_loss", "poisson_nll_loss", "soft_margin_loss", "multi_margin_loss", "hinge_embedding_loss",
+    "margin_ranking_loss", "cosine_embedding_loss", "triplet_margin_loss", "ctc_loss",
 }
 _SHAPE_OPS = {
     "view", "reshape", "flatten", "squeeze", "unsqueeze", "__getitem__", "select", "contiguous", "float",
@@ -905,6 +908,7 @@ class TorchEngine:
         self.armed = False
         self.disabled = False
         self.distributed = False  # set by adapters running under torch.distributed
+        self.explicit_batch = False  # watch(): inputs/targets are passed to step(), or deliberately not
         self._hooks: list = []
         self._result: Optional[ProbeResult] = None
         self._loss_seen_this_step = False
@@ -1116,7 +1120,7 @@ class TorchEngine:
                                   "Pass target_key= naming the batch entry (index or dict key) of the targets.",
                                   step=self.step + 1)
                 self._target_path = None
-        elif r.target is None:
+        elif r.target is None and not self.explicit_batch:
             self.monitor.note("targets", "the targets could not be located in the batch, so target checks and "
                               "bounds inference are off.",
                               "Pass target_key= (batch index or dict key) or bounds= explicitly.", step=self.step + 1)
@@ -1132,7 +1136,7 @@ class TorchEngine:
             else:
                 facts.input_where = describe_path("batch", self._input_path)
                 facts.input_integer = not x.is_floating_point()
-        if self._input_path is None and batch is not None:
+        if self._input_path is None and batch is not None and not self.explicit_batch:
             self.monitor.note("inputs", "the inputs could not be located in the batch, so input checks are off.",
                               "Pass input_key= (batch index or dict key).", step=self.step + 1)
 
@@ -1344,6 +1348,7 @@ class Guard:
         if not isinstance(model, nn.Module):
             raise TypeError(f"watch() needs a torch.nn.Module, got {type(model).__name__}")
         self.engine = TorchEngine(Config(**options))
+        self.engine.explicit_batch = True
         self.engine.attach(model)
         self.should_stop = False  #: set by on_violation="halt"; the loop decides
         self._pre = model.register_forward_pre_hook(self._before_forward)

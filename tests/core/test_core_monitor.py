@@ -195,14 +195,16 @@ def test_alerts_file_is_json_lines_flushed_per_alert(tmp_path):
 
 def test_nonfinite_numbers_are_written_as_strings(tmp_path):
     m = monitor(tmp_path, bounds=(0, 1))
-    # a spike against a zero running level has an infinite ratio; a NaN prediction minimum goes in details
+    # a spike against a zero running level is measured as a rise (no infinite ratio); a NaN minimum and
+    # an infinite maximum of the predictions go in the details
     m.history.window.extend([0.0] * 20)
     m.check(snap(21, first_step=21, losses=(1.0,),
-                 pred=(math.nan, 2.0, {"pred.finite": 9.0, "pred.above": 3.0})))
+                 pred=(math.nan, math.inf, {"pred.finite": 9.0, "pred.above": 3.0})))
     m.close()
     records = {r["code"]: r for r in read_lines(tmp_path / "alerts.jsonl")}
-    assert records["loss_spike"]["value"] == "inf"
+    assert records["loss_spike"]["value"] == 1.0
     assert records["output_out_of_range"]["details"]["min"] == "nan"
+    assert records["output_out_of_range"]["details"]["max"] == "inf"
     assert "nonfinite_output" in records
 
 

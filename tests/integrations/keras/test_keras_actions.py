@@ -16,6 +16,8 @@ from boundguard.integrations.keras import BoundActivation, BoundGuard, apply_bou
 
 from conftest import (BACKEND, assert_clean, data, dense, describe, fit, guard, keras, predict, severe)
 
+pytestmark = pytest.mark.filterwarnings("ignore::boundguard.alerts.BoundGuardWarning")
+
 
 # ------------------------------------------------------------------------------------- halt / raise
 def test_halt_stops_after_the_check_step(tmp_path):
@@ -46,6 +48,19 @@ def test_halt_on_a_nan_run(tmp_path):
         describe(g.alerts)
     stop = max(a.step for a in g.alerts)
     assert int(model.optimizer.iterations.numpy()) == stop
+
+
+def test_inferred_range_alerts_warn_instead_of_stopping(tmp_path):
+    """A range guessed from the targets (bounds="auto") never stops a run by itself: declare bounds= to enforce it."""
+    x, y = data("binary")
+    g = guard(tmp_path, on_violation="raise")  # auto: binary targets → (0, 1), inferred
+    history = fit(dense(), x, y, g, epochs=2)
+    assert len(history.history["loss"]) == 2
+    (a,) = [a for a in g.alerts if a.code == "missing_output_activation" and a.step == 1]
+    assert a.bounds_inferred and a.action == "warn"
+    h = guard(tmp_path, on_violation="log", actions={"missing_output_activation": "raise"})
+    with pytest.raises(BoundGuardError):  # an explicit per-code action still applies
+        fit(dense(), x, y, h, epochs=2)
 
 
 def test_raise_carries_the_alert_and_leaves_the_model_clean(tmp_path):

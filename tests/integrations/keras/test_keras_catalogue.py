@@ -11,6 +11,9 @@ from boundguard.catalogue import CATALOGUE
 
 from conftest import Script, clip_activation, data, dense, describe, fit, guard, keras, severe
 
+pytestmark = [pytest.mark.filterwarnings("ignore::boundguard.alerts.BoundGuardWarning"),
+              pytest.mark.filterwarnings("ignore:.*from_logits=True.*:UserWarning")]
+
 
 def _nan_rows(x):
     x = x.copy()
@@ -158,6 +161,30 @@ def test_nonfinite_loss_from_nan_targets(tmp_path):
     assert "nonfinite_loss" in severe(g.alerts), describe(g.alerts)
     (a,) = [a for a in g.alerts if a.code == "nonfinite_loss"]
     assert a.severity == "critical" and a.details["first_step"] == 2  # row 40 is in the second batch of 32
+
+
+def test_a_nan_anywhere_in_a_step_shows_in_its_min_and_max(tmp_path):
+    """Row 5 of the first batch holds a NaN: the first check's input min/max are NaN, the count says how many."""
+    import json
+
+    _run(tmp_path, FIRING["nonfinite_input"])
+    first = next(json.loads(line) for line in (tmp_path / "stats.jsonl").read_text().splitlines()
+                 if json.loads(line).get("type") == "stats")
+    assert first["step"] == 1 and first["input.min"] is None and first["input.max"] is None
+    assert first["input.nonfinite"] == 1 and first["input.n"] == 32 * 4
+
+
+def test_float16_head_reports_its_dtype(tmp_path):
+    x, y = data("binary")
+    keras.mixed_precision.set_dtype_policy("mixed_float16")
+    try:
+        model = dense(activation="sigmoid")
+    finally:
+        keras.mixed_precision.set_dtype_policy("float32")
+    g = guard(tmp_path)
+    fit(model, x, y, g, loss="binary_crossentropy", epochs=1)
+    assert g.monitor.facts.pre_dtype == "float16"
+    assert g.monitor.facts.activation == "sigmoid" and not severe(g.alerts), describe(g.alerts)
 
 
 def test_nonfinite_output_also_flags_the_loss(tmp_path):

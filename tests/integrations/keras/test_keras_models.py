@@ -6,9 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import assert_clean, data, describe, fit, guard, keras, ops, predict, severe
+from conftest import BACKEND, assert_clean, data, dense, describe, fit, guard, keras, ops, predict, severe
 
-pytestmark = pytest.mark.filterwarnings("ignore::boundguard.alerts.BoundGuardWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore::boundguard.alerts.BoundGuardWarning"),
+              pytest.mark.filterwarnings("ignore:.*from_logits=True.*:UserWarning")]
 
 
 def facts(g):
@@ -198,3 +199,16 @@ def test_convolutional_head(tmp_path):
     assert facts(g) == ("sigmoid", "mask output", "mask pre-activation")
     assert g.last_snapshot.counts["pred"] == g.last_snapshot.counts["target"]
     assert not severe(g.alerts), describe(g.alerts)
+
+
+@pytest.mark.skipif(BACKEND != "torch", reason="jit_compile=True on the torch backend means torch.compile")
+def test_torch_compile(tmp_path):
+    x, y = data("binary", n=128)
+    model = dense(activation="sigmoid")
+    model.compile(optimizer="adam", loss="binary_crossentropy", jit_compile=True)
+    g = guard(tmp_path, bounds=(0, 1))
+    fit(model, x, y, g, compile=False, epochs=1)
+    assert not g._disabled and g.monitor.facts.activation == "sigmoid"
+    assert g.last_snapshot.counts["pred"] == 3 * 32  # steps 2-4
+    assert not severe(g.alerts), describe(g.alerts)
+    assert_clean(model)
