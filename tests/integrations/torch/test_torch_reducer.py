@@ -103,9 +103,11 @@ def assert_matches(snap: Snapshot, ref: dict) -> None:
 
 @pytest.fixture(autouse=True, params=["staged", "per-step"])
 def reduction_path(request, monkeypatch):
-    """Every test runs twice: small tensors staged and reduced at the check, and reduced every step."""
+    """Every test runs twice: small tensors staged and reduced at the check, and reduced every step
+    (with the large-tensor finite count)."""
     if request.param == "per-step":
         monkeypatch.setattr(Reducer, "STAGE_ELEMENTS", 0)
+        monkeypatch.setattr(Reducer, "FAST_COUNT_MIN", 0)  # the large-tensor counting path too
     return request.param
 
 
