@@ -718,70 +718,41 @@ class Reducer:
             ones = self._ones[n] = self.one.expand(n)  # batch sizes repeat: one view per size
         self.bins[kind].index_add_(0, idx, ones)
 
-    def pred(self, p: Tensor) -> None:
-        n = p.numel()
+    def _observe(self, kind: str, t: Tensor, bins_kind: Optional[str] = None) -> None:
+        """One step's statistics of a watched tensor: staged when small, else reduced now."""
+        n = t.numel()
         if n == 0:
             return
-        if self._stage("pred", p, n):
-            self.counts["pred"] += n
-            return
-        f = self._flat(p)
-        c, merge = self._cells("pred")
-        torch.aminmax(f, out=(c[0], c[1]))
-        if self.distribution and p.dim() >= 1:
-            dim = self.class_dim if p.dim() > self.class_dim else -1
-            torch.amax((f.view(p.shape).sum(dim) - 1).abs(), out=c[2])
-        self._bin("pred", f)
-        self._merge("pred", c, merge)
-        self.counts["pred"] += f.numel()
+        bins_kind = bins_kind or kind
+        # a staged pre-activation is binned at the flush as the prediction iff the head is shared
+        stageable = (bins_kind == "pred") == self.shared if kind == "pre" else True
+        if not (stageable and self._stage(kind, t, n)):
+            f = self._flat(t)
+            c, merge = self._cells(kind)
+            torch.aminmax(f, out=(c[0], c[1]))
+            if "sumsq" in self.ROW[kind]:
+                torch.dot(f, f, out=c[2])
+            if kind == "pred" and self.distribution and t.dim() >= 1:
+                dim = self.class_dim if t.dim() > self.class_dim else -1
+                torch.amax((f.view(t.shape).sum(dim) - 1).abs(), out=c[2])
+            self._bin(bins_kind, f)
+            self._merge(kind, c, merge)
+        self.counts[kind] += n
+        if bins_kind != kind:
+            self.counts[bins_kind] += n
+
+    def pred(self, p: Tensor) -> None:
+        self._observe("pred", p)
 
     def pre(self, z: Tensor, also_pred: bool = False) -> None:
-        n = z.numel()
-        if n == 0:
-            return
-        if also_pred == self.shared and self._stage("pre", z, n):
-            self.counts["pre"] += n
-            if also_pred:
-                self.counts["pred"] += n
-            return
-        f = self._flat(z)
-        c, merge = self._cells("pre")
-        torch.aminmax(f, out=(c[0], c[1]))
-        torch.dot(f, f, out=c[2])
-        self._bin("pred" if also_pred else "pre", f)
-        self._merge("pre", c, merge)
-        self.counts["pre"] += f.numel()
-        if also_pred:
-            self.counts["pred"] += f.numel()
+        """``also_pred``: the tensor is the prediction too (identity head); its bins count for both."""
+        self._observe("pre", z, "pred" if also_pred else None)
 
     def target(self, y: Tensor) -> None:
-        n = y.numel()
-        if n == 0:
-            return
-        if self._stage("target", y, n):
-            self.counts["target"] += n
-            return
-        f = self._flat(y)
-        c, merge = self._cells("target")
-        torch.aminmax(f, out=(c[0], c[1]))
-        self._bin("target", f)
-        self._merge("target", c, merge)
-        self.counts["target"] += f.numel()
+        self._observe("target", y)
 
     def input(self, x: Tensor) -> None:
-        n = x.numel()
-        if n == 0:
-            return
-        if self._stage("input", x, n):
-            self.counts["input"] += n
-            return
-        f = self._flat(x)
-        c, merge = self._cells("input")
-        torch.aminmax(f, out=(c[0], c[1]))
-        torch.dot(f, f, out=c[2])
-        self._bin("input", f)
-        self._merge("input", c, merge)
-        self.counts["input"] += f.numel()
+        self._observe("input", x)
 
     def loss(self, loss: Tensor) -> None:
         l = loss.detach()
