@@ -20,6 +20,7 @@ demo: install
 
 # Keras fixes its backend once per process, so each backend gets its own pytest run.
 test: install
+	$(PY) -m ruff check boundguard integrations benchmarks tests
 	$(PY) -m pytest tests -q --ignore=tests/integrations/keras
 	KERAS_BACKEND=tensorflow $(PY) -m pytest tests/integrations/keras -q
 	KERAS_BACKEND=torch $(PY) -m pytest tests/integrations/keras -q
