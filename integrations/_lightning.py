@@ -150,7 +150,7 @@ def make_callback(pl: Any) -> type:
                 loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
                 e.record_loss(loss)
             e.record_batch(batch)
-            checking = e.step + 1 == 1 or (e.step + 1) % self._config.check_every_n_steps == 0
+            checking = e.is_check_step(e.step + 1)  # decided before the step counts, on every rank
             decisions = e.end_step(epoch=trainer.current_epoch)
             if not checking:
                 return

@@ -34,6 +34,7 @@ from boundguard.config import Config
 from boundguard.model_facts import ModelFacts, classify_loss, infer_activation
 from boundguard.monitor import Decision, Monitor
 from boundguard.rules import TAIL_THRESHOLD
+from boundguard.sinks import logger
 from boundguard.stats import COLUMNS, LOSS_COLUMN, Snapshot, neutral_row
 
 __all__ = ["watch", "Guard", "TorchEngine", "apply_bounds", "bound_records", "DEFAULT_ALERTS_PATH"]
@@ -965,11 +966,14 @@ class TorchEngine:
         self.epoch = epoch
         if self.reducer is None:
             return []
-        n = self.config.check_every_n_steps
-        if self.step == 1 or self.step % n == 0:
+        if self.is_check_step(self.step):
             return self._check()
         self.reducer.next_row()
         return []
+
+    def is_check_step(self, step: int) -> bool:
+        """Statistics are judged at the first step and every ``check_every_n_steps``."""
+        return step == 1 or step % self.config.check_every_n_steps == 0
 
     def _check(self) -> list[Decision]:
         assert self.reducer is not None
@@ -1236,16 +1240,13 @@ class TorchEngine:
             rec["kind"], "scaled_sigmoid")
         self.monitor.facts.activation_params = {"lo": b.lo, "hi": b.hi} if rec["kind"] == "scaled_sigmoid" else (
             {"dim": dim} if rec["kind"] == "softmax" else {})
-        if r is not None and r.pre_site is not None and r.pred_site == r.pre_site:
-            r.pred_site = r.pre_site
         self._install_hooks()
         self._configure_reducer()
         msg = (f"boundguard inserted {rec['kind']} on the output of {rec['module'] or 'the model'} at step "
                f"{self.step}: predictions are now in {b.describe()}.")
         alert.details["inserted"] = rec
         warnings.warn(BoundGuardWarning(msg), stacklevel=3)
-        import logging
-        logging.getLogger("boundguard").warning(msg)
+        logger.warning(msg)
         return rec
 
     def act(self, decisions: list[Decision]) -> bool:
