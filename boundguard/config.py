@@ -1,18 +1,21 @@
 """The constructor options shared by every adapter, validated once with errors that name the option."""
 from __future__ import annotations
 
+import difflib
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional, Union
 
 from boundguard.bounds import Bounds, resolve_bounds
-from boundguard.catalogue import CODES
+from boundguard.catalogue import CATALOGUE, CODES, RANGE_CODES
 from boundguard.rules import default_rules
 
-__all__ = ["Config", "ACTIONS"]
+__all__ = ["Config", "ACTIONS", "OPTIONS"]
 
 ACTIONS = ("log", "warn", "halt", "raise", "bound")
+#: Codes whose alerts are only ever ``info`` (never escalated): no action other than ``log`` can apply.
+INFO_ONLY = frozenset(c for c, e in CATALOGUE.items() if e.severity == "info")
 
 
 @dataclass
@@ -30,6 +33,27 @@ class Config:
     strict: bool = False
     extra: dict = field(default_factory=dict)
 
+    @classmethod
+    def from_options(cls, entry: str, options: dict[str, Any], *, accepted: Optional[tuple[str, ...]] = None) -> "Config":
+        """Validate the keyword options an entry point (``watch()``, ``BoundGuard(...)``) was given.
+
+        An unknown option raises a TypeError naming ``entry``, the option, the closest valid one, and
+        every valid option; ``accepted`` narrows the valid options to those ``entry`` takes.
+
+        Example:
+            >>> Config.from_options("watch()", {"check_every": 10})
+            Traceback (most recent call last):
+            ...
+            TypeError: watch() got an unknown option 'check_every' (did you mean 'check_every_n_steps'?); valid options: bounds, on_violation, actions, check_every_n_steps, alerts_path, thresholds, input_key, target_key, strict
+        """
+        valid = accepted or OPTIONS
+        for name in options:
+            if name not in valid:
+                close = difflib.get_close_matches(str(name), valid, n=1, cutoff=0.5)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise TypeError(f"{entry} got an unknown option {name!r}{hint}; valid options: {', '.join(valid)}")
+        return cls(**options)
+
     def __post_init__(self) -> None:
         self.bounds = resolve_bounds(self.bounds)
         _choice("on_violation", self.on_violation, ACTIONS)
@@ -40,6 +64,13 @@ class Config:
                 if code not in CODES:
                     raise ValueError(f"actions has unknown alert code {code!r}; expected one of {list(CODES)}")
                 _choice(f"actions[{code!r}]", act, ACTIONS)
+                if code in INFO_ONLY and act != "log":
+                    raise ValueError(f"actions[{code!r}] = {act!r} can never act: {code} alerts are info, and "
+                                     f"actions apply to warnings and above; use 'log' or drop the entry")
+                if act == "bound" and code not in RANGE_CODES:
+                    raise ValueError(f"actions[{code!r}] = 'bound' can never act: a bounding activation answers "
+                                     f"only the range alerts {sorted(RANGE_CODES)}; choose one of "
+                                     f"{[a for a in ACTIONS if a != 'bound']}")
             self.actions = dict(self.actions)
         n = self.check_every_n_steps
         if isinstance(n, bool) or not isinstance(n, int):
@@ -81,3 +112,7 @@ class Config:
 def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
     if not isinstance(value, str) or value not in allowed:
         raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
+
+
+#: The options every adapter takes (the user-facing names, in the README's order).
+OPTIONS: tuple[str, ...] = tuple(f.name for f in fields(Config) if f.name != "extra")

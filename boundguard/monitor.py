@@ -16,9 +16,10 @@ from boundguard.bounds import Bounds, infer_bounds
 from boundguard.catalogue import CATALOGUE, RANGE_CODES
 from boundguard.config import Config
 from boundguard.model_facts import ModelFacts
-from boundguard.rules import Context, Finding, History, LossSpike, default_rules, update_loss_history
+from boundguard.rules import Context, Finding, History, default_rules
 from boundguard.sinks import JsonLinesWriter, emit_warning, log_alert
 from boundguard.stats import Snapshot
+from boundguard.surgery import BoundRecord
 
 __all__ = ["Monitor", "Decision", "STATS_FILENAME"]
 
@@ -29,10 +30,13 @@ ESCALATE_AFTER = 5
 
 @dataclass
 class Decision:
-    """What the adapter must do about ``alert``: ``log`` | ``warn`` | ``halt`` | ``raise`` | ``bound``."""
+    """What the adapter must do about ``alert``: ``log`` | ``warn`` | ``halt`` | ``raise`` | ``bound``.
+
+    ``event`` is ``new`` for a first sighting and ``escalated`` for a warning promoted to an error."""
 
     alert: Alert
     action: str
+    event: str = "new"
 
 
 class Monitor:
@@ -55,13 +59,13 @@ class Monitor:
         self._active: dict[tuple, Alert] = {}
         self._inferred: Optional[Bounds] = None
         self._onehot = False  # the targets seen at the probe were one-hot rows
-        self.inserted: list[dict] = []  # records of inserted bounds (adapters replay them)
+        self.inserted: list[BoundRecord] = []  # inserted bounds (adapters replay them on resume)
         self.write = write
         self._alerts_file: Optional[JsonLinesWriter] = None
         self._stats_file: Optional[JsonLinesWriter] = None
         self.alerts_path: Optional[Path] = None
         self.notes_reported: set[str] = set()
-        self._summarised: dict[int, int] = {}  # id(alert) -> count at its last summary record
+        self._summarised: dict[tuple, int] = {}  # (code, where) -> count at its last summary record
 
     # ------------------------------------------------------------------ files
     def open_files(self, alerts_path: Path) -> None:
@@ -136,25 +140,45 @@ class Monitor:
 
     # ------------------------------------------------------------------ judging
     def check(self, snap: Snapshot) -> list[Decision]:
-        """Judge one interval. Returns a decision per alert that is new or escalated at this check."""
-        h = self.history
-        h.update_targets(snap)
+        """Judge one interval and publish its alerts (:meth:`judge` then :meth:`publish`)."""
+        decisions = self.judge(snap)
+        self.publish(decisions)
+        return decisions
+
+    def judge(self, snap: Snapshot) -> list[Decision]:
+        """Fold the interval into the history, run every rule, and decide what to do about each alert
+        that is new or escalated at this check. Nothing is published yet: the caller carries out the
+        actions (a ``bound`` may turn out impossible and become ``warn``) and then calls :meth:`publish`,
+        so the alerts file and ``alerts`` agree."""
+        before = self.history.copy()
+        self.history.fold(snap, self._plateau_min)
         if snap.seen("target"):
             self._infer()
-        ctx = Context(snap, self.facts, self.bounds, h)
-        findings: list[Finding] = []
-        for rule in self.rules:
-            if isinstance(rule, LossSpike):
-                findings += rule.evaluate(ctx)
-        update_loss_history(h, snap, self._plateau_min)
-        for rule in self.rules:
-            if not isinstance(rule, LossSpike):
-                findings += rule.evaluate(ctx)
+        ctx = Context(snap, self.facts, self.bounds, self.history, before)
+        findings = [f for rule in self.rules for f in rule.evaluate(ctx)]
         if self._stats_file is not None:
             rec = {"type": "stats", **snap.to_record(),
                    "bounds": self.bounds.to_dict() if self.bounds else None}
             self._stats_file.write(rec)
-        return [d for f in findings for d in self._record(f, snap)]
+        decisions = [d for f in findings for d in self._record(f, snap)]
+        bound_taken = bool(self.inserted)
+        for d in decisions:  # at most one bound per run, decided here so file and memory agree
+            if d.action == "bound":
+                if bound_taken:
+                    d.action = d.alert.action = "warn"
+                bound_taken = True
+        return decisions
+
+    def publish(self, decisions: list[Decision]) -> None:
+        """Record, write and log the decided alerts; warn for the actions that warn."""
+        for d in decisions:
+            alert = d.alert
+            alert.action = d.action
+            self.alerts.append(alert)
+            self._write(alert, d.event)
+            log_alert(alert)
+            if d.action in ("warn", "halt", "bound"):
+                emit_warning(alert)
 
     def _record(self, f: Finding, snap: Snapshot) -> list[Decision]:
         e = CATALOGUE[f.code]
@@ -188,25 +212,25 @@ class Monitor:
             if (action in ("halt", "raise") and alert.bounds_inferred and alert.code in RANGE_CODES
                     and alert.code not in (self.config.actions or {})):
                 action = "warn"  # a range guessed from the targets never stops a run; bounds= enforces it
-            if action == "bound" and (alert.code not in RANGE_CODES or self.inserted):
+            if action == "bound" and alert.code not in RANGE_CODES:
                 action = "warn"
         alert.action = action
-        self.alerts.append(alert)
-        self._write(alert, event)
-        log_alert(alert)
-        if action in ("warn", "halt", "bound"):
-            emit_warning(alert)
-        return Decision(alert, action)
+        return Decision(alert, action, event)
 
     def _write(self, alert: Alert, event: str) -> None:
         if self._alerts_file is not None:
             self._alerts_file.write(alert.to_record(event))
 
+    def record_bound(self, record: BoundRecord) -> None:
+        """An adapter inserted ``record``: keep it (state, resume) and take its activation as the fact."""
+        self.inserted.append(record)
+        self.facts.activation, self.facts.activation_params = record.activation()
+
     def finish(self) -> None:
         """Write the final counts of alerts that repeated after they were written, then close the files."""
-        for alert in self._active.values():
-            if alert.count > self._summarised.get(id(alert), 1):
-                self._summarised[id(alert)] = alert.count
+        for key, alert in self._active.items():
+            if alert.count > self._summarised.get(key, 1):
+                self._summarised[key] = alert.count
                 self._write(alert, "summary")
         self.close()
 
@@ -220,8 +244,9 @@ class Monitor:
             "inferred": self._inferred.to_dict() if self._inferred else None,
             "onehot": self._onehot,
             "facts": self.facts.to_dict(),
-            "inserted": [dict(r) for r in self.inserted],
+            "inserted": [r.to_dict() for r in self.inserted],
             "notes": sorted(self.notes_reported),
+            "summarised": [[code, where, n] for (code, where), n in self._summarised.items()],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -236,8 +261,9 @@ class Monitor:
         self._onehot = bool(state.get("onehot", False))
         if state.get("facts"):
             self.facts = ModelFacts.from_dict(state["facts"])
-        self.inserted = [dict(r) for r in state.get("inserted", [])]
+        self.inserted = [BoundRecord.from_dict(r) for r in state.get("inserted", [])]
         self.notes_reported = set(state.get("notes", []))
+        self._summarised = {(code, where): int(n) for code, where, n in state.get("summarised", [])}
 
     def summary(self) -> str:
         """A readable table of the alerts so far (one line per alert)."""

@@ -68,6 +68,16 @@ class History:
             "target_seen": self.target_seen, "steps_seen": self.steps_seen,
         }
 
+    def copy(self) -> "History":
+        return History.from_dict(self.to_dict())
+
+    def fold(self, snap: Snapshot, min_improvement: float) -> None:
+        """Fold one interval into the history: its targets and its losses (see :func:`update_loss_history`)."""
+        self.update_targets(snap)
+        if snap.seen("pre") and not snap.nonfinite("pre"):
+            self.pre_absmax.append(snap.absmax("pre"))
+        update_loss_history(self, snap, min_improvement)
+
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "History":
         h = cls()
@@ -82,10 +92,19 @@ class History:
 
 @dataclass
 class Context:
+    """What a rule sees: the interval's snapshot, the facts, the bounds in force, the history with this
+    interval folded in, and ``before``, the history as it was before the interval (for rules that
+    compare each step of the interval with the past, such as ``loss_spike``)."""
+
     snap: Snapshot
     facts: ModelFacts
     bounds: Optional[Bounds]
     history: History
+    before: Optional[History] = None
+
+    @property
+    def past(self) -> History:
+        return self.before if self.before is not None else self.history
 
     @property
     def span(self) -> str:
@@ -336,7 +355,6 @@ class PreactivationExploding(Rule):
         scale = 1.0
         if f.activation in ("identity", "relu", "unknown") and math.isfinite(h.target_max):
             scale = max(1.0, abs(h.target_min), abs(h.target_max))
-        h.pre_absmax.append(absmax)
         limit = self.p["absmax"] * scale
         if f.pre_dtype == "float16" and absmax >= self.p["fp16_share"] * FP16_MAX:
             return [Finding(self.code, ctx.where("pre"),
@@ -402,7 +420,7 @@ class LossSpike(Rule):
     params = {"factor": 4.0, "mad_sigmas": 8.0, "min_history": 10, "min_rise": 0.1}
 
     def evaluate(self, ctx):
-        h, s = ctx.history, ctx.snap
+        h, s = ctx.past, ctx.snap
         worst = None
         window = list(h.window)
         for step, loss in zip(s.loss_steps, s.losses):
@@ -475,7 +493,7 @@ def _level(h: History) -> Optional[float]:
 
 
 def update_loss_history(h: History, snap: Snapshot, min_improvement: float) -> None:
-    """Fold one interval's losses into the history (after the rules that compare against the past)."""
+    """Fold one interval's losses into the history: the window, the initial and the best level."""
     for loss in snap.losses:
         if math.isfinite(loss):
             h.window.append(float(loss))

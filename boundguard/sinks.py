@@ -3,13 +3,16 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import sys
+import sysconfig
 import warnings
 from pathlib import Path
 from typing import IO, Any, Optional
 
 from boundguard.alerts import SCHEMA_VERSION, Alert, BoundGuardWarning
 
-__all__ = ["JsonLinesWriter", "logger", "emit_warning", "log_alert"]
+__all__ = ["JsonLinesWriter", "logger", "emit_warning", "warn_user", "log_alert"]
 
 logger = logging.getLogger("boundguard")
 logger.addHandler(logging.NullHandler())  # a library: the application decides where log lines go
@@ -79,4 +82,37 @@ def log_alert(alert: Alert) -> None:
 
 
 def emit_warning(alert: Alert) -> None:
-    warnings.warn(BoundGuardWarning(str(alert)), stacklevel=3)
+    warn_user(str(alert))
+
+
+def _library_dirs() -> tuple[str, ...]:
+    """Where code that is not the user's lives: boundguard itself, the standard library, site-packages."""
+    here = Path(__file__).resolve().parent
+    dirs = {str(here), str(here.parent / "integrations")}
+    for key in ("stdlib", "platstdlib", "purelib", "platlib"):
+        p = sysconfig.get_paths().get(key)
+        if p:
+            dirs.add(str(Path(p).resolve()))
+    return tuple(d + os.sep for d in dirs)
+
+
+_LIBRARY_DIRS = _library_dirs()
+
+
+def warn_user(message: str, category: type[Warning] = BoundGuardWarning) -> None:
+    """``warnings.warn`` attributed to the first frame of the user's code (outside boundguard, the
+    standard library and installed packages), so ``warnings.filterwarnings(module=...)`` on the user's
+    own module works and the warning line points at their training script."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        name = frame.f_code.co_filename
+        if not name.startswith("<") and not os.path.realpath(name).startswith(_LIBRARY_DIRS):
+            break
+        frame = frame.f_back
+    if frame is None:  # only library frames (e.g. a test runner at the bottom): the plain call site
+        warnings.warn(category(message), stacklevel=3)
+        return
+    g = frame.f_globals
+    warnings.warn_explicit(category(message), category, frame.f_code.co_filename, frame.f_lineno,
+                           module=g.get("__name__", "__main__"), registry=g.setdefault("__warningregistry__", {}),
+                           module_globals=g)

@@ -1,9 +1,22 @@
 """Statistics declared once (name, reduce op, neutral value); everything else derives from the declaration.
 
-Adapters keep a preallocated ``(check_every_n_steps, len(COLUMNS))`` buffer on the device and write
-one row per training step (:func:`columns_of` gives each watched tensor's slice). At a check the
-rows come to the host in one transfer and :meth:`Snapshot.from_rows` reduces them here, with numpy.
-The same declaration gives the merge used across processes (:func:`merge_rows`).
+Each statistic is one :class:`Stat`: the tensor it watches (``kind``), its name, how steps and
+processes combine it (``reduce``), and how a device computes it (``source``): ``"row"`` statistics are
+reduced from the tensor every step into a row column (min, max, sum of squares, row-sum error), and
+``"count"`` statistics are counts of elements (finite, below/above the bounds, pinned, in the tail)
+that an adapter may accumulate over the whole interval. Adapters derive their device layout from
+:func:`row_stats` / :func:`count_stats`, the neutral value a buffer is reset to from
+:attr:`Stat.neutral`, and the cross-process reduce op from :attr:`Stat.dist_reduce`; so a new
+statistic is one line here (plus the kernel that computes it and the rule that reads it).
+
+At a check the rows come to the host in one transfer and :meth:`Snapshot.from_rows` reduces them
+here, with numpy; :func:`merge_rows` is the same merge a cross-process all-reduce performs.
+
+Example:
+    >>> [s.field for s in row_stats("pre")]
+    ['min', 'max', 'sumsq']
+    >>> Stat("loss", "value", "step").dist_reduce
+    'mean'
 """
 from __future__ import annotations
 
@@ -13,8 +26,8 @@ from typing import Any, Iterable, Optional
 
 import numpy as np
 
-__all__ = ["Stat", "STATS", "COLUMNS", "KINDS", "LOSS_COLUMN", "columns_of", "neutral_row",
-           "reduce_rows", "merge_rows", "Snapshot"]
+__all__ = ["Stat", "STATS", "COLUMNS", "KINDS", "LOSS_COLUMN", "columns_of", "fields_of", "row_stats",
+           "count_stats", "neutral_row", "reduce_rows", "merge_rows", "Snapshot"]
 
 
 @dataclass(frozen=True)
@@ -22,6 +35,7 @@ class Stat:
     kind: str  # pred | pre | target | input | loss
     field: str
     reduce: str  # min | max | sum | step (per step, kept as a series)
+    source: str = "row"  # row: reduced per step into a row column | count: an element count
 
     @property
     def name(self) -> str:
@@ -29,11 +43,18 @@ class Stat:
 
     @property
     def neutral(self) -> float:
+        """The identity of the reduce op: what an empty buffer cell holds."""
         return {"min": math.inf, "max": -math.inf, "sum": 0.0, "step": math.nan}[self.reduce]
+
+    @property
+    def dist_reduce(self) -> str:
+        """How processes combine this statistic: ``min`` | ``max`` | ``sum`` | ``mean`` (per-step values)."""
+        return "mean" if self.reduce == "step" else self.reduce
 
 
 def _declare(kind: str, *fields: tuple[str, str]) -> list[Stat]:
-    return [Stat(kind, f, r) for f, r in fields]
+    """Statistics of one kind; counts (reduce ``sum`` over elements, not a sum of squares) are ``count``."""
+    return [Stat(kind, f, r, "row" if r != "sum" or f == "sumsq" else "count") for f, r in fields]
 
 
 #: Per watched tensor: min/max over all elements (NaN if any element was NaN), count of finite
@@ -61,7 +82,18 @@ def columns_of(kind: str) -> slice:
 
 
 def fields_of(kind: str) -> tuple[str, ...]:
+    """The names of the statistics of ``kind``, in column order."""
     return tuple(s.field for s in STATS if s.kind == kind)
+
+
+def row_stats(kind: str) -> tuple[Stat, ...]:
+    """The statistics of ``kind`` a device reduces per step into row columns, in column order."""
+    return tuple(s for s in STATS if s.kind == kind and s.source == "row")
+
+
+def count_stats(kind: str) -> tuple[Stat, ...]:
+    """The element counts of ``kind`` (accumulated over an interval), in column order."""
+    return tuple(s for s in STATS if s.kind == kind and s.source == "count")
 
 
 def neutral_row() -> np.ndarray:
@@ -91,16 +123,16 @@ def reduce_rows(rows: np.ndarray) -> dict[str, float]:
 
 
 def merge_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Element-wise merge of two buffers of rows (e.g. from two processes), by each column's op."""
+    """Element-wise merge of two processes' buffers of rows, by each column's :attr:`Stat.dist_reduce`:
+    what the adapters' all-reduce computes. ``min``/``max`` propagate NaN; per-step values (the loss)
+    are the mean of the processes' values, so a NaN loss on any process stays NaN."""
     a = np.asarray(a, dtype=np.float64)
     b = np.asarray(b, dtype=np.float64)
     out = a + b
     mins, maxs, steps = _OPS == "min", _OPS == "max", _OPS == "step"
     out[..., mins] = np.minimum(a[..., mins], b[..., mins])
     out[..., maxs] = np.maximum(a[..., maxs], b[..., maxs])
-    # per-step loss: the mean of the processes' losses (NaN-aware: a NaN on any process stays NaN)
-    la, lb = a[..., steps], b[..., steps]
-    out[..., steps] = np.where(np.isnan(la) & ~np.isnan(lb), lb, np.where(np.isnan(lb), la, (la + lb) / 2))
+    out[..., steps] = (a[..., steps] + b[..., steps]) / 2
     return out
 
 

@@ -1,35 +1,15 @@
 """The Lightning callback, built for either namespace (``lightning.pytorch`` or ``pytorch_lightning``)."""
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 from typing import Any, Optional
 
 from boundguard.alerts import Alert, BoundGuardError
 from boundguard.config import Config
-from boundguard.integrations.torch import DEFAULT_ALERTS_PATH, TorchEngine
+from boundguard.integrations.torch import DEFAULT_ALERTS_PATH, TorchEngine, apply_bounds
+from boundguard.session import guarded
 
 __all__ = ["make_callback"]
-
-
-def _safe(fn):
-    """An internal error never kills the user's training: one warning, then the monitor switches off."""
-
-    @functools.wraps(fn)
-    def wrapper(self, *args, **kwargs):
-        if self._engine.disabled:
-            return None
-        try:
-            return fn(self, *args, **kwargs)
-        except BoundGuardError:
-            raise
-        except Exception as err:
-            if self._engine.config.strict:
-                raise
-            self._engine.disable(err)
-            return None
-
-    return wrapper
 
 
 def make_callback(pl: Any) -> type:
@@ -84,9 +64,11 @@ def make_callback(pl: Any) -> type:
             super().__init__()
             if not isinstance(log_stats, bool):
                 raise TypeError(f"log_stats must be a bool, got {log_stats!r}")
-            self._config = Config(bounds, on_violation, actions, check_every_n_steps, alerts_path,
-                                  thresholds, input_key, target_key, strict)
+            self._config = Config(bounds=bounds, on_violation=on_violation, actions=actions,
+                                  check_every_n_steps=check_every_n_steps, alerts_path=alerts_path,
+                                  thresholds=thresholds, input_key=input_key, target_key=target_key, strict=strict)
             self._engine = TorchEngine(self._config)
+            self._session = self._engine.session
             self._log_stats = log_stats
             self._state_key: Optional[str] = None
 
@@ -94,16 +76,16 @@ def make_callback(pl: Any) -> type:
         @property
         def alerts(self) -> list[Alert]:
             """Every alert so far, oldest first."""
-            return self._engine.alerts
+            return self._session.alerts
 
         @property
         def bounds_inserted(self) -> list[dict]:
-            """Records of the bounding activations inserted (replayed on resume; see ``apply_bounds``)."""
-            return self._engine.bounds_inserted
+            """Records of the bounding activations inserted (copies; replayed on resume; see ``apply_bounds``)."""
+            return self._session.bounds_inserted
 
         @property
         def alerts_path(self) -> Optional[Path]:
-            return self._engine.monitor.alerts_path
+            return self._session.alerts_path
 
         @property
         def state_key(self) -> str:
@@ -114,7 +96,7 @@ def make_callback(pl: Any) -> type:
             return self._state_key
 
         # -------------------------------------------------------------- hooks
-        @_safe
+        @guarded
         def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
             if stage != "fit":
                 return
@@ -126,42 +108,39 @@ def make_callback(pl: Any) -> type:
             self._engine.attach(pl_module, default, write=trainer.is_global_zero)
             self._engine.distributed = trainer.world_size > 1
 
-        @_safe
+        @guarded
         def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
-            from boundguard.integrations.torch import apply_bounds
+            if self._session.records:  # replay bounds restored from a checkpoint
+                apply_bounds(pl_module, self._session.records)
 
-            if self._engine.monitor.inserted:  # replay bounds restored from a checkpoint
-                apply_bounds(pl_module, self._engine.monitor.inserted)
-
-        @_safe
+        @guarded
         def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
-            self._engine._batch = batch
+            self._engine.batch = batch
             self._engine.begin_step()
             self._engine.record_batch(batch)  # from step 2 on (the probe locates the tensors at step 1)
 
-        @_safe
+        @guarded
         def on_before_backward(self, trainer: Any, pl_module: Any, loss: Any) -> None:
             self._engine.record_loss(loss)
 
-        @_safe
+        @guarded
         def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
             e = self._engine
-            if not e._loss_seen_this_step:  # manual optimisation: the loss comes back in the outputs
+            if not e.loss_seen:  # manual optimisation: the loss comes back in the outputs
                 loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
                 e.record_loss(loss)
             e.record_batch(batch)
             checking = e.is_check_step(e.step + 1)  # decided before the step counts, on every rank
-            decisions = e.end_step(epoch=trainer.current_epoch)
+            e.end_step(epoch=trainer.current_epoch)
             if not checking:
                 return
-            halt = e.act(decisions)
             # a collective decision at every check, so ranks never diverge
-            halt = trainer.strategy.reduce_boolean_decision(halt, all=False)
-            if halt:
+            if trainer.strategy.reduce_boolean_decision(self._session.should_stop, all=False):
                 trainer.should_stop = True
-            if self._log_stats and e.last_snapshot is not None and trainer.loggers:
-                metrics = e.last_snapshot.metrics()
-                metrics["boundguard/alerts"] = float(len(e.alerts))
+            snap = self._session.last_snapshot
+            if self._log_stats and snap is not None and snap.step == e.step and trainer.loggers:
+                metrics = snap.metrics()
+                metrics["boundguard/alerts"] = float(len(self._session.monitor.alerts))
                 for logger in trainer.loggers:
                     logger.log_metrics(metrics, step=trainer.global_step)
 
@@ -179,7 +158,7 @@ def make_callback(pl: Any) -> type:
 
         def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
             if stage == "fit":
-                self._engine._remove_hooks()
+                self._engine.release()
                 self._engine.finish()
 
         # -------------------------------------------------------------- state

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from boundguard import Bounds
-from boundguard.catalogue import CODES
-from boundguard.config import ACTIONS, Config
+from boundguard.catalogue import CODES, RANGE_CODES
+from boundguard.config import ACTIONS, INFO_ONLY, Config
 
 DIR = object()  # placeholder: replaced by an existing directory in the test
 
@@ -27,6 +27,11 @@ BAD = [
     ("actions", {"nonfinite_loss": 3}, ValueError, ["actions", "'halt'", "3"]),
     ("actions", ["nonfinite_loss"], TypeError, ["actions", "dict", "list"]),
     ("actions", "halt", TypeError, ["actions", "dict", "str"]),
+    # actions that can never act: info-only codes, and bound for a code a bound cannot answer
+    ("actions", {"probe_incomplete": "halt"}, ValueError, ["actions['probe_incomplete']", "never act", "'log'"]),
+    ("actions", {"loss_plateau": "raise"}, ValueError, ["actions['loss_plateau']", "never act", "info"]),
+    ("actions", {"nonfinite_loss": "bound"}, ValueError, ["actions['nonfinite_loss']", "never act",
+                                                          "output_out_of_range"]),
     ("check_every_n_steps", 0, ValueError, ["check_every_n_steps", ">= 1", "0"]),
     ("check_every_n_steps", -1, ValueError, ["check_every_n_steps", ">= 1", "-1"]),
     ("check_every_n_steps", 1.5, TypeError, ["check_every_n_steps", "int", "1.5"]),
@@ -73,7 +78,9 @@ def test_malformed_threshold_values_name_the_option(value):
     {"bounds": Bounds(2, 5)},
     {"bounds": [0, 1]},
     {"on_violation": "bound", "actions": {"nonfinite_loss": "halt", "loss_plateau": "log"}},
-    {"actions": {c: a for c, a in zip(CODES, ACTIONS * 3)}},
+    {"actions": {c: ("bound" if c in RANGE_CODES else ("halt" if a == "bound" else a))
+                 for c, a in zip(CODES, ACTIONS * 3) if c not in INFO_ONLY}},
+    {"actions": {c: "log" for c in INFO_ONLY}},
     {"check_every_n_steps": 1},
     {"alerts_path": "run/alerts.jsonl"},
     {"thresholds": {"loss_spike": {"factor": 8}, "loss_plateau": {"patience": 10}}},
@@ -101,3 +108,12 @@ def test_actions_dict_is_copied():
     cfg = Config(actions=actions)
     actions["nonfinite_loss"] = "log"
     assert cfg.action_for("nonfinite_loss") == "halt"
+
+
+@pytest.mark.parametrize("entry", ["watch()", "BoundGuard()"])
+def test_unknown_option_names_the_entry_point_and_the_valid_options(entry):
+    with pytest.raises(TypeError) as info:
+        Config.from_options(entry, {"check_every": 10})
+    msg = str(info.value)
+    for w in (entry, "'check_every'", "did you mean 'check_every_n_steps'", "bounds", "on_violation", "alerts_path"):
+        assert w in msg, f"{w!r} missing from {msg!r}"

@@ -65,7 +65,11 @@ def history(**kw) -> History:
 
 
 def ctx(snap=None, f=None, bounds=None, h=None) -> Context:
-    return Context(snap or make_snap(), f or facts(), bounds, h or History())
+    """The context the monitor builds: ``h`` is the history before the interval, folded with it."""
+    snap, h = snap or make_snap(), h or History()
+    before = h.copy()
+    h.fold(snap, min_improvement=0.01)
+    return Context(snap, f or facts(), bounds, h, before)
 
 
 P = Bounds.probability()

@@ -186,14 +186,14 @@ def test_internal_error_switches_monitor_off(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise RuntimeError("synthetic failure")
 
-    monkeypatch.setattr(g._engine.monitor, "check", boom)
+    monkeypatch.setattr(g._engine.monitor, "judge", boom)
     t = trainer([g], max_steps=20)
     with pytest.warns(BoundGuardWarning, match="switched itself off"):
         t.fit(Tiny(), loader(x, y))
     assert t.global_step == 20 and g._engine.disabled
 
     strict = BoundGuard(bounds=(0, 1), on_violation="log", alerts_path=tmp_path / "b.jsonl", strict=True)
-    monkeypatch.setattr(strict._engine.monitor, "check", boom)
+    monkeypatch.setattr(strict._engine.monitor, "judge", boom)
     with pytest.raises(RuntimeError, match="synthetic"):
         trainer([strict], max_steps=5).fit(Tiny(), loader(x, y))
 

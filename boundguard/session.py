@@ -1,0 +1,309 @@
+"""The run lifecycle every adapter shares: steps, the check cadence, judging, acting, state.
+
+An adapter *measures* and *acts*; the :class:`Session` does everything in between:
+
+- **Steps and cadence.** :meth:`Session.count_steps` counts training batches (from 1) and says when a
+  check is due: at the first step and every ``check_every_n_steps``.
+- **Judging.** At a check the adapter hands over its rows (one transfer from the device) and the
+  element counts; :meth:`Session.check` builds the :class:`~boundguard.stats.Snapshot`, lets the
+  :class:`~boundguard.monitor.Monitor` judge it, carries out the decisions and publishes the alerts.
+- **Acting.** ``halt`` sets :attr:`Session.should_stop` (the adapter stops its loop); ``raise``
+  releases the adapter's hooks, closes the files and raises :class:`~boundguard.BoundGuardError`;
+  ``bound`` plans a :class:`~boundguard.surgery.BoundRecord` from the bounds in force (at most one per
+  run, decided by the core) and asks the adapter to insert it (:meth:`Adapter.insert_bound`).
+- **Safety.** :func:`guarded` wraps an adapter's hooks: an internal error switches the monitor off with
+  one warning (:meth:`Session.disable`) and never reaches the user's training (``strict=True``
+  re-raises, for tests).
+- **State.** :meth:`Session.state_dict` / :meth:`Session.load_state_dict` round-trip alerts, history,
+  inferred bounds, inserted bounds and the step; the adapter replays :attr:`Session.records` on resume.
+
+The adapter interface is :class:`Adapter`: two methods. Read-only views for users are
+:attr:`Session.alerts` and :attr:`Session.bounds_inserted` (copies) and :attr:`Session.alerts_path`.
+
+Example:
+    >>> import numpy as np
+    >>> from boundguard.config import Config
+    >>> from boundguard.stats import neutral_row
+    >>> s = Session(Config(bounds=(0, 1), on_violation="log"), write=False)
+    >>> s.count_steps()  # step 1 is always checked
+    True
+    >>> rows = neutral_row()[None].copy()
+    >>> s.check(rows, {"pred": 0}, [False])
+    []
+    >>> s.step, s.count_steps(), s.step
+    (1, False, 2)
+"""
+from __future__ import annotations
+
+import functools
+import math
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional, Protocol, TypeVar
+
+import numpy as np
+
+from boundguard.alerts import Alert, BoundGuardError
+from boundguard.bounds import Bounds
+from boundguard.config import Config
+from boundguard.model_facts import LossInfo, ModelFacts
+from boundguard.monitor import Decision, Monitor
+from boundguard.rules import TAIL_THRESHOLD
+from boundguard.sinks import logger, warn_user
+from boundguard.stats import Snapshot
+from boundguard.surgery import BoundRecord, CannotBound, plan_bound
+
+__all__ = ["Session", "Adapter", "CountingPlan", "guarded", "DEFAULT_ALERTS_PATH"]
+
+#: Where alerts go when neither ``alerts_path`` nor a logger's directory says otherwise.
+DEFAULT_ALERTS_PATH = Path("boundguard") / "alerts.jsonl"
+
+
+class Adapter(Protocol):
+    """What a session asks of an adapter besides measuring."""
+
+    def insert_bound(self, record: BoundRecord) -> BoundRecord:
+        """Insert the planned bounding activation on the raw output that feeds the prediction and return
+        the record placed (``record.at(module, path, ...)``); raise :class:`CannotBound` if impossible."""
+        ...
+
+    def release(self) -> None:
+        """Remove every hook and wrapper from the model (the monitor stops; an inserted bound stays)."""
+        ...
+
+
+@dataclass(frozen=True)
+class CountingPlan:
+    """What the device counts for the prediction and pre-activation: values below ``lo`` / above ``hi``
+    (the bounds in force), rows that should sum to 1 (``distribution``, along ``class_dim``), values
+    pinned at clamp points (``pin``), and pre-activations in the flat tail of sigmoid/tanh (``tail``)."""
+
+    lo: Optional[float] = None
+    hi: Optional[float] = None
+    distribution: bool = False
+    pin: Optional[tuple[Optional[float], Optional[float]]] = None
+    tail: Optional[float] = None
+    class_dim: int = -1
+
+    @classmethod
+    def of(cls, bounds: Optional[Bounds], facts: ModelFacts) -> "CountingPlan":
+        lo = hi = None
+        if bounds is not None:
+            lo, hi = bounds.lo, bounds.hi
+        class_dim = 1 if facts.loss is not None and facts.loss.multiclass else -1
+        if facts.activation == "softmax":
+            class_dim = int(facts.activation_params.get("dim", -1))
+        pin = None
+        if facts.activation == "clamp":
+            pin = (facts.activation_params.get("lo"), facts.activation_params.get("hi"))
+        return cls(lo, hi, bool(bounds is not None and bounds.kind == "distribution"), pin,
+                   TAIL_THRESHOLD.get(facts.activation), class_dim)
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def guarded(method: F) -> F:
+    """Wrap an adapter method (whose object has ``_session``): an internal error switches the monitor
+    off instead of breaking training; ``BoundGuardError`` (``on_violation="raise"``) passes through."""
+
+    @functools.wraps(method)
+    def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+        session: Session = self._session
+        if session.disabled:
+            return None
+        try:
+            return method(self, *args, **kwargs)
+        except BoundGuardError:
+            raise
+        except Exception as err:
+            if session.config.strict:
+                raise
+            session.disable(err)
+            return None
+
+    return wrapper  # type: ignore[return-value]
+
+
+class Session:
+    """One monitored run: the monitor, the step counter, the check cadence, actions and state."""
+
+    def __init__(self, config: Config, adapter: Optional[Adapter] = None, *, write: bool = True) -> None:
+        self.config = config
+        self.adapter = adapter
+        self.monitor = Monitor(config, write=write)
+        self.step = 0  #: training batches seen so far
+        self.epoch: Optional[int] = None
+        self.interval_start = 1  #: first step of the interval the next check judges
+        self.disabled = False
+        self.should_stop = False  #: set by a ``halt`` decision; the adapter stops its loop
+        self.last_snapshot: Optional[Snapshot] = None
+        self._warned_error = False
+
+    # ------------------------------------------------------------------ read-only views
+    @property
+    def alerts(self) -> list[Alert]:
+        """Every alert so far, oldest first (a new list; the alerts are the recorded ones)."""
+        return list(self.monitor.alerts)
+
+    @property
+    def bounds_inserted(self) -> list[dict]:
+        """The inserted bounds as plain dicts (copies: changing one changes nothing the session replays)."""
+        return [r.to_dict() for r in self.monitor.inserted]
+
+    @property
+    def records(self) -> list[BoundRecord]:
+        """The inserted bounds, for the adapter to replay on a model (immutable records)."""
+        return list(self.monitor.inserted)
+
+    @property
+    def alerts_path(self) -> Optional[Path]:
+        return self.monitor.alerts_path
+
+    @property
+    def facts(self) -> ModelFacts:
+        return self.monitor.facts
+
+    @property
+    def bounds(self) -> Optional[Bounds]:
+        return self.monitor.bounds
+
+    # ------------------------------------------------------------------ files
+    def open(self, default_path: Optional[Path] = None, *, write: bool = True) -> None:
+        """Open the alerts file once: ``alerts_path``, else ``default_path``, else :data:`DEFAULT_ALERTS_PATH`.
+        ``write=False`` (a non-zero rank) keeps alerts in memory only."""
+        if self.monitor.alerts_path is not None:
+            return
+        path = Path(self.config.alerts_path) if self.config.alerts_path else (default_path or DEFAULT_ALERTS_PATH)
+        self.monitor.write = self.monitor.write and write
+        self.monitor.open_files(path)
+
+    # ------------------------------------------------------------------ cadence
+    def is_check_step(self, step: int) -> bool:
+        """Statistics are judged at the first step and every ``check_every_n_steps``."""
+        return step == 1 or step % self.config.check_every_n_steps == 0
+
+    def count_steps(self, n: int = 1, epoch: Optional[int] = None) -> bool:
+        """Count ``n`` finished training batches; True when a check is due (a check step was reached or,
+        for ``n`` > 1 such as Keras' ``steps_per_execution``, passed)."""
+        prev = self.step
+        self.step += max(1, int(n))
+        if epoch is not None:
+            self.epoch = epoch
+        every = self.config.check_every_n_steps
+        return prev == 0 or self.step // every > prev // every
+
+    # ------------------------------------------------------------------ facts
+    def set_facts(self, facts: ModelFacts) -> None:
+        """What the probe found; an inserted bound (restored from a checkpoint) stays the activation."""
+        if self.monitor.inserted:
+            facts.activation, facts.activation_params = self.monitor.inserted[-1].activation()
+        self.monitor.set_facts(facts)
+
+    def observe_targets(self, tmin: float, tmax: float, *, onehot: bool = False) -> None:
+        self.monitor.observe_targets(tmin, tmax, onehot=onehot)
+
+    def counting_plan(self, provisional_loss: Optional[LossInfo] = None) -> CountingPlan:
+        """What the device should count now. ``provisional_loss``: before the first targets are seen
+        (``bounds="auto"``), count against the bounds that loss implies (probability losses)."""
+        b = self.bounds
+        if b is None and self.config.bounds == "auto" and provisional_loss is not None \
+                and provisional_loss.family in ("probability", "logits"):
+            b = Bounds.distribution() if provisional_loss.multiclass else Bounds.probability()
+        return CountingPlan.of(b, self.facts)
+
+    def note(self, key: str, message: str, fix: str, step: Optional[int] = None) -> Optional[Alert]:
+        """A one-time ``probe_incomplete`` info alert: something was not found, and the option that fixes it.
+        ``step`` defaults to the current step (the step being trained, when called mid-step)."""
+        return self.monitor.note(key, message, fix, step=step if step is not None else max(self.step, 1),
+                                 epoch=self.epoch)
+
+    # ------------------------------------------------------------------ judging and acting
+    def check(self, rows: np.ndarray, counts: dict[str, int], loss_seen: Any) -> list[Decision]:
+        """Judge the interval ending at the current step and carry out the decisions.
+
+        Returns the decisions (alerts new or escalated at this check). Raises
+        :class:`~boundguard.BoundGuardError` for a ``raise`` decision, after publishing every alert.
+        """
+        snap = Snapshot.from_rows(rows, counts, step=self.step, first_step=self.interval_start,
+                                  epoch=self.epoch, loss_seen=loss_seen)
+        self.interval_start = self.step + 1
+        self.last_snapshot = snap
+        decisions = self.monitor.judge(snap)
+        for d in decisions:
+            if d.action == "bound":
+                self._bound(d)
+        self.monitor.publish(decisions)
+        for d in decisions:
+            if d.action == "halt":
+                self.should_stop = True
+            elif d.action == "raise":
+                self._release()
+                self.monitor.finish()
+                raise BoundGuardError(d.alert)
+        return decisions
+
+    def _bound(self, d: Decision) -> None:
+        plan = plan_bound(self.bounds, self.step)
+        try:
+            if plan is None:
+                raise CannotBound(f"on_violation='bound' cannot bound to "
+                                  f"{self.bounds.describe() if self.bounds else 'no bounds'} (not finite).",
+                                  "Declare finite bounds=(lo, hi).")
+            if self.adapter is None:
+                raise CannotBound("on_violation='bound' has no model to insert a bound into.")
+            rec = self.adapter.insert_bound(plan)
+        except CannotBound as why:
+            d.action = d.alert.action = "warn"
+            self.note("bound", str(why), why.fix)
+            return
+        self.monitor.record_bound(rec)
+        d.alert.details["inserted"] = rec.to_dict()
+        b = self.bounds
+        msg = (f"boundguard inserted {rec.kind} on the output of {rec.module or 'the model'} at step {self.step}: "
+               f"predictions are now in {b.describe() if b else '[lo, hi]'}.")
+        warn_user(msg)
+        logger.warning(msg)
+
+    # ------------------------------------------------------------------ switching off
+    def disable(self, error: BaseException) -> None:
+        """Switch the monitor off after an internal error: one warning, the adapter's hooks removed,
+        training untouched. Alerts recorded so far stay readable."""
+        self.disabled = True
+        self._release()
+        if not self._warned_error:
+            self._warned_error = True
+            warn_user(f"boundguard hit an internal error and switched itself off; training goes on "
+                      f"unmonitored: {type(error).__name__}: {error}")
+
+    def _release(self) -> None:
+        if self.adapter is None:
+            return
+        try:
+            self.adapter.release()
+        except Exception as err:  # never break the user's run while cleaning up
+            if self.config.strict:
+                raise
+            if not self._warned_error:
+                self._warned_error = True
+                warnings.warn(f"boundguard could not remove its hooks: {type(err).__name__}: {err}",
+                              RuntimeWarning, stacklevel=2)
+
+    def finish(self) -> None:
+        """Write the summary records and close the files (idempotent; a later fit reopens them)."""
+        self.monitor.finish()
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        return {"monitor": self.monitor.state_dict(), "step": self.step, "config": self.config.describe()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> list[BoundRecord]:
+        """Restore a saved state; returns the inserted bounds the adapter must replay on its model."""
+        if not isinstance(state, dict):
+            raise TypeError(f"load_state_dict needs the dict from state_dict(), got {type(state).__name__}")
+        self.monitor.load_state_dict(state.get("monitor", {}))
+        step = state.get("step", 0)
+        self.step = int(step) if isinstance(step, (int, float)) and math.isfinite(step) else 0
+        self.interval_start = self.step + 1
+        return self.records

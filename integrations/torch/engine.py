@@ -1,0 +1,425 @@
+"""What every PyTorch adapter shares: the probe at the first step, the statistics hooks, the reducer,
+and the bound surgery. The run lifecycle itself (steps, checks, actions, state) is the core's
+:class:`boundguard.session.Session`; the engine measures and acts.
+
+The adapter interface an integration drives (Lightning callback, ``watch()``, Fabric, Trainer):
+
+- :meth:`TorchEngine.attach` once per fit, :meth:`TorchEngine.begin_step` before the forward pass
+  (``batch`` set to the step's batch), :meth:`TorchEngine.record_loss` and
+  :meth:`TorchEngine.record_batch` during the step, :meth:`TorchEngine.end_step` after the optimiser
+  step (it judges at check steps), :meth:`TorchEngine.finish` at the end;
+- ``engine.session.should_stop`` after a check for ``halt``; ``engine.loss_seen`` says whether the
+  step's loss was recorded.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+from torch import Tensor, nn
+
+from boundguard.alerts import Alert
+from boundguard.config import Config
+from boundguard.integrations.torch.bounding import BoundHook, activation_fn, apply_bounds
+from boundguard.integrations.torch.paths import (
+    INPUT, INPUT_KEYS, TARGET_KEYS, describe_path, flatten, get_path, guess,
+)
+from boundguard.integrations.torch.probe import Probe, ProbeResult, same_storage
+from boundguard.integrations.torch.reducer import Reducer
+from boundguard.model_facts import ModelFacts, classify_loss
+from boundguard.monitor import Decision, Monitor
+from boundguard.session import CountingPlan, Session
+from boundguard.stats import Snapshot
+from boundguard.surgery import BoundRecord, CannotBound
+
+__all__ = ["TorchEngine"]
+
+
+class TorchEngine:
+    """Probe, hooks, reducer and surgery for one torch model, driven by an integration."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.session = Session(config, adapter=self)
+        self.model: Optional[nn.Module] = None
+        self.reducer: Optional[Reducer] = None
+        self.probe: Optional[Probe] = None
+        self.probed = False
+        self.armed = False
+        self.distributed = False  # set by adapters running under torch.distributed
+        self.explicit_batch = False  # watch(): inputs/targets are passed to step(), or deliberately not
+        self.batch: Any = None  #: the current step's batch, set by the integration before begin_step
+        self.loss_seen = False  #: the current step's loss was recorded
+        self._batch_recorded = False
+        self._hooks: list = []
+        self._hooked_bounds = 0
+        self._result: Optional[ProbeResult] = None
+        self._target_path: Optional[tuple] = None
+        self._input_path: Optional[tuple] = None
+        self._pred_from_pre: Optional[Callable[[Tensor], Tensor]] = None
+        self._logits = False
+        self._plan: Optional[CountingPlan] = None
+
+    # ------------------------------------------------------------------ views
+    @property
+    def monitor(self) -> Monitor:
+        return self.session.monitor
+
+    @property
+    def step(self) -> int:
+        return self.session.step
+
+    @property
+    def disabled(self) -> bool:
+        return self.session.disabled
+
+    @property
+    def alerts(self) -> list[Alert]:
+        return self.session.alerts
+
+    @property
+    def bounds_inserted(self) -> list[dict]:
+        return self.session.bounds_inserted
+
+    @property
+    def last_snapshot(self) -> Optional[Snapshot]:
+        return self.session.last_snapshot
+
+    # ------------------------------------------------------------------ lifecycle
+    def attach(self, model: nn.Module, alerts_path: Optional[Path] = None, write: bool = True) -> None:
+        """Watch ``model``: open the files (``alerts_path`` is the adapter's default) and replay bounds."""
+        self.model = model
+        self.session.open(alerts_path, write=write)
+        if self.session.records:
+            apply_bounds(model, self.session.records)
+
+    def begin_step(self) -> None:
+        """Before the forward pass of a training step."""
+        if self.disabled or self.model is None:
+            return
+        self.armed = True
+        self.loss_seen = False
+        self._batch_recorded = False
+        if not self.probed and self.probe is None:
+            self.probe = Probe(self.model)
+            self.probe.start()
+
+    def record_loss(self, loss: Any) -> None:
+        if self.disabled or not isinstance(loss, Tensor):
+            return
+        if self.probe is not None and self.probe.active:
+            self._finish_probe(loss)
+        if self.reducer is not None and not self.loss_seen:
+            self.reducer.loss(loss)
+            self.loss_seen = True
+
+    def record_batch(self, batch: Any = None, inputs: Any = None, targets: Any = None) -> None:
+        """Targets and inputs of the step: given explicitly, or located in the batch (once per step)."""
+        if self.disabled or self.reducer is None or self._batch_recorded:
+            return
+        self._batch_recorded = True
+        y = targets if isinstance(targets, Tensor) else (
+            get_path(batch, self._target_path) if self._target_path is not None else None)
+        x = inputs if isinstance(inputs, Tensor) else (
+            get_path(batch, self._input_path) if self._input_path is not None else None)
+        if isinstance(y, Tensor):
+            self.reducer.target(y)
+        if isinstance(x, Tensor) and x.is_floating_point():
+            self.reducer.input(x)
+
+    def is_check_step(self, step: int) -> bool:
+        return self.session.is_check_step(step)
+
+    def end_step(self, epoch: Optional[int] = None) -> list[Decision]:
+        """After the optimiser step. Returns the decisions of a check (empty between checks)."""
+        if self.disabled:
+            return []
+        if self.probe is not None and self.probe.active:
+            self._finish_probe(None)
+        self.armed = False
+        due = self.session.count_steps(epoch=epoch)
+        if self.reducer is None:
+            return []
+        if due:
+            return self._check()
+        self.reducer.next_row()
+        return []
+
+    def _check(self) -> list[Decision]:
+        red = self.reducer
+        assert red is not None
+        red.next_row()
+        if self.distributed:
+            red.all_reduce()
+        rows, counts, seen = red.read()
+        try:
+            return self.session.check(rows, counts, seen)
+        finally:
+            if not self.disabled:
+                if len(self.session.records) != self._hooked_bounds:
+                    self._install_hooks()  # a bound was inserted: watch the bounded output
+                self._sync_plan()
+
+    def check_partial_step(self) -> list[Decision]:
+        """After the training loop raised mid-step: judge what the unfinished step already showed
+        (a NaN input before the loss crashed, say), so the alerts file explains the crash. Records
+        alerts only; takes no action."""
+        if self.disabled or self.reducer is None or not self.armed:
+            return []
+        self.armed = False
+        self._stop_probe()
+        self.session.count_steps()
+        red = self.reducer
+        red.next_row()
+        rows, counts, seen = red.read()
+        snap = Snapshot.from_rows(rows, counts, step=self.step, first_step=self.session.interval_start,
+                                  epoch=self.session.epoch, loss_seen=seen)
+        self.session.interval_start = self.step + 1
+        decisions = self.monitor.judge(snap)
+        for d in decisions:  # recorded and warned about; nothing else is done while the run unwinds
+            d.alert.details["during_exception"] = True
+            if d.action in ("halt", "raise", "bound"):
+                d.action = d.alert.action = "warn"
+        self.monitor.publish(decisions)
+        return decisions
+
+    def finish(self) -> None:
+        self._stop_probe()
+        self.session.finish()
+
+    def release(self) -> None:
+        """Adapter interface: remove the probe and every statistics hook (bounds stay)."""
+        self._stop_probe()
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+
+    def _stop_probe(self) -> None:
+        if self.probe is not None:
+            self.probe.stop()
+            self.probe = None
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        return self.session.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        records = self.session.load_state_dict(state)
+        if self.model is not None and records:
+            apply_bounds(self.model, records)
+
+    # ------------------------------------------------------------------ probe → hooks
+    def _finish_probe(self, loss: Optional[Tensor]) -> None:
+        probe = self.probe
+        assert probe is not None
+        probe.stop()
+        self.probe = None
+        self.probed = True
+        try:
+            r = probe.analyse(loss)
+        finally:
+            probe.recorder.calls.clear()
+            probe.recorder.producer.clear()
+        self._result = r
+        facts = ModelFacts(
+            pred_where=_where(r.pred_site) if r.pred_site else (_where(r.pre_site) if r.pre_site else None),
+            pre_where=_where(r.pre_site) if r.pre_site else None,
+            activation=r.activation, activation_params=r.activation_params,
+            loss=classify_loss(r.loss_name), loss_where=r.loss_name,
+        )
+        self._logits = bool(facts.loss and facts.loss.link_applied)
+        self.reducer = Reducer(self.config.check_every_n_steps, _device_of(self.model, r))
+        for key, msg, fix in r.notes:
+            self.session.note(key, msg, fix, step=self.step + 1)
+        if r.pre is not None:
+            facts.pre_dtype = str(r.pre.dtype).replace("torch.", "")
+        if r.pred is not None and r.pred.dim() >= 2:
+            facts.classes = int(r.pred.shape[1 if facts.loss and facts.loss.multiclass else -1])
+        self._locate_batch_tensors(r, facts)
+        self.session.set_facts(facts)
+        if r.target is not None:
+            self._observe_probe_targets(r.target.detach())
+        self._sync_plan()
+        self._install_hooks()
+        # statistics of this (probe) step come from the tensors the probe saw
+        self._reduce_outputs(r.pre, r.pred)
+        if r.target is not None and self._target_path is None:
+            self.reducer.target(r.target)
+
+    def _observe_probe_targets(self, t: Tensor) -> None:
+        tf = t.float()
+        fin = tf[torch.isfinite(tf)]
+        if fin.numel():
+            onehot = bool(t.dim() >= 2 and t.shape[-1] > 1 and ((tf == 0) | (tf == 1)).all()
+                          and (tf.sum(-1) == 1).all())
+            self.session.observe_targets(float(fin.min()), float(fin.max()), onehot=onehot)
+
+    def _locate_batch_tensors(self, r: ProbeResult, facts: ModelFacts) -> None:
+        batch, cfg = self.batch, self.config
+        tensors = list(flatten(batch)) if batch is not None else []
+        self._target_path = self._find_target(r, tensors)
+        self._input_path = self._find_input(r, tensors)
+        step = self.step + 1
+        if self._target_path is not None:
+            facts.target_where = describe_path("batch", self._target_path)
+            if batch is not None and get_path(batch, self._target_path) is None:
+                self.session.note("targets", f"target_key={cfg.target_key!r} is not in the batch.",
+                                  "Pass target_key= naming the batch entry (index or dict key) of the targets.",
+                                  step=step)
+                self._target_path = None
+        elif r.target is None and not self.explicit_batch:
+            self.session.note("targets", "the targets could not be located in the batch, so target checks and "
+                              "bounds inference are off.",
+                              "Pass target_key= (batch index or dict key) or bounds= explicitly.", step=step)
+        if r.target is not None:
+            facts.target_integer = not r.target.is_floating_point()
+        elif self._target_path is not None and batch is not None:
+            y = get_path(batch, self._target_path)
+            facts.target_integer = y is not None and not y.is_floating_point()
+        if self._input_path is not None and batch is not None:
+            x = get_path(batch, self._input_path)
+            if x is None:
+                self._input_path = None
+            else:
+                facts.input_where = describe_path("batch", self._input_path)
+                facts.input_integer = not x.is_floating_point()
+        if self._input_path is None and batch is not None and not self.explicit_batch:
+            self.session.note("inputs", "the inputs could not be located in the batch, so input checks are off.",
+                              "Pass input_key= (batch index or dict key).", step=step)
+
+    def _find_target(self, r: ProbeResult, tensors: list[tuple[tuple, Tensor]]) -> Optional[tuple]:
+        if self.config.target_key is not None:
+            return (self.config.target_key,)
+        if r.target is None:
+            return guess(tensors, TARGET_KEYS, position=1)
+        for path, t in tensors:
+            if t is r.target or (t.numel() == r.target.numel() and t.numel() > 0 and same_storage(t, r.target)):
+                return path
+        for path, t in tensors:
+            if t.numel() == r.target.numel() and t.numel() > 0 and torch.equal(
+                    t.detach().reshape(-1).float(), r.target.detach().reshape(-1).float()):
+                return path
+        return None
+
+    def _find_input(self, r: ProbeResult, tensors: list[tuple[tuple, Tensor]]) -> Optional[tuple]:
+        if self.config.input_key is not None:
+            return (self.config.input_key,)
+        root = [t for _, t in flatten(r.root_inputs)] if r.root_inputs else []
+        for path, t in tensors:
+            if any(t is u for u in root):
+                return path
+        return guess([(p, t) for p, t in tensors if p != self._target_path], INPUT_KEYS, 0)
+
+    def _sync_plan(self) -> None:
+        """Count against the bounds and activation in force (they change when bounds are inferred or a
+        bound is inserted)."""
+        plan = self.session.counting_plan()
+        if self.reducer is not None and plan != self._plan:
+            self.reducer.apply(plan)
+            self._plan = plan
+
+    def _install_hooks(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+        r = self._result
+        if r is None or self.model is None:
+            return
+        modules = dict(self.model.named_modules())
+        records = self.session.records
+        self._hooked_bounds = len(records)
+        pre_site, pred_site = r.pre_site, r.pred_site
+        if self._logits:
+            pred_site = None  # predictions are link(raw): in range by construction
+        replay = activation_fn(r.activation, r.activation_params) if r.pred_from_pre and not self._logits else None
+        if records and r.pred_from_pre:
+            hook = BoundHook(records[-1].to_dict())
+            act = replay or (lambda z: z)
+            replay = lambda z: act(hook.bound(z))  # noqa: E731
+        self._pred_from_pre = replay
+        same = (pre_site is not None and pred_site is not None and pre_site == pred_site and not records
+                and not self._logits)
+        if self.reducer is not None:
+            self.reducer.shared = same
+        if pre_site is not None and pre_site[0] in modules:
+            self._hooks.append(modules[pre_site[0]].register_forward_hook(
+                self._stats_hook(pre_site[1], "pre+pred" if same else "pre"), prepend=True))
+        if pred_site is not None and not same and pred_site[0] in modules:
+            self._hooks.append(modules[pred_site[0]].register_forward_hook(self._stats_hook(pred_site[1], "pred")))
+
+    def _stats_hook(self, path: tuple, what: str) -> Callable:
+        @_eager
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            if not self.armed or self.disabled:
+                return None
+            try:
+                t = (args[0] if args and isinstance(args[0], Tensor) else None) if path[:1] == (INPUT,) \
+                    else get_path(output, path)
+                if t is None:
+                    return None
+                if what == "pred":
+                    self.reducer.pred(t)
+                elif what == "pre+pred":
+                    self._reduce_outputs(t, t)
+                else:
+                    self._reduce_outputs(t, None)
+            except Exception as e:  # never break the user's forward pass
+                if self.config.strict:
+                    raise
+                self.session.disable(e)
+            return None
+        return hook
+
+    def _reduce_outputs(self, pre: Optional[Tensor], pred: Optional[Tensor]) -> None:
+        red = self.reducer
+        assert red is not None
+        if red.shared and pre is not None:  # identity head: one tensor is both
+            red.pre(pre, also_pred=True)
+            return
+        if pre is not None:
+            red.pre(pre)
+        if self._logits:
+            return
+        if pred is not None and self._result is not None and self._result.pred_site is not None:
+            red.pred(pred)
+        elif self._pred_from_pre is not None and pre is not None:
+            red.pred(self._pred_from_pre(pre.detach()))
+
+    # ------------------------------------------------------------------ surgery (adapter interface)
+    def insert_bound(self, record: BoundRecord) -> BoundRecord:
+        """Place the planned bound on the raw output that feeds the prediction and insert it."""
+        r, b = self._result, self.session.bounds
+        site = (r.pre_site or r.pred_site) if r is not None else None
+        if site is None or self.model is None:
+            raise CannotBound("on_violation='bound' could not insert a bound: the output layer was not located.")
+        facts = self.session.facts
+        dim = 1 if (r.pred is not None and r.pred.dim() >= 2 and b is not None and b.kind == "distribution"
+                    and facts.loss is not None and facts.loss.multiclass) else -1
+        placed = record.at(site[0], tuple(site[1]), dim=dim)
+        apply_bounds(self.model, [placed])
+        return placed
+
+
+def _eager(fn: Callable) -> Callable:
+    """Run ``fn`` eagerly under torch.compile: statistics writes into the monitor's buffer are
+    side effects dynamo must not trace (they would break AOT autograd's view-mutation rules)."""
+    try:
+        return torch._dynamo.disable(fn, recursive=True)
+    except Exception:  # pragma: no cover - torch without dynamo
+        return fn
+
+
+def _where(site: tuple[str, tuple]) -> str:
+    name, path = site
+    return describe_path(name or "model", path) if path and path != () else (name or "model")
+
+
+def _device_of(model: Optional[nn.Module], r: ProbeResult) -> torch.device:
+    for t in (r.pre, r.pred):
+        if isinstance(t, Tensor):
+            return t.device
+    if model is not None:
+        for p in model.parameters():
+            return p.device
+    return torch.device("cpu")

@@ -1,0 +1,323 @@
+"""The probe: one recorded training step finds the prediction, its pre-activation, the activation in
+between, the loss that consumes it, and the targets.
+
+A :class:`~torch.overrides.TorchFunctionMode` records every torch call of the step and forward hooks
+record every module's output; :meth:`Probe.analyse` walks back from the loss call's input to the
+module that produced it.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+
+from boundguard.integrations.torch.paths import INPUT, flatten
+from boundguard.model_facts import infer_activation
+
+__all__ = ["Probe", "ProbeResult", "same_storage"]
+
+_LOSS_FUNCS = {
+    "mse_loss", "l1_loss", "smooth_l1_loss", "huber_loss", "binary_cross_entropy",
+    "binary_cross_entropy_with_logits", "cross_entropy", "nll_loss", "kl_div", "multilabel_soft_margin_loss",
+    # losses boundguard does not judge by family, but whose input is still the prediction
+    "gaussian_nll_loss", "poisson_nll_loss", "soft_margin_loss", "multi_margin_loss", "hinge_embedding_loss",
+    "margin_ranking_loss", "cosine_embedding_loss", "triplet_margin_loss", "ctc_loss",
+}
+_SHAPE_OPS = {
+    "view", "reshape", "flatten", "squeeze", "unsqueeze", "__getitem__", "select", "contiguous", "float",
+    "to", "type", "permute", "transpose", "view_as", "reshape_as", "double", "half", "bfloat16", "clone",
+    "detach", "narrow", "expand", "expand_as",
+}
+_ACT_OPS = {"sigmoid", "tanh", "softmax", "log_softmax", "clamp", "clip", "hardtanh", "relu", "relu6",
+            "clamp_min", "clamp_max"}
+
+class _Call:
+    __slots__ = ("name", "func", "args", "kwargs", "out")
+
+    def __init__(self, name, func, args, kwargs, out):
+        self.name, self.func, self.args, self.kwargs, self.out = name, func, args, kwargs, out
+
+    def tensor_arg(self, pos: int = 0, name: Optional[str] = None) -> Optional[Tensor]:
+        if name and isinstance(self.kwargs.get(name), Tensor):
+            return self.kwargs[name]
+        ts = [a for a in self.args if isinstance(a, Tensor)]
+        return ts[pos] if len(ts) > pos else None
+
+    def arg(self, pos: int, name: str, default: Any = None) -> Any:
+        if name in self.kwargs:
+            return self.kwargs[name]
+        return self.args[pos] if len(self.args) > pos else default
+
+
+class _Recorder(TorchFunctionMode):
+    """Records every torch function call of the probe step, keeping the tensors alive so ids stay unique."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[_Call] = []
+        self.producer: dict[int, _Call] = {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        name = getattr(func, "__name__", "") or ""
+        if name.endswith("_") and not name.startswith("__"):  # in-place variants: treat like the op
+            name = name[:-1]
+        call = _Call(name, func, args, kwargs, out)
+        self.calls.append(call)
+        if isinstance(out, Tensor):
+            self.producer.setdefault(id(out), call)
+        return out
+
+
+class Probe:
+    """Watches one training step to find prediction, pre-activation, activation, loss, targets and inputs."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.names = {m: n for n, m in model.named_modules()}
+        self.recorder = _Recorder()
+        self.module_outputs: dict[int, tuple[str, tuple, Tensor]] = {}  # id(tensor) -> (module name, path, t)
+        self.module_inputs: dict[str, Tensor] = {}  # first tensor argument of each module's first call
+        self.order: list[tuple[str, nn.Module, Any]] = []
+        self.root_inputs: Optional[tuple] = None
+        self._handles: list = []
+        self.active = False
+
+    def start(self) -> None:
+        for m, name in self.names.items():
+            self._handles.append(m.register_forward_hook(self._hook(name)))
+        self._handles.append(self.model.register_forward_pre_hook(self._root_pre))
+        self.recorder.__enter__()
+        self.active = True
+
+    def stop(self) -> None:
+        if self.active:
+            self.active = False
+            try:
+                self.recorder.__exit__(None, None, None)
+            except Exception:  # another mode was pushed on top: leave the stack to its owner
+                pass
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def _root_pre(self, module, args):
+        if self.root_inputs is None:
+            self.root_inputs = args
+
+    def _hook(self, name: str):
+        def hook(module, args, output):
+            self.order.append((name, module, output))
+            if name not in self.module_inputs and args and isinstance(args[0], Tensor):
+                self.module_inputs[name] = args[0]
+            for path, t in flatten(output):
+                self.module_outputs.setdefault(id(t), (name, path, t))  # innermost module first
+        return hook
+
+    # -------------------------------------------------------------------------------- analysis
+    def _site(self, t: Tensor) -> Optional[tuple[str, tuple, Tensor]]:
+        site = self.module_outputs.get(id(t))
+        if site is not None:
+            return site
+        # the same storage under another view (e.g. logits.view(-1, C))
+        for name, path, u in self.module_outputs.values():
+            if u.numel() == t.numel() and u.numel() > 0 and same_storage(u, t):
+                return name, path, u
+        return None
+
+    def _has_params(self, name: str) -> bool:
+        m = dict(self.model.named_modules()).get(name)
+        return m is not None and any(True for _ in m.parameters(recurse=False))
+
+    def _walk_to_param_output(self, t: Tensor, max_depth: int = 12) -> tuple[Optional[tuple], list[_Call]]:
+        """From ``t`` back along first tensor arguments to the output of a parametrised module."""
+        chain: list[_Call] = []
+        cur = t
+        for _ in range(max_depth):
+            site = self._site(cur)
+            if site is not None and self._has_params(site[0]):
+                return site, chain
+            call = self.recorder.producer.get(id(cur))
+            if call is None:
+                return None, chain
+            nxt = call.tensor_arg(0)
+            if nxt is None:
+                return None, chain
+            chain.append(call)
+            cur = nxt
+        return None, chain
+
+    def analyse(self, loss: Optional[Tensor]) -> "ProbeResult":
+        r = ProbeResult()
+        calls = [c for c in self.recorder.calls if c.name in _LOSS_FUNCS]
+        chosen = None
+        if calls:
+            chosen = next((c for c in calls if loss is not None and c.out is loss), None) or calls[-1]
+            if len(calls) > 1:
+                r.notes.append(("loss", f"{len(calls)} loss calls were seen in one step "
+                                f"({', '.join(c.name for c in calls)}); watching the input of {chosen.name}.",
+                                "Compute the loss you want watched last, or pass bounds= explicitly."))
+        if chosen is not None:
+            r.loss_name = chosen.name
+            pred = chosen.tensor_arg(0, "input")
+            r.target = chosen.tensor_arg(1, "target")
+        else:
+            pred = None
+            r.notes.append(("loss", "no torch loss function (nn.*Loss or torch.nn.functional.*) was seen in the "
+                            "first training step, so the loss family and the prediction it consumes are unknown.",
+                            "Compute the loss with an nn.*Loss module or a torch.nn.functional loss on the "
+                            "model's output; the loss value itself is still watched."))
+            for _name, module, out in reversed(self.order):
+                if module is self.model:
+                    pred = next((t for _, t in flatten(out) if t.is_floating_point()), None)
+                    break
+        if pred is None:
+            r.notes.append(("prediction", "the prediction could not be located.",
+                            "Return the prediction from forward() and compute the loss on it."))
+            return r
+        r.pred = pred
+        # where the prediction comes from: a module output reached through shape ops only
+        site = self._site(pred)
+        cur, steps = pred, []
+        while site is None:
+            call = self.recorder.producer.get(id(cur))
+            if call is None or call.name not in _SHAPE_OPS | _ACT_OPS or call.tensor_arg(0) is None:
+                break
+            steps.append(call)
+            cur = call.tensor_arg(0)
+            site = self._site(cur)
+        # pre-activation: the input of a parameter-free activation module that produces the
+        # prediction (nn.Sigmoid, nn.Softmax, a custom activation module), else the output of the
+        # last parametrised layer before the prediction.
+        z = self._activation_module_input(site)
+        if z is not None:
+            r.pre_site, r.pre = (site[0], (INPUT, 0)), z
+            chain = self._chain_between(site[2], z)
+            r.activation, r.activation_params = (
+                _classify_chain(chain, z, site[2]) if chain is not None else infer_activation(_np(z), _np(site[2])))
+        else:
+            pre_site, chain = self._walk_to_param_output(pred)
+            if pre_site is None:
+                pre_site = self._fallback_pre(pred)
+                if pre_site is not None:
+                    r.activation, r.activation_params = infer_activation(_np(pre_site[2]), _np(pred))
+                    if r.activation == "unknown":
+                        pre_site = None
+            else:
+                r.activation, r.activation_params = _classify_chain(chain, pre_site[2], pred)
+            if pre_site is not None:
+                r.pre_site, r.pre = (pre_site[0], pre_site[1]), pre_site[2]
+        acts_after_site = [c for c in steps if c.name not in _SHAPE_OPS]
+        if site is not None and not acts_after_site:
+            r.pred_site = (site[0], site[1])
+        elif r.pre is not None and r.activation not in ("unknown",):
+            r.pred_from_pre = True  # the activation is applied outside any module: recompute it
+        else:
+            r.notes.append(("prediction", "the prediction is computed outside any module by operations "
+                            "boundguard cannot replay, so its range is not watched.",
+                            "Apply the output activation inside forward() (e.g. an nn.Sigmoid module)."))
+        if r.pre is None:
+            r.notes.append(("pre-activation", "the output layer's pre-activation could not be located "
+                            "(no parametrised layer leads to the prediction), so activation checks are off.",
+                            "Make the head an nn.Module with parameters (e.g. nn.Linear) followed by its activation."))
+        r.root_inputs = self.root_inputs
+        return r
+
+    def _activation_module_input(self, site: Optional[tuple]) -> Optional[Tensor]:
+        """The input tensor of ``site``'s module when it is a parameter-free leaf (an activation module)."""
+        if site is None or site[0] not in self.module_inputs:
+            return None
+        m = dict(self.model.named_modules()).get(site[0])
+        if m is None or m is self.model or any(True for _ in m.children()) or any(True for _ in m.parameters()):
+            return None
+        z = self.module_inputs[site[0]]
+        return z if z.is_floating_point() and z.numel() == site[2].numel() else None
+
+    def _chain_between(self, p: Tensor, z: Tensor, max_depth: int = 12) -> Optional[list[_Call]]:
+        """The recorded calls leading from ``z`` to ``p`` (walked backwards), or None if not connected."""
+        chain: list[_Call] = []
+        cur = p
+        for _ in range(max_depth):
+            if cur is z:
+                return chain
+            call = self.recorder.producer.get(id(cur))
+            if call is None or call.tensor_arg(0) is None:
+                return None
+            chain.append(call)
+            cur = call.tensor_arg(0)
+        return None
+
+    def _fallback_pre(self, pred: Tensor) -> Optional[tuple[str, tuple, Tensor]]:
+        for name, module, out in reversed(self.order):
+            if not any(True for _ in module.parameters(recurse=False)):
+                continue
+            for path, t in flatten(out):
+                if t.numel() == pred.numel() and t is not pred:
+                    return name, path, t
+        return None
+
+
+def same_storage(a: Tensor, b: Tensor) -> bool:
+    try:
+        return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr() and a.device == b.device
+    except Exception:
+        return False
+
+
+def _np(t: Tensor) -> np.ndarray:
+    return t.detach().float().cpu().numpy()
+
+
+def _classify_chain(chain: list[_Call], z: Tensor, p: Tensor) -> tuple[str, dict]:
+    """The activation a chain of recorded calls applies (walked from the prediction back to z)."""
+    acts = [c for c in chain if c.name not in _SHAPE_OPS]
+    if not acts:
+        return "identity", {}
+    c = acts[0]  # the outermost op decides the range of the prediction
+    if c.name in _ACT_OPS:
+        if c.name in ("sigmoid", "tanh"):
+            return c.name, {}
+        if c.name in ("softmax", "log_softmax"):
+            dim = c.arg(1, "dim", None)
+            return c.name, {"dim": int(dim) if isinstance(dim, int) else -1}
+        if c.name in ("clamp", "clip"):
+            lo, hi = c.arg(1, "min", None), c.arg(2, "max", None)
+            if isinstance(lo, (int, float)) or isinstance(hi, (int, float)) or (lo is None and hi is None):
+                lo = float(lo) if isinstance(lo, (int, float)) else None
+                hi = float(hi) if isinstance(hi, (int, float)) else None
+                if lo == 0.0 and hi is None:
+                    return "relu", {}
+                return "clamp", {"lo": lo, "hi": hi}
+        if c.name == "clamp_min":
+            return "clamp", {"lo": float(c.arg(1, "min", 0.0)), "hi": None}
+        if c.name == "clamp_max":
+            return "clamp", {"lo": None, "hi": float(c.arg(1, "max", 0.0))}
+        if c.name == "hardtanh":
+            return "clamp", {"lo": float(c.arg(1, "min_val", -1.0)), "hi": float(c.arg(2, "max_val", 1.0))}
+        if c.name == "relu":
+            return "relu", {}
+        if c.name == "relu6":
+            return "clamp", {"lo": 0.0, "hi": 6.0}
+    return infer_activation(_np(z), _np(p))
+
+
+class ProbeResult:
+    def __init__(self) -> None:
+        self.loss_name: Optional[str] = None
+        self.pred: Optional[Tensor] = None
+        self.pre: Optional[Tensor] = None
+        self.target: Optional[Tensor] = None
+        self.pred_site: Optional[tuple[str, tuple]] = None
+        self.pre_site: Optional[tuple[str, tuple]] = None
+        self.pred_from_pre = False
+        self.activation = "unknown"
+        self.activation_params: dict = {}
+        self.root_inputs: Optional[tuple] = None
+        self.notes: list[tuple[str, str, str]] = []
+
+
+# ----------------------------------------------------------------------------------------- activations

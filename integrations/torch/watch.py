@@ -1,0 +1,111 @@
+"""``watch(model)``: boundguard for a plain PyTorch training loop."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+from torch import nn
+
+from boundguard.alerts import Alert
+from boundguard.config import Config
+from boundguard.integrations.torch.engine import TorchEngine
+from boundguard.session import guarded
+
+__all__ = ["Guard", "watch"]
+
+
+class Guard:
+    """``watch(model, ...)`` for a plain PyTorch loop. Call :meth:`step` once per batch.
+
+    Example:
+        >>> import torch
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 1))
+        >>> with watch(model, bounds=(0, 1), on_violation="log", alerts_path=None) as guard:
+        ...     for _ in range(3):
+        ...         x, y = torch.randn(8, 4), torch.rand(8, 1)
+        ...         loss = torch.nn.functional.mse_loss(model(x), y)
+        ...         loss.backward()
+        ...         guard.step(loss=loss, inputs=x, targets=y)
+        >>> "missing_output_activation" in {a.code for a in guard.alerts}
+        True
+    """
+
+    def __init__(self, model: nn.Module, _entry: str = "watch()", **options: Any) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"{_entry} needs a torch.nn.Module, got {type(model).__name__}")
+        self.engine = TorchEngine(Config.from_options(_entry, options))
+        self._session = self.engine.session
+        self.engine.explicit_batch = True
+        self.engine.attach(model)
+        self._pre = model.register_forward_pre_hook(self._before_forward)
+        self._closed = False
+
+    @property
+    def should_stop(self) -> bool:
+        """True once an alert decided ``halt``: the loop should stop (``on_violation="halt"``)."""
+        return self._session.should_stop
+
+    @guarded
+    def _before_forward(self, module: nn.Module, args: Any) -> None:
+        e = self.engine
+        if module.training and not e.armed:
+            e.batch = args
+            e.begin_step()
+
+    def step(self, loss: Any = None, inputs: Any = None, targets: Any = None) -> list[Alert]:
+        """Record one training batch; at a check, judge and act. Returns the alerts raised at this call."""
+        if self._closed:
+            return []
+        return self._step(loss, inputs, targets) or []
+
+    @guarded
+    def _step(self, loss: Any, inputs: Any, targets: Any) -> list[Alert]:
+        e = self.engine
+        if not e.armed:
+            e.begin_step()  # no forward seen (e.g. model in eval mode): still count the step
+        e.batch = (inputs, targets)
+        if loss is not None:
+            e.record_loss(loss)
+        elif e.probe is not None and e.probe.active:
+            e._finish_probe(None)
+        e.record_batch(None, inputs=inputs, targets=targets)
+        return [d.alert for d in e.end_step()]
+
+    @property
+    def alerts(self) -> list[Alert]:
+        """Every alert so far, oldest first."""
+        return self._session.alerts
+
+    @property
+    def bounds_inserted(self) -> list[dict]:
+        """Records of the bounding activations inserted (copies; see :func:`apply_bounds`)."""
+        return self._session.bounds_inserted
+
+    @property
+    def alerts_path(self) -> Optional[Path]:
+        return self._session.alerts_path
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.engine.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.engine.load_state_dict(state)
+
+    def close(self) -> None:
+        """Remove the hooks and close the files (an inserted bound stays on the model)."""
+        if not self._closed:
+            self._closed = True
+            self._pre.remove()
+            self.engine.release()
+            self.engine.finish()
+
+    def __enter__(self) -> "Guard":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def watch(model: nn.Module, **options: Any) -> Guard:
+    """Monitor a plain PyTorch training loop; same options as the callbacks. See :class:`Guard`."""
+    return Guard(model, **options)
