@@ -145,7 +145,15 @@ def make_callback(pl: Any) -> type:
                     logger.log_metrics(metrics, step=trainer.global_step)
 
         def on_train_end(self, trainer: Any, pl_module: Any) -> None:
-            self._engine.finish()
+            try:
+                self._final_check()
+            finally:
+                self._engine.finish()
+
+        @guarded
+        def _final_check(self) -> None:
+            """The steps since the last check are judged at the end of the run (every rank, same step)."""
+            self._engine.final_check()
 
         def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
             try:

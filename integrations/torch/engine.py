@@ -161,6 +161,14 @@ class TorchEngine:
                     self._install_hooks()  # a bound was inserted: watch the bounded output
                 self._sync_plan()
 
+    def final_check(self) -> list[Decision]:
+        """At the end of training: judge the steps since the last check, so a NaN in the last batches of
+        a run is reported too. Under DDP every rank calls it at the same step (the collectives match)."""
+        if self.disabled or self.reducer is None or self.step < self.session.interval_start:
+            return []
+        self._stop_probe()
+        return self._check()
+
     def check_partial_step(self) -> list[Decision]:
         """After the training loop raised mid-step: judge what the unfinished step already showed
         (a NaN input before the loss crashed, say), so the alerts file explains the crash. Records

@@ -6,7 +6,7 @@ from typing import Any, Optional
 
 from torch import nn
 
-from boundguard.alerts import Alert
+from boundguard.alerts import Alert, BoundGuardError
 from boundguard.config import Config
 from boundguard.integrations.torch.engine import TorchEngine
 from boundguard.session import guarded
@@ -92,18 +92,37 @@ class Guard:
         self.engine.load_state_dict(state)
 
     def close(self) -> None:
-        """Remove the hooks and close the files (an inserted bound stays on the model)."""
-        if not self._closed:
-            self._closed = True
+        """Judge the steps since the last check, remove the hooks and close the files (an inserted bound
+        stays on the model). With ``on_violation="raise"`` the final check may raise."""
+        self._close(final=True)
+
+    def _close(self, final: bool) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if final:
+                self._final_check()
+        finally:
             self._pre.remove()
             self.engine.release()
             self.engine.finish()
 
+    @guarded
+    def _final_check(self) -> None:
+        self.engine.final_check()
+
     def __enter__(self) -> "Guard":
         return self
 
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
+    def __exit__(self, exc_type: Any, *exc: Any) -> None:
+        if exc_type is None:
+            self.close()
+            return
+        try:  # the loop raised: judge what it saw, but never replace the user's exception
+            self._close(final=True)
+        except BoundGuardError:
+            pass
 
 
 def watch(model: nn.Module, **options: Any) -> Guard:

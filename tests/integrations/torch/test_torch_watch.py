@@ -374,7 +374,8 @@ def test_unlocatable_loss_gives_one_info_alert(tmp_path):
     assert loud(guard.alerts) == []
     assert not guard.engine.disabled
     assert guard.engine.monitor.facts.loss is None
-    assert list(guard.engine.last_snapshot.loss_steps) == [3, 4]  # the loss value itself is still watched
+    # the loss value itself is still watched: the last snapshot is the final check at close (step 5)
+    assert list(guard.engine.last_snapshot.loss_steps) == [5]
 
 
 # ----------------------------------------------------------------------------------------- no side effects

@@ -1,0 +1,118 @@
+"""The torch adapter on the shared session: options named at the entry point, one bound per run with
+the file agreeing with ``guard.alerts``, no stacked bounds, warnings attributed to the user's code, and
+the final check at the end of a run."""
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from boundguard.integrations.torch import BoundHook, apply_bounds, watch
+from torch import nn
+
+from boundguard import BoundGuardWarning
+
+
+@pytest.fixture(autouse=True)
+def _quiet_logs_and_seed(caplog):
+    caplog.set_level(logging.CRITICAL + 1, logger="boundguard")
+    torch.manual_seed(0)
+
+
+def raw_head() -> nn.Module:
+    m = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+    with torch.no_grad():
+        m[2].weight.mul_(6.0)  # the raw output leaves [0, 1] at once
+    return m
+
+
+def fit(model, guard, steps, nan_at=()):
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    g = torch.Generator().manual_seed(1)
+    for i in range(1, steps + 1):
+        x, y = torch.randn(16, 4, generator=g), torch.rand(16, 1, generator=g)
+        if i in nan_at:
+            x[0, 0] = float("nan")
+        loss = F.mse_loss(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        guard.step(loss=loss, inputs=x, targets=y)
+
+
+def test_unknown_option_names_watch_and_the_valid_options():
+    with pytest.raises(TypeError) as info:
+        watch(raw_head(), check_every=10)
+    msg = str(info.value)
+    assert "watch() got an unknown option 'check_every'" in msg
+    assert "check_every_n_steps" in msg and "on_violation" in msg and "alerts_path" in msg
+
+
+def test_bound_with_two_range_alerts_file_and_memory_agree(tmp_path):
+    model = raw_head()
+    path = tmp_path / "alerts.jsonl"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with watch(model, bounds=(0, 1), on_violation="bound", alerts_path=path) as guard:
+            fit(model, guard, 3)
+    memory = {a.code: a.action for a in guard.alerts if a.code in ("output_out_of_range", "missing_output_activation")}
+    assert sorted(memory.values()) == ["bound", "warn"], memory
+    records = [json.loads(x) for x in path.read_text().splitlines()]
+    on_file = {r["code"]: r["action"] for r in records if r.get("event") == "new" and r["code"] in memory}
+    assert on_file == memory
+    assert len(guard.bounds_inserted) == 1
+    with torch.no_grad():
+        out = model(torch.randn(256, 4) * 10)
+    assert out.min() >= 0 and out.max() <= 1
+
+
+def test_bounds_inserted_is_a_copy(tmp_path):
+    model = raw_head()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with watch(model, bounds=(0, 1), on_violation="bound", alerts_path=tmp_path / "a.jsonl") as guard:
+            fit(model, guard, 2)
+    guard.bounds_inserted[0]["kind"] = "tanh"
+    guard.bounds_inserted.clear()
+    assert [r["kind"] for r in guard.bounds_inserted] == ["sigmoid"]
+    assert [r["kind"] for r in guard.state_dict()["monitor"]["inserted"]] == ["sigmoid"]
+
+
+def test_apply_bounds_never_stacks_a_second_hook():
+    model = raw_head()
+    rec = {"module": "2", "path": [], "kind": "sigmoid", "lo": 0.0, "hi": 1.0, "dim": -1, "step": 1}
+    apply_bounds(model, [rec])
+    apply_bounds(model, [rec])
+    vars(model).pop("_boundguard_bounds", None)  # the marker older versions relied on is gone...
+    apply_bounds(model, [dict(rec)])  # ... and a third call still finds the hook on the module
+    hooks = [h for h in model[2]._forward_hooks.values() if isinstance(h, BoundHook)]
+    assert len(hooks) == 1
+    x = torch.randn(8, 4)
+    with torch.no_grad():
+        z = model[2](model[1](model[0](x)))  # the hooked layer alone already applies the bound
+        raw = F.linear(model[1](model[0](x)), model[2].weight, model[2].bias)
+    torch.testing.assert_close(z, torch.sigmoid(raw))  # sigmoid(z), never sigmoid(sigmoid(z))
+
+
+def test_warnings_point_at_the_training_loop(tmp_path):
+    model = raw_head()
+    with pytest.warns(BoundGuardWarning) as record:
+        with watch(model, bounds=(0, 1), alerts_path=tmp_path / "a.jsonl") as guard:
+            fit(model, guard, 1)
+    assert record and {w.filename for w in record} == {__file__}
+
+
+def test_the_end_of_a_run_is_judged(tmp_path):
+    """NaN inputs only in batches 58-60, with checks every 50 steps: seen at close()."""
+    model = nn.Sequential(nn.Linear(4, 1), nn.Sigmoid())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        guard = watch(model, bounds=(0, 1), alerts_path=tmp_path / "a.jsonl")
+        fit(model, guard, 60, nan_at=(58, 59, 60))
+        assert not [a for a in guard.alerts if a.code == "nonfinite_input"]
+        guard.close()
+    (alert,) = [a for a in guard.alerts if a.code == "nonfinite_input"]
+    assert alert.step == 60 and alert.severity == "critical"
