@@ -1,4 +1,9 @@
-"""The Lightning callback, built for either namespace (``lightning.pytorch`` or ``pytorch_lightning``)."""
+"""The Lightning callback's behaviour, shared by both namespaces.
+
+``boundguard.integrations.lightning.BoundGuard`` is ``class BoundGuard(LightningGuard, lightning.pytorch.Callback)``
+and ``boundguard.integrations.pytorch_lightning.BoundGuard`` the same on ``pytorch_lightning.Callback``: two
+real classes (for type checkers and LightningCLI), one implementation.
+"""
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,171 +14,166 @@ from boundguard.config import Config
 from boundguard.integrations.torch import DEFAULT_ALERTS_PATH, TorchEngine, apply_bounds
 from boundguard.session import guarded
 
-__all__ = ["make_callback"]
+__all__ = ["LightningGuard"]
 
 
-def make_callback(pl: Any) -> type:
-    """Build ``BoundGuard`` on the ``Callback`` class of the namespace ``pl``."""
+class LightningGuard:
+    """Watch a LightningModule's predictions, pre-activations, targets, inputs and loss.
 
-    class BoundGuard(pl.Callback):
-        """Watch a LightningModule's predictions, pre-activations, targets, inputs and loss.
+    One line: ``Trainer(callbacks=[BoundGuard(bounds=(0, 1))])``. Statistics are reduced on the
+    device every step and read back once per check (every ``check_every_n_steps``, and at the first
+    step); alerts carry a code, numbers and a fix (see the README's catalogue).
 
-        One line: ``Trainer(callbacks=[BoundGuard(bounds=(0, 1))])``. Statistics are reduced on the
-        device every step and read back once per check (every ``check_every_n_steps``, and at the first
-        step); alerts carry a code, numbers and a fix (see the README's catalogue).
+    Args:
+        bounds: ``"auto"`` (infer from targets and loss), ``None`` (no range checks), ``(lo, hi)``,
+            a :class:`boundguard.Bounds`, or ``"probability"`` / ``"symmetric"`` / ``"distribution"``.
+        on_violation: ``"log"`` | ``"warn"`` | ``"halt"`` | ``"raise"`` | ``"bound"``: what an alert of
+            severity warning or above does.
+        actions: per-code override of ``on_violation``, e.g. ``{"nonfinite_loss": "halt"}``.
+        check_every_n_steps: how often statistics are read back and judged.
+        alerts_path: the JSON-lines alerts file (``stats.jsonl`` goes beside it); ``None``:
+            ``alerts.jsonl`` in the trainer's log dir, or ``./boundguard/alerts.jsonl`` without a logger.
+        thresholds: per-code rule thresholds, e.g. ``{"loss_spike": {"factor": 6}}``.
+        input_key: where the inputs are in the batch (index or dict key) when not found automatically.
+        target_key: where the targets are in the batch, likewise.
+        log_stats: log ``boundguard/<stat>`` metrics through the trainer's loggers at each check.
+        strict: re-raise internal errors instead of switching the monitor off (for tests).
 
-        Args:
-            bounds: ``"auto"`` (infer from targets and loss), ``None`` (no range checks), ``(lo, hi)``,
-                a :class:`boundguard.Bounds`, or ``"probability"`` / ``"symmetric"`` / ``"distribution"``.
-            on_violation: ``"log"`` | ``"warn"`` | ``"halt"`` | ``"raise"`` | ``"bound"``: what an alert of
-                severity warning or above does.
-            actions: per-code override of ``on_violation``, e.g. ``{"nonfinite_loss": "halt"}``.
-            check_every_n_steps: how often statistics are read back and judged.
-            alerts_path: the JSON-lines alerts file (``stats.jsonl`` goes beside it); ``None``:
-                ``alerts.jsonl`` in the trainer's log dir, or ``./boundguard/alerts.jsonl`` without a logger.
-            thresholds: per-code rule thresholds, e.g. ``{"loss_spike": {"factor": 6}}``.
-            input_key: where the inputs are in the batch (index or dict key) when not found automatically.
-            target_key: where the targets are in the batch, likewise.
-            log_stats: log ``boundguard/<stat>`` metrics through the trainer's loggers at each check.
-            strict: re-raise internal errors instead of switching the monitor off (for tests).
+    Logged metrics (at check steps only): ``boundguard/output_min``, ``boundguard/output_max``,
+    ``boundguard/out_of_bounds_share``, ``boundguard/preact_absmax``, ``boundguard/preact_rms``,
+    ``boundguard/input_rms``, ``boundguard/loss_mean``, ``boundguard/alerts``.
 
-        Logged metrics (at check steps only): ``boundguard/output_min``, ``boundguard/output_max``,
-        ``boundguard/out_of_bounds_share``, ``boundguard/preact_absmax``, ``boundguard/preact_rms``,
-        ``boundguard/input_rms``, ``boundguard/loss_mean``, ``boundguard/alerts``.
+    Example:
+        >>> from boundguard.integrations.lightning import BoundGuard
+        >>> guard = BoundGuard(bounds=(0, 1), on_violation="bound")
+        >>> # Trainer(callbacks=[guard]).fit(model); guard.alerts
+    """
 
-        Example:
-            >>> from boundguard.integrations.lightning import BoundGuard
-            >>> guard = BoundGuard(bounds=(0, 1), on_violation="bound")
-            >>> # Trainer(callbacks=[guard]).fit(model); guard.alerts
-        """
+    def __init__(
+        self,
+        bounds: Any = "auto",
+        on_violation: str = "warn",
+        actions: Optional[dict] = None,
+        check_every_n_steps: int = 50,
+        alerts_path: Any = None,
+        *,
+        thresholds: Optional[dict] = None,
+        input_key: Any = None,
+        target_key: Any = None,
+        log_stats: bool = True,
+        strict: bool = False,
+    ) -> None:
+        super().__init__()
+        if not isinstance(log_stats, bool):
+            raise TypeError(f"log_stats must be a bool, got {log_stats!r}")
+        self._config = Config(bounds=bounds, on_violation=on_violation, actions=actions,
+                              check_every_n_steps=check_every_n_steps, alerts_path=alerts_path,
+                              thresholds=thresholds, input_key=input_key, target_key=target_key, strict=strict)
+        self._engine = TorchEngine(self._config)
+        self._session = self._engine.session
+        self._log_stats = log_stats
+        self._state_key: Optional[str] = None
 
-        def __init__(
-            self,
-            bounds: Any = "auto",
-            on_violation: str = "warn",
-            actions: Optional[dict] = None,
-            check_every_n_steps: int = 50,
-            alerts_path: Any = None,
-            *,
-            thresholds: Optional[dict] = None,
-            input_key: Any = None,
-            target_key: Any = None,
-            log_stats: bool = True,
-            strict: bool = False,
-        ) -> None:
-            super().__init__()
-            if not isinstance(log_stats, bool):
-                raise TypeError(f"log_stats must be a bool, got {log_stats!r}")
-            self._config = Config(bounds=bounds, on_violation=on_violation, actions=actions,
-                                  check_every_n_steps=check_every_n_steps, alerts_path=alerts_path,
-                                  thresholds=thresholds, input_key=input_key, target_key=target_key, strict=strict)
-            self._engine = TorchEngine(self._config)
-            self._session = self._engine.session
-            self._log_stats = log_stats
-            self._state_key: Optional[str] = None
+    # -------------------------------------------------------------- public
+    @property
+    def alerts(self) -> list[Alert]:
+        """Every alert so far, oldest first."""
+        return self._session.alerts
 
-        # -------------------------------------------------------------- public
-        @property
-        def alerts(self) -> list[Alert]:
-            """Every alert so far, oldest first."""
-            return self._session.alerts
+    @property
+    def bounds_inserted(self) -> list[dict]:
+        """Records of the bounding activations inserted (copies; replayed on resume; see ``apply_bounds``)."""
+        return self._session.bounds_inserted
 
-        @property
-        def bounds_inserted(self) -> list[dict]:
-            """Records of the bounding activations inserted (copies; replayed on resume; see ``apply_bounds``)."""
-            return self._session.bounds_inserted
+    @property
+    def alerts_path(self) -> Optional[Path]:
+        return self._session.alerts_path
 
-        @property
-        def alerts_path(self) -> Optional[Path]:
-            return self._session.alerts_path
+    @property
+    def state_key(self) -> str:
+        if self._state_key is None:  # Lightning asks several times per step
+            d = self._config.describe()
+            self._state_key = self._generate_state_key(
+                bounds=d["bounds"], on_violation=d["on_violation"], check_every_n_steps=d["check_every_n_steps"])
+        return self._state_key
 
-        @property
-        def state_key(self) -> str:
-            if self._state_key is None:  # Lightning asks several times per step
-                d = self._config.describe()
-                self._state_key = self._generate_state_key(
-                    bounds=d["bounds"], on_violation=d["on_violation"], check_every_n_steps=d["check_every_n_steps"])
-            return self._state_key
+    # -------------------------------------------------------------- hooks
+    @guarded
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        if stage != "fit":
+            return
+        default = DEFAULT_ALERTS_PATH
+        if self._config.alerts_path is None and trainer.loggers:
+            log_dir = trainer.log_dir
+            if log_dir:
+                default = Path(log_dir) / "alerts.jsonl"
+        self._engine.attach(pl_module, default, write=trainer.is_global_zero)
+        self._engine.distributed = trainer.world_size > 1
 
-        # -------------------------------------------------------------- hooks
-        @guarded
-        def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
-            if stage != "fit":
-                return
-            default = DEFAULT_ALERTS_PATH
-            if self._config.alerts_path is None and trainer.loggers:
-                log_dir = trainer.log_dir
-                if log_dir:
-                    default = Path(log_dir) / "alerts.jsonl"
-            self._engine.attach(pl_module, default, write=trainer.is_global_zero)
-            self._engine.distributed = trainer.world_size > 1
+    @guarded
+    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        if self._session.records:  # replay bounds restored from a checkpoint
+            apply_bounds(pl_module, self._session.records)
 
-        @guarded
-        def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
-            if self._session.records:  # replay bounds restored from a checkpoint
-                apply_bounds(pl_module, self._session.records)
+    @guarded
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        self._engine.batch = batch
+        self._engine.begin_step()
+        self._engine.record_batch(batch)  # from step 2 on (the probe locates the tensors at step 1)
 
-        @guarded
-        def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
-            self._engine.batch = batch
-            self._engine.begin_step()
-            self._engine.record_batch(batch)  # from step 2 on (the probe locates the tensors at step 1)
+    @guarded
+    def on_before_backward(self, trainer: Any, pl_module: Any, loss: Any) -> None:
+        self._engine.record_loss(loss)
 
-        @guarded
-        def on_before_backward(self, trainer: Any, pl_module: Any, loss: Any) -> None:
-            self._engine.record_loss(loss)
+    @guarded
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        e = self._engine
+        if not e.loss_seen:  # manual optimisation: the loss comes back in the outputs
+            loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+            e.record_loss(loss)
+        e.record_batch(batch)
+        checking = e.is_check_step(e.step + 1)  # decided before the step counts, on every rank
+        e.end_step(epoch=trainer.current_epoch)
+        if not checking:
+            return
+        # a collective decision at every check, so ranks never diverge
+        if trainer.strategy.reduce_boolean_decision(self._session.should_stop, all=False):
+            trainer.should_stop = True
+        snap = self._session.last_snapshot
+        if self._log_stats and snap is not None and snap.step == e.step and trainer.loggers:
+            metrics = snap.metrics()
+            metrics["boundguard/alerts"] = float(len(self._session.monitor.alerts))
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=trainer.global_step)
 
-        @guarded
-        def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-            e = self._engine
-            if not e.loss_seen:  # manual optimisation: the loss comes back in the outputs
-                loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
-                e.record_loss(loss)
-            e.record_batch(batch)
-            checking = e.is_check_step(e.step + 1)  # decided before the step counts, on every rank
-            e.end_step(epoch=trainer.current_epoch)
-            if not checking:
-                return
-            # a collective decision at every check, so ranks never diverge
-            if trainer.strategy.reduce_boolean_decision(self._session.should_stop, all=False):
-                trainer.should_stop = True
-            snap = self._session.last_snapshot
-            if self._log_stats and snap is not None and snap.step == e.step and trainer.loggers:
-                metrics = snap.metrics()
-                metrics["boundguard/alerts"] = float(len(self._session.monitor.alerts))
-                for logger in trainer.loggers:
-                    logger.log_metrics(metrics, step=trainer.global_step)
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        try:
+            self._final_check()
+        finally:
+            self._engine.finish()
 
-        def on_train_end(self, trainer: Any, pl_module: Any) -> None:
-            try:
-                self._final_check()
-            finally:
-                self._engine.finish()
+    @guarded
+    def _final_check(self) -> None:
+        """The steps since the last check are judged at the end of the run (every rank, same step)."""
+        self._engine.final_check()
 
-        @guarded
-        def _final_check(self) -> None:
-            """The steps since the last check are judged at the end of the run (every rank, same step)."""
-            self._engine.final_check()
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        try:
+            if not isinstance(exception, BoundGuardError):
+                self._engine.check_partial_step()
+        except Exception:  # never mask the user's exception
+            pass
+        finally:
+            self._engine.finish()
 
-        def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
-            try:
-                if not isinstance(exception, BoundGuardError):
-                    self._engine.check_partial_step()
-            except Exception:  # never mask the user's exception
-                pass
-            finally:
-                self._engine.finish()
+    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        if stage == "fit":
+            self._engine.release()
+            self._engine.finish()
 
-        def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
-            if stage == "fit":
-                self._engine.release()
-                self._engine.finish()
+    # -------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        return self._engine.state_dict()
 
-        # -------------------------------------------------------------- state
-        def state_dict(self) -> dict[str, Any]:
-            return self._engine.state_dict()
-
-        def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-            self._engine.load_state_dict(state_dict)
-
-    return BoundGuard
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._engine.load_state_dict(state_dict)

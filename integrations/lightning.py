@@ -6,11 +6,12 @@ except ImportError as e:  # pragma: no cover - exercised only without lightning
         "boundguard.integrations.lightning needs Lightning: pip install 'boundguard[lightning]'"
     ) from e
 
-from boundguard.integrations._lightning import make_callback
+from boundguard.integrations._lightning import LightningGuard
 from boundguard.integrations.torch import apply_bounds, watch
 
-BoundGuard = make_callback(_pl)
-BoundGuard.__module__ = __name__
-BoundGuard.__qualname__ = "BoundGuard"
+
+class BoundGuard(LightningGuard, _pl.Callback):
+    __doc__ = LightningGuard.__doc__
+
 
 __all__ = ["BoundGuard", "apply_bounds", "watch"]

@@ -7,11 +7,12 @@ except ImportError as e:  # pragma: no cover - exercised only without pytorch_li
         "pip install 'boundguard[lightning]' pytorch-lightning"
     ) from e
 
-from boundguard.integrations._lightning import make_callback
+from boundguard.integrations._lightning import LightningGuard
 from boundguard.integrations.torch import apply_bounds, watch
 
-BoundGuard = make_callback(_pl)
-BoundGuard.__module__ = __name__
-BoundGuard.__qualname__ = "BoundGuard"
+
+class BoundGuard(LightningGuard, _pl.Callback):
+    __doc__ = LightningGuard.__doc__
+
 
 __all__ = ["BoundGuard", "apply_bounds", "watch"]

@@ -10,7 +10,6 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import numpy as np
-import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
