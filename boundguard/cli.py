@@ -17,20 +17,27 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import json
 import os
 import sys
 import textwrap
-from typing import Optional, Sequence, TextIO
+from typing import TYPE_CHECKING, Optional, Sequence, TextIO
 
 from boundguard.alerts import SEVERITIES, severity_rank
 from boundguard.catalogue import CATALOGUE, CODES, Entry
 
-__all__ = ["main", "build_parser", "EXIT_OK", "EXIT_ALERTS", "EXIT_ERROR"]
+if TYPE_CHECKING:
+    from boundguard.report import AlertGroup, RunReport
+
+__all__ = ["main", "build_parser", "EXIT_OK", "EXIT_ALERTS", "EXIT_ERROR", "render_text", "render_markdown",
+           "render_json", "catalogue_markdown", "replace_catalogue", "CATALOGUE_START", "CATALOGUE_END"]
 
 EXIT_OK = 0
 EXIT_ALERTS = 1
 EXIT_ERROR = 2
 PROG = "boundguard"
+CATALOGUE_START = "<!-- catalogue:start -->"
+CATALOGUE_END = "<!-- catalogue:end -->"
 
 
 class _Usage(Exception):
@@ -60,14 +67,14 @@ def _cmd_report(args: argparse.Namespace) -> int:
             code = EXIT_ALERTS
     errors = [r.error for r in runs if r.error]
     if args.format == "json":
-        text = rp.render_json(runs)
+        text = render_json(runs)
     elif args.format == "markdown":
-        text = rp.render_markdown(runs)
+        text = render_markdown(runs)
     elif _use_rich(args.color):
         _write_rich(runs)
         text = ""
     else:
-        text = rp.render_text(runs)
+        text = render_text(runs)
     sys.stdout.write(text)
     sys.stdout.flush()
     for e in errors:
@@ -127,10 +134,110 @@ def _write_rich(runs: Sequence) -> None:
                 if g.value is not None and g.threshold is not None:
                     worst.append(f"\nthreshold {rp._g(g.threshold)}", style="dim")
                 table.add_row(Text(g.severity, style=_RICH_STYLES.get(g.severity, "")), Text(g.code),
-                              str(g.count), rp._steps(g), worst, body)
+                              str(g.count), _steps(g), worst, body)
             console.print(table)
         console.print()
-    console.print(Text(rp._totals(runs)))
+    console.print(Text(_totals(runs)))
+
+
+# ---------------------------------------------------------------------------------------- report: text, Markdown, JSON
+def _steps(g: AlertGroup) -> str:
+    return str(g.first_step) if g.first_step == g.last_step else f"{g.first_step}-{g.last_step}"
+
+
+def _worst(g: AlertGroup) -> str:
+    from boundguard.report import _g
+
+    if g.value is None:
+        return "-"
+    return _g(g.value) + (f" (threshold {_g(g.threshold)})" if g.threshold is not None else "")
+
+
+def _totals(runs: Sequence[RunReport]) -> str:
+    from boundguard.report import worst_severity
+
+    n_alerting = sum(1 for r in runs if r.groups)
+    worst = worst_severity(runs)
+    text = f"{len(runs)} run{'s' if len(runs) != 1 else ''}, {n_alerting} with alerts"
+    return text + (f"; highest severity: {worst}." if worst else ".")
+
+
+def render_text(runs: Sequence[RunReport]) -> str:
+    """Plain text, one block per run: a row per code, its message and fix beneath it."""
+    from boundguard.report import worst_severity
+
+    out: list[str] = []
+    for run in runs:
+        out.append(run.name)
+        summary = run.stats_summary()
+        if summary:
+            out.append(f"  {summary}")
+        if run.error:
+            out.append(f"  unreadable: {run.error}")
+        elif not run.groups:
+            out.append("  No alerts: no check found a problem." if run.stats is not None and run.stats.checks
+                       else "  No alerts.")
+        else:
+            out += _text_table(run.groups)
+        out.append("")
+    out.append(_totals(runs) + (" Details of a code: boundguard explain CODE" if worst_severity(runs) else ""))
+    return "\n".join(out) + "\n"
+
+
+def _text_table(groups: Sequence[AlertGroup]) -> list[str]:
+    """The rows of one run's table (columns aligned, the count right-aligned), each code's message and
+    fix beneath its row."""
+    header = ("severity", "code", "count", "steps", "worst (threshold)", "where")
+    rows = [header] + [(g.severity, g.code, str(g.count), _steps(g), _worst(g), ", ".join(g.where)) for g in groups]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    right = {2}
+    out: list[str] = []
+    for i, row in enumerate(rows):
+        cells = [c.rjust(w) if j in right else c.ljust(w) for j, (c, w) in enumerate(zip(row, widths))]
+        out.append(("  " + "  ".join(cells)).rstrip())
+        if i:
+            g = groups[i - 1]
+            out.append(f"      message: {g.message}")
+            out.append(f"      fix:     {g.fix}")
+    return out
+
+
+def _md_cell(text: str) -> str:
+    r"""One Markdown table cell: on one line, with ``|`` and ``\`` escaped.
+
+    >>> _md_cell("a | b\n  c")
+    'a \\| b c'
+    """
+    return " ".join(str(text).split()).replace("\\", "\\\\").replace("|", "\\|")
+
+
+def render_markdown(runs: Sequence[RunReport]) -> str:
+    """A Markdown section per run with a table of its codes (for CI summaries and issues)."""
+    out = ["# boundguard report", "", _totals(runs), ""]
+    for run in runs:
+        out += [f"## `{run.name}`", ""]
+        summary = run.stats_summary()
+        if summary:
+            out += [summary[0].upper() + summary[1:] + ".", ""]
+        if run.error:
+            out += [f"**Unreadable:** {_md_cell(run.error)}", ""]
+            continue
+        if not run.groups:
+            out += ["No alerts.", ""]
+            continue
+        out.append("| severity | code | count | steps | worst (threshold) | where | message | fix |")
+        out.append("| --- | --- | ---: | --- | --- | --- | --- | --- |")
+        for g in run.groups:
+            out.append(f"| {g.severity} | `{g.code}` | {g.count} | {_steps(g)} | {_md_cell(_worst(g))} | "
+                       f"{_md_cell(', '.join(g.where))} | {_md_cell(g.message)} | {_md_cell(g.fix)} |")
+        out.append("")
+    return "\n".join(out)
+
+
+def render_json(runs: Sequence[RunReport]) -> str:
+    from boundguard.report import report_dict
+
+    return json.dumps(report_dict(runs), indent=2, allow_nan=False) + "\n"
 
 
 # ---------------------------------------------------------------------------------------- plot
@@ -157,7 +264,9 @@ def _cmd_plot(args: argparse.Namespace) -> int:
     if run.stats is not None and run.stats.runs > 1:
         _warn(f"{run.stats.path} holds {run.stats.runs} runs appended one after another; plotting the last")
     w, h = args.size
-    out = rp.plot_run(run, args.output, title=args.title, size=(w / args.dpi, h / args.dpi), dpi=args.dpi)
+    from boundguard.plot import plot_run
+
+    out = plot_run(run, args.output, title=args.title, size=(w / args.dpi, h / args.dpi), dpi=args.dpi)
     print(f"wrote {out} ({w}x{h} pixels)")
     return EXIT_OK
 
@@ -229,6 +338,63 @@ def _terminal_width() -> int:
         return os.get_terminal_size(sys.stdout.fileno()).columns if sys.stdout.isatty() else 100
     except (OSError, ValueError, AttributeError):
         return 100
+
+
+# ---------------------------------------------------------------------------------------- the README's catalogue table
+def catalogue_markdown() -> str:
+    """The README's alert catalogue table, generated from :data:`boundguard.catalogue.CATALOGUE`.
+
+    >>> catalogue_markdown().splitlines()[0]
+    '| code | default severity | fires when | fix |'
+    """
+    rows = ["| code | default severity | fires when | fix |", "| --- | --- | --- | --- |"]
+    for code in CODES:
+        e = CATALOGUE[code]
+        rows.append(f"| `{e.code}` | {e.severity} | {_md_cell(e.meaning)} | {_md_cell(e.fix)} |")
+    return "\n".join(rows) + "\n"
+
+
+def replace_catalogue(text: str) -> str:
+    """``text`` with the table between the catalogue markers replaced by :func:`catalogue_markdown`.
+
+    Raises:
+        ReportError: the markers are missing or out of order.
+    """
+    from boundguard.report import ReportError
+
+    start, end = text.find(CATALOGUE_START), text.find(CATALOGUE_END)
+    if start < 0 or end < start:
+        raise ReportError(f"the markers {CATALOGUE_START} and {CATALOGUE_END} were not found (in that order)")
+    return text[: start + len(CATALOGUE_START)] + "\n" + catalogue_markdown() + text[end:]
+
+
+def catalogue_main(argv: Optional[Sequence[str]] = None) -> int:
+    """``python -m boundguard.report --catalogue`` prints the README's catalogue table;
+    ``--write-readme README.md`` replaces it between the catalogue markers."""
+    from pathlib import Path
+
+    from boundguard.report import ReportError
+
+    parser = argparse.ArgumentParser(prog="python -m boundguard.report",
+                                     description="Print or update the README's alert catalogue table.")
+    group = parser.add_mutually_exclusive_group(required=True)
+    group.add_argument("--catalogue", action="store_true", help="print the catalogue table (Markdown)")
+    group.add_argument("--write-readme", metavar="README", help="replace the table between the catalogue markers")
+    args = parser.parse_args(argv)
+    if args.catalogue:
+        sys.stdout.write(catalogue_markdown())
+        return 0
+    path = Path(args.write_readme)
+    try:
+        text = path.read_text(encoding="utf-8")
+        new = replace_catalogue(text)
+    except (OSError, ReportError) as err:
+        print(f"error: {path}: {getattr(err, 'strerror', None) or err}", file=sys.stderr)
+        return 2
+    if new != text:
+        path.write_text(new, encoding="utf-8")
+    print(f"{path}: catalogue table {'updated' if new != text else 'already up to date'}")
+    return 0
 
 
 # ---------------------------------------------------------------------------------------- parser

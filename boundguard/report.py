@@ -1,18 +1,16 @@
-"""Reading a run's files back: alerts grouped per code, the statistics log, a plot, the catalogue table.
+"""Reading a run's files back: alerts grouped per code, the statistics log, one report per run.
 
 The files are untrusted data (a run killed mid-write leaves a partial last line; files get
 concatenated, edited, or come from a newer boundguard), so every reader here skips what it cannot
-use and says how much it skipped instead of raising. Only numpy is needed; matplotlib is imported
-inside :func:`plot_run`.
+use and says how much it skipped instead of raising. Only numpy is needed. The text, Markdown and
+JSON renderings of a report are in :mod:`boundguard.cli`, the plot in :mod:`boundguard.plot`;
+``python -m boundguard.report --catalogue`` (or ``--write-readme README.md``) still prints (or
+updates) the README's catalogue table, through :func:`boundguard.cli.catalogue_main`.
 
 Example:
-    >>> from boundguard.report import catalogue_markdown
-    >>> catalogue_markdown().splitlines()[0]
-    '| code | default severity | fires when | fix |'
-
-Command line: ``python -m boundguard.report --catalogue`` prints the README's catalogue table;
-``--write-readme README.md`` replaces it between the ``<!-- catalogue:start -->`` and
-``<!-- catalogue:end -->`` markers.
+    >>> from boundguard.report import stats_path_for
+    >>> stats_path_for("runs/a/alerts.jsonl").name, stats_path_for("runs/a/lstm.jsonl").name
+    ('stats.jsonl', 'lstm.stats.jsonl')
 """
 from __future__ import annotations
 
@@ -26,13 +24,12 @@ from typing import Any, Iterator, Optional, Sequence, Union
 import numpy as np
 
 from boundguard.alerts import SCHEMA_VERSION, SEVERITIES, severity_rank
-from boundguard.catalogue import CATALOGUE, CODES
+from boundguard.catalogue import CATALOGUE
 
 __all__ = [
     "ReportError", "MissingDependency", "LineProblem", "JsonLines", "read_jsonl", "RunFiles", "find_runs",
     "stats_path_for", "AlertGroup", "RunReport", "load_run", "group_alerts", "StatsLog", "read_stats",
-    "render_text", "render_markdown", "render_json", "report_dict", "worst_severity", "plot_run",
-    "catalogue_markdown", "CATALOGUE_START", "CATALOGUE_END", "replace_catalogue", "MAX_LINE_BYTES", "LINE_KEY",
+    "report_dict", "worst_severity", "MAX_LINE_BYTES", "LINE_KEY",
 ]
 
 #: Lines longer than this are skipped unread (an alert record is a few kilobytes).
@@ -40,8 +37,6 @@ MAX_LINE_BYTES = 1 << 20
 #: Key :func:`read_jsonl` adds to each record: the line it was read from.
 LINE_KEY = "__line__"
 STATS_FILENAME = "stats.jsonl"
-CATALOGUE_START = "<!-- catalogue:start -->"
-CATALOGUE_END = "<!-- catalogue:end -->"
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -534,7 +529,7 @@ def worst_severity(runs: Sequence[RunReport]) -> Optional[str]:
     return max(sev, key=severity_rank) if sev else None
 
 
-# ---------------------------------------------------------------------------------------- rendering
+# ---------------------------------------------------------------------------------------- numbers and JSON
 def _g(x: Optional[float], digits: int = 4) -> str:
     if x is None:
         return "-"
@@ -551,353 +546,12 @@ def _json_num(x: Optional[float]) -> Any:
     return "nan" if math.isnan(x) else ("inf" if x > 0 else "-inf")
 
 
-def _steps(g: AlertGroup) -> str:
-    return str(g.first_step) if g.first_step == g.last_step else f"{g.first_step}-{g.last_step}"
-
-
-def _worst(g: AlertGroup) -> str:
-    if g.value is None:
-        return "-"
-    return _g(g.value) + (f" (threshold {_g(g.threshold)})" if g.threshold is not None else "")
-
-
-def _totals(runs: Sequence[RunReport]) -> str:
-    n_alerting = sum(1 for r in runs if r.groups)
-    worst = worst_severity(runs)
-    text = f"{len(runs)} run{'s' if len(runs) != 1 else ''}, {n_alerting} with alerts"
-    return text + (f"; highest severity: {worst}." if worst else ".")
-
-
-def render_text(runs: Sequence[RunReport]) -> str:
-    """Plain text, one block per run: a row per code, its message and fix beneath it."""
-    out: list[str] = []
-    header = ("severity", "code", "count", "steps", "worst (threshold)", "where")
-    for run in runs:
-        out.append(run.name)
-        summary = run.stats_summary()
-        if summary:
-            out.append(f"  {summary}")
-        if run.error:
-            out.append(f"  unreadable: {run.error}")
-        elif not run.groups:
-            out.append("  No alerts: no check found a problem." if run.stats is not None and run.stats.checks
-                       else "  No alerts.")
-        else:
-            rows = [header] + [(g.severity, g.code, str(g.count), _steps(g), _worst(g), ", ".join(g.where))
-                               for g in run.groups]
-            widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-            right = {2}
-            for i, row in enumerate(rows):
-                cells = [c.rjust(w) if j in right else c.ljust(w) for j, (c, w) in enumerate(zip(row, widths))]
-                out.append(("  " + "  ".join(cells)).rstrip())
-                if i:
-                    g = run.groups[i - 1]
-                    out.append(f"      message: {g.message}")
-                    out.append(f"      fix:     {g.fix}")
-        out.append("")
-    out.append(_totals(runs) + (" Details of a code: boundguard explain CODE" if worst_severity(runs) else ""))
-    return "\n".join(out) + "\n"
-
-
-def _md_cell(text: str) -> str:
-    return " ".join(str(text).split()).replace("\\", "\\\\").replace("|", "\\|")
-
-
-def render_markdown(runs: Sequence[RunReport]) -> str:
-    """A Markdown section per run with a table of its codes (for CI summaries and issues)."""
-    out = ["# boundguard report", "", _totals(runs), ""]
-    for run in runs:
-        out += [f"## `{run.name}`", ""]
-        summary = run.stats_summary()
-        if summary:
-            out += [summary[0].upper() + summary[1:] + ".", ""]
-        if run.error:
-            out += [f"**Unreadable:** {_md_cell(run.error)}", ""]
-            continue
-        if not run.groups:
-            out += ["No alerts.", ""]
-            continue
-        out.append("| severity | code | count | steps | worst (threshold) | where | message | fix |")
-        out.append("| --- | --- | ---: | --- | --- | --- | --- | --- |")
-        for g in run.groups:
-            out.append(f"| {g.severity} | `{g.code}` | {g.count} | {_steps(g)} | {_md_cell(_worst(g))} | "
-                       f"{_md_cell(', '.join(g.where))} | {_md_cell(g.message)} | {_md_cell(g.fix)} |")
-        out.append("")
-    return "\n".join(out)
-
-
 def report_dict(runs: Sequence[RunReport]) -> dict[str, Any]:
+    """What ``boundguard report --format json`` prints: the worst severity and each run's report."""
     return {"schema": SCHEMA_VERSION, "severity": worst_severity(runs), "runs": [r.to_dict() for r in runs]}
 
 
-def render_json(runs: Sequence[RunReport]) -> str:
-    return json.dumps(report_dict(runs), indent=2, allow_nan=False) + "\n"
+if __name__ == "__main__":  # python -m boundguard.report --catalogue | --write-readme README.md
+    from boundguard.cli import catalogue_main
 
-
-# ---------------------------------------------------------------------------------------- plot
-_SEVERITY_COLOURS = {"info": "#5b7fa6", "warning": "#e08e0b", "error": "#d62728", "critical": "#7b1fa2"}
-
-
-def plot_run(run: RunReport, out: PathLike, *, title: Optional[str] = None, size: tuple[float, float] = (11.0, 9.0),
-             dpi: int = 100) -> Path:
-    """Write one PNG of the run's statistics log (``size`` in inches at ``dpi``: 1100x900 pixels by
-    default): the predictions' min/max band against the bounds, the share out of bounds, the
-    pre-activation magnitude and the loss, with the alerts marked at their steps.
-
-    Raises:
-        MissingDependency: matplotlib is not installed.
-        ReportError: the run has no statistics log, or it holds no check.
-    """
-    try:
-        import matplotlib
-    except ImportError:
-        raise MissingDependency("boundguard plot needs matplotlib: pip install 'boundguard[plot]'") from None
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-    from matplotlib.lines import Line2D
-
-    s = run.stats
-    if s is None:
-        raise ReportError(f"{run.name}: no statistics log beside it (expected {stats_path_for(run.files.alerts)})")
-    if not s.checks:
-        raise ReportError(f"{s.path}: the statistics log holds no check to plot")
-    x = s.steps
-
-    fig, axes = plt.subplots(4, 1, figsize=size, dpi=dpi, sharex=True,
-                             gridspec_kw={"height_ratios": [1.7, 0.8, 1.0, 1.0]})
-    ax_pred, ax_share, ax_pre, ax_loss = axes
-    step_kw = dict(drawstyle="steps-pre")
-
-    # 1. predictions against the bounds
-    pmin, pmax = s.col("pred.min"), s.col("pred.max")
-    if np.isfinite(pmin).any() or np.isfinite(pmax).any():
-        ax_pred.fill_between(x, pmin, pmax, step="pre", color="#1f77b4", alpha=0.25, label="predictions min-max")
-        ax_pred.plot(x, pmax, color="#1f77b4", lw=1.2, **step_kw)
-        ax_pred.plot(x, pmin, color="#1f77b4", lw=1.2, **step_kw)
-    else:
-        ax_pred.text(0.5, 0.5, "no predictions recorded", transform=ax_pred.transAxes, ha="center", color="grey")
-    lo = np.array([_bound(b, "lo") for b in s.bounds])
-    hi = np.array([_bound(b, "hi") for b in s.bounds])
-    if np.isfinite(lo).any() or np.isfinite(hi).any():
-        inferred = any(b and b.get("inferred") for b in s.bounds)
-        label = "bounds (inferred)" if inferred else "bounds"
-        ax_pred.plot(x, lo, color="black", ls="--", lw=1.2, label=label, **step_kw)
-        ax_pred.plot(x, hi, color="black", ls="--", lw=1.2, **step_kw)
-        y0, y1 = ax_pred.get_ylim()
-        pad = 0.05 * (y1 - y0)
-        y0, y1 = y0 - pad, y1 + pad
-        shade = dict(step="pre", color="#d62728", alpha=0.07, lw=0)
-        ax_pred.fill_between(x, np.where(np.isfinite(hi), hi, y1), y1, label="region outside the bounds", **shade)
-        ax_pred.fill_between(x, y0, np.where(np.isfinite(lo), lo, y0), **shade)
-        ax_pred.set_ylim(y0, y1)
-    _mark_nonfinite(ax_pred, x, s.col("pred.nonfinite"), "non-finite predictions")
-    ax_pred.set_ylabel("prediction")
-    ax_pred.set_title("Predictions against the bounds", loc="left", fontsize=10)
-
-    # 2. share out of bounds (and pinned at a bound)
-    n = s.col("pred.n")
-    with np.errstate(invalid="ignore", divide="ignore"):
-        out_share = 100 * (np.nan_to_num(s.col("pred.below")) + np.nan_to_num(s.col("pred.above"))) / n
-        pinned = 100 * s.col("pred.pinned") / n
-    out_share[~(n > 0)] = np.nan
-    ax_share.plot(x, out_share, color="#d62728", lw=1.5, marker="o", ms=3, label="share outside the bounds", **step_kw)
-    if np.nan_to_num(pinned).any():
-        ax_share.plot(x, pinned, color="#8c564b", lw=1.2, ls=":", label="pinned at a bound", **step_kw)
-    if not np.nan_to_num(out_share).any():
-        note = ("no predictions recorded" if not (n > 0).any() else
-                "no bounds in force (range checks off)" if not any(s.bounds) else "no prediction outside the bounds")
-        ax_share.text(0.5, 0.5, note, transform=ax_share.transAxes, ha="center", va="center", color="grey")
-    ax_share.set_ylabel("% of predictions")
-    top = np.nanmax(np.r_[out_share, pinned, 1.0]) if np.isfinite(np.r_[out_share, pinned]).any() else 1.0
-    ax_share.set_ylim(0, max(1.0, min(100.0, top * 1.15)))
-    ax_share.set_title("Share of predictions out of bounds", loc="left", fontsize=10)
-
-    # 3. pre-activation magnitude (log scale)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        absmax = np.fmax(np.abs(s.col("pre.min")), np.abs(s.col("pre.max")))
-        rms = np.sqrt(s.col("pre.sumsq") / s.col("pre.finite"))
-        in_rms = np.sqrt(s.col("input.sumsq") / s.col("input.finite"))
-    plotted = False
-    for series, kw in ((absmax, dict(color="#9467bd", lw=1.5, label="pre-activation max |z|")),
-                       (rms, dict(color="#9467bd", lw=1.0, ls="--", label="pre-activation RMS")),
-                       (in_rms, dict(color="grey", lw=1.0, ls=":", label="input RMS"))):
-        if (np.isfinite(series) & (series > 0)).any():
-            ax_pre.plot(x, np.where(series > 0, series, np.nan), **kw, **step_kw)
-            plotted = True
-    if plotted:
-        ax_pre.set_yscale("log")
-        _plain_log_ticks(ax_pre)
-    else:
-        ax_pre.text(0.5, 0.5, "no pre-activations recorded", transform=ax_pre.transAxes, ha="center", color="grey")
-    _mark_nonfinite(ax_pre, x, s.col("pre.nonfinite"), "non-finite pre-activations")
-    ax_pre.set_ylabel("magnitude")
-    ax_pre.set_title("Pre-activation magnitude", loc="left", fontsize=10)
-
-    # 4. loss (log scale where it spans decades)
-    mean, lmin, lmax = s.col("loss.mean"), s.col("loss.min"), s.col("loss.max")
-    if np.isfinite(mean).any():
-        ax_loss.fill_between(x, lmin, lmax, step="pre", color="#2ca02c", alpha=0.2, label="loss min-max per check")
-        ax_loss.plot(x, mean, color="#2ca02c", lw=1.5, label="loss mean per check", **step_kw)
-        vals = np.r_[lmin, lmax, mean]
-        vals = vals[np.isfinite(vals)]
-        if vals.size and vals.min() > 0 and vals.max() / vals.min() >= 10:
-            ax_loss.set_yscale("log")
-            _plain_log_ticks(ax_loss)
-    else:
-        ax_loss.text(0.5, 0.5, "no loss recorded", transform=ax_loss.transAxes, ha="center", color="grey")
-    _mark_nonfinite(ax_loss, x, s.col("loss.nonfinite"), "non-finite loss")
-    ax_loss.set_ylabel("loss")
-    ax_loss.set_xlabel("training step")
-    ax_loss.set_title("Loss", loc="left", fontsize=10)
-
-    # alerts on the time axis
-    events: dict[int, list[tuple[str, str, bool]]] = {}
-    for g in run.groups:
-        for i, (step, sev) in enumerate(g.events):
-            escalated = i > 0 and severity_rank(sev) > severity_rank(g.events[i - 1][1])
-            events.setdefault(step, []).append((g.code, sev, escalated))
-    severities = set()
-    labels: list[tuple[int, str, str]] = []
-    for step, items in sorted(events.items()):
-        sev = max((v for _, v, _ in items), key=severity_rank)
-        severities.add(sev)
-        for ax in axes:
-            ax.axvline(step, color=_SEVERITY_COLOURS[sev], lw=1.0, alpha=0.8, zorder=0)
-        labels.append((step, "\n".join(sorted({c + (f" \u2192 {v}" if esc else "") for c, v, esc in items})), sev))
-    handles = [Line2D([], [], color=_SEVERITY_COLOURS[v], lw=1.0, label=f"{v} alert")
-               for v in SEVERITIES if v in severities]
-
-    for ax in axes:
-        ax.grid(True, alpha=0.3)
-        h, _ = ax.get_legend_handles_labels()
-        extra = handles if ax is ax_pred else []
-        if h or extra:
-            ax.legend(handles=h + extra, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8,
-                      frameon=False, borderaxespad=0.0)
-    xs = np.r_[x[np.isfinite(x)], np.array(list(events), dtype=float)]
-    if xs.size:
-        lo_x, hi_x = xs.min(), xs.max()
-        ax_loss.set_xlim(max(0.0, lo_x - 1), hi_x + max(1.0, 0.02 * (hi_x - lo_x)))
-    n_alerts = len(run.groups)
-    head = title or f"boundguard: {run.name}"
-    sub = (f"{n_alerts} alert code{'s' if n_alerts != 1 else ''}, highest severity {run.severity}"
-           if n_alerts else "no alerts") + f"; {run.stats_summary()}"
-    fig.suptitle(f"{head}\n{sub}", fontsize=11)
-    fig.tight_layout(rect=(0, 0, 1, 0.97))
-    _label_alerts(ax_pred, labels, fig.dpi)
-    out = Path(out)
-    try:
-        fig.savefig(out, dpi=dpi, format="png")
-    except OSError as err:
-        raise ReportError(f"{out}: cannot write ({err.strerror or err})") from None
-    finally:
-        plt.close(fig)
-    return out
-
-
-def _label_alerts(ax: Any, labels: list[tuple[int, str, str]], dpi: float) -> None:
-    """Write each alert's codes up its line, vertically; where lines crowd, a label moves right of
-    the one before (tied to its line by a thin stroke); labels that no longer fit are counted."""
-    fontsize = 7.0
-    px_per_pt = dpi / 72.0
-    right = ax.transAxes.transform((1.0, 0.0))[0]
-    free = -math.inf
-    unlabelled = 0
-    for step, text, sev in labels:
-        x_px = ax.transData.transform((step, 0.0))[0]
-        width = (text.count("\n") + 1) * fontsize * 1.3 * px_per_pt + 2 * px_per_pt
-        left = max(x_px + 2 * px_per_pt, free)
-        if left + width > right:
-            unlabelled += text.count("\n") + 1
-            continue
-        colour = _SEVERITY_COLOURS[sev]
-        moved = left - x_px > 4 * px_per_pt
-        ax.annotate(text, xy=(step, 1.0), xycoords=("data", "axes fraction"),
-                    xytext=((left - x_px) / px_per_pt, -12 if moved else -4), textcoords="offset points",
-                    rotation=90, va="top", ha="left", fontsize=fontsize, color=colour,
-                    bbox=dict(boxstyle="square,pad=0.15", fc="white", ec="none", alpha=0.75),
-                    arrowprops=dict(arrowstyle="-", color=colour, lw=0.6, shrinkA=0, shrinkB=0) if moved else None)
-        free = left + width + 1 * px_per_pt
-    if unlabelled:
-        ax.text(0.995, 0.03, f"+{unlabelled} alert{'s' if unlabelled != 1 else ''} not labelled",
-                transform=ax.transAxes, ha="right", va="bottom", fontsize=fontsize, color="dimgrey")
-
-
-def _plain_log_ticks(ax: Any) -> None:
-    """Log-scale tick labels as plain numbers (0.3, 2, 1e+05) rather than 3x10^-1."""
-    from matplotlib import ticker
-
-    def minor(v: float, _pos: Any) -> str:
-        lo, hi = ax.get_ylim()
-        few = lo > 0 and hi / lo < 40  # label minor ticks only when the axis spans under ~1.5 decades
-        return f"{v:g}" if few and str(f"{v:.0e}")[0] in "25" else ""
-
-    ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _pos: f"{v:g}"))
-    ax.yaxis.set_minor_formatter(ticker.FuncFormatter(minor))
-
-
-def _bound(b: Optional[dict], name: str) -> float:
-    try:
-        v = _num(b.get(name)) if b else None
-    except ValueError:
-        v = None
-    return np.nan if v is None else v
-
-
-def _mark_nonfinite(ax: Any, x: np.ndarray, counts: np.ndarray, label: str) -> None:
-    bad = np.nan_to_num(counts) > 0
-    if bad.any():
-        ax.plot(x[bad], np.full(bad.sum(), 0.97), transform=ax.get_xaxis_transform(), ls="none", marker="x",
-                color="#7b1fa2", ms=7, mew=2, label=label)
-
-
-# ---------------------------------------------------------------------------------------- catalogue
-def catalogue_markdown() -> str:
-    """The README's alert catalogue table, generated from :data:`boundguard.catalogue.CATALOGUE`."""
-    rows = ["| code | default severity | fires when | fix |", "| --- | --- | --- | --- |"]
-    for code in CODES:
-        e = CATALOGUE[code]
-        rows.append(f"| `{e.code}` | {e.severity} | {_md_cell(e.meaning)} | {_md_cell(e.fix)} |")
-    return "\n".join(rows) + "\n"
-
-
-def replace_catalogue(text: str) -> str:
-    """``text`` with the table between the catalogue markers replaced by :func:`catalogue_markdown`.
-
-    Raises:
-        ReportError: the markers are missing or out of order.
-    """
-    start, end = text.find(CATALOGUE_START), text.find(CATALOGUE_END)
-    if start < 0 or end < start:
-        raise ReportError(f"the markers {CATALOGUE_START} and {CATALOGUE_END} were not found (in that order)")
-    return text[: start + len(CATALOGUE_START)] + "\n" + catalogue_markdown() + text[end:]
-
-
-def _main(argv: Optional[Sequence[str]] = None) -> int:
-    import argparse
-    import sys
-
-    parser = argparse.ArgumentParser(prog="python -m boundguard.report",
-                                     description="Print or update the README's alert catalogue table.")
-    group = parser.add_mutually_exclusive_group(required=True)
-    group.add_argument("--catalogue", action="store_true", help="print the catalogue table (Markdown)")
-    group.add_argument("--write-readme", metavar="README", help="replace the table between the catalogue markers")
-    args = parser.parse_args(argv)
-    if args.catalogue:
-        sys.stdout.write(catalogue_markdown())
-        return 0
-    path = Path(args.write_readme)
-    try:
-        text = path.read_text(encoding="utf-8")
-        new = replace_catalogue(text)
-    except (OSError, ReportError) as err:
-        print(f"error: {path}: {getattr(err, 'strerror', None) or err}", file=sys.stderr)
-        return 2
-    if new != text:
-        path.write_text(new, encoding="utf-8")
-    print(f"{path}: catalogue table {'updated' if new != text else 'already up to date'}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(_main())
+    raise SystemExit(catalogue_main())

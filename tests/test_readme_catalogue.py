@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from boundguard.report import CATALOGUE_END, CATALOGUE_START, catalogue_markdown
+from boundguard.cli import CATALOGUE_END, CATALOGUE_START, catalogue_markdown
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

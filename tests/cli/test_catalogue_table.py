@@ -7,13 +7,8 @@ import sys
 import pytest
 
 from boundguard.catalogue import CATALOGUE, CODES
-from boundguard.report import (
-    CATALOGUE_END,
-    CATALOGUE_START,
-    ReportError,
-    catalogue_markdown,
-    replace_catalogue,
-)
+from boundguard.cli import CATALOGUE_END, CATALOGUE_START, catalogue_markdown, replace_catalogue
+from boundguard.report import ReportError
 
 
 def test_table_has_one_row_per_code():

@@ -101,11 +101,11 @@ def test_explain_lists_codes(cli):
 
 
 def test_imports_stay_light(cli):
-    """The CLI and the report module import no framework and no matplotlib until a plot is drawn."""
+    """The CLI, the report and the plot modules import no framework and no matplotlib until a plot is drawn."""
     import subprocess
     import sys
 
-    code = ("import sys, boundguard.cli, boundguard.report; "
+    code = ("import sys, boundguard.cli, boundguard.report, boundguard.plot; "
             "print(json.dumps(sorted(m for m in ('torch', 'lightning', 'keras', 'tensorflow', 'matplotlib', 'rich') "
             "if m in sys.modules)))")
     res = subprocess.run([sys.executable, "-c", "import json; " + code], check=False, capture_output=True, text=True)
