@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: install
-	$(PY) -m boundguard.demo
+	$(PY) -m benchmarks.demo
 
 # Keras fixes its backend once per process, so each backend gets its own pytest run.
 test: install

@@ -50,24 +50,7 @@ def lightning_workloads(device: str):
     from torch import nn
     import lightning.pytorch as L
 
-    class SeedLSTM(L.LightningModule):
-        """The seed's model: LSTM(1→32) + Linear(32→1), no output activation, MSE, batch 32, 20 steps."""
-
-        def __init__(self):
-            super().__init__()
-            self.lstm = nn.LSTM(1, 32, batch_first=True)
-            self.fc = nn.Linear(32, 1)
-
-        def forward(self, x):
-            out, _ = self.lstm(x)
-            return self.fc(out[:, -1])
-
-        def training_step(self, batch, batch_idx):
-            x, y = batch
-            return nn.functional.mse_loss(self(x), y)
-
-        def configure_optimizers(self):
-            return torch.optim.Adam(self.parameters(), lr=1e-2)
+    from benchmarks.seed import LSTMRegressor as SeedLSTM  # the seed's model (batch 32, 20 steps here)
 
     class WideMLP(L.LightningModule):
         """MLP classifier with a 10k-class head (raw logits + CrossEntropyLoss), batch 64."""
