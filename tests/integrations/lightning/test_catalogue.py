@@ -131,7 +131,7 @@ def test_inferred_bounds_say_so(tmp_path):
     a = next(a for a in g.alerts if a.code == "missing_output_activation")
     assert a.bounds_inferred and "inferred" in a.message
     oor = [a for a in g.alerts if a.code == "output_out_of_range"]
-    assert all(a.severity == "warning" for a in oor)
+    assert oor and all(a.severity == "warning" and a.bounds_inferred for a in oor)
 
 
 def test_auto_bounds_distribution_for_class_targets(tmp_path):
