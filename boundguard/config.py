@@ -82,6 +82,8 @@ class Config:
                 raise TypeError(f"alerts_path must be a file path or None, got {type(self.alerts_path).__name__} {self.alerts_path!r}")
             if str(self.alerts_path) == "":
                 raise ValueError("alerts_path must be a file path or None, got an empty string")
+            if "\x00" in os.fspath(self.alerts_path):
+                raise ValueError(f"alerts_path must be a file path without NUL characters, got {self.alerts_path!r}")
             self.alerts_path = Path(self.alerts_path)
             if self.alerts_path.is_dir():
                 raise ValueError(f"alerts_path must be a file path, got the directory {str(self.alerts_path)!r}")

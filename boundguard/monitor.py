@@ -72,8 +72,10 @@ class Monitor:
         """Alerts go to ``alerts_path``; the statistics log to ``stats.jsonl`` beside it."""
         self.alerts_path = Path(alerts_path)
         if self.write:
-            self._alerts_file = JsonLinesWriter(self.alerts_path)
-            self._stats_file = JsonLinesWriter(self.alerts_path.with_name(_stats_name(self.alerts_path)))
+            failures: list = []  # the run's files warn once between them when they cannot be written
+            self._alerts_file = JsonLinesWriter(self.alerts_path, failures=failures)
+            self._stats_file = JsonLinesWriter(self.alerts_path.with_name(_stats_name(self.alerts_path)),
+                                               failures=failures)
 
     def close(self) -> None:
         for f in (self._alerts_file, self._stats_file):

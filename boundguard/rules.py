@@ -6,6 +6,7 @@ A rule never touches a framework or a file. Each can be called with a hand-made
 from __future__ import annotations
 
 import math
+import numbers
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -135,12 +136,39 @@ class Rule:
                 f"thresholds[{self.code!r}] got unknown keys {sorted(unknown)}; expected some of {sorted(type(self).params)}"
             )
         for k, v in overrides.items():
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v:
+            if isinstance(v, bool) or not isinstance(v, numbers.Real) or v != v:
                 raise TypeError(f"thresholds[{self.code!r}][{k!r}] must be a number, got {v!r}")
+            _check_range(self.code, k, float(v))
         self.p = {**type(self).params, **{k: float(v) for k, v in overrides.items()}}
 
     def evaluate(self, ctx: Context) -> list[Finding]:  # pragma: no cover - abstract
         raise NotImplementedError
+
+
+#: Threshold names that are shares (in [0, 1]), counts (whole numbers >= the minimum), ratios (>= 1)
+#: and margins (>= 0, where 0 switches that test off); all others are positive finite numbers.
+_SHARES = ("pinned_share", "tail_share", "fp16_share", "min_improvement")
+_COUNTS = {"growth_checks": 2, "min_history": 1, "patience": 1}
+_RATIOS = ("factor", "growth")
+_MARGINS = ("mad_sigmas", "min_rise", "growth_floor")
+
+
+def _check_range(code: str, key: str, v: float) -> None:
+    name = f"thresholds[{code!r}][{key!r}]"
+    if key in _SHARES:
+        if not 0.0 <= v <= 1.0:
+            raise ValueError(f"{name} is a share and must be in [0, 1], got {v!r}")
+    elif key in _COUNTS:
+        if v != int(v) or v < _COUNTS[key]:
+            raise ValueError(f"{name} must be a whole number >= {_COUNTS[key]}, got {v!r}")
+    elif key in _RATIOS:
+        if not (math.isfinite(v) and v >= 1):
+            raise ValueError(f"{name} is a ratio and must be a finite number >= 1, got {v!r}")
+    elif key in _MARGINS:
+        if not (math.isfinite(v) and v >= 0):
+            raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+    elif not (math.isfinite(v) and v > 0):
+        raise ValueError(f"{name} must be a positive, finite number, got {v!r}")
 
 
 def _g(x: float) -> str:

@@ -24,35 +24,74 @@ class JsonLinesWriter:
     """Appends one JSON object per line and flushes each, so a killed run loses at most a partial last line.
 
     The file is opened lazily on the first record (a run with no alerts leaves no empty file behind
-    unless ``touch=True``).
+    unless ``touch=True``). Appending after a torn last line (a run killed mid-write) starts on a new
+    line. A file that cannot be written (read-only directory, full disk) never fails training: one
+    :class:`~boundguard.BoundGuardWarning`, then the writer drops records (alerts stay in memory).
     """
 
-    def __init__(self, path: Path, *, touch: bool = False) -> None:
+    def __init__(self, path: Path, *, touch: bool = False, failures: Optional[list] = None) -> None:
         self.path = Path(path)
         self._fh: Optional[IO[str]] = None
+        self.failed: Optional[str] = None  #: why the file could not be written, once it could not
+        self._failures = failures if failures is not None else []  # shared by a run's files: one warning
         if touch:
-            self._open()
+            self._guard(self._open)
 
     def _open(self) -> IO[str]:
         if self._fh is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._fh = open(self.path, "a", encoding="utf-8")
+            fh = open(self.path, "a+", encoding="utf-8")
+            if fh.tell() > 0:
+                fh.seek(fh.tell() - 1)
+                torn = fh.read(1) != "\n"
+                fh.seek(0, os.SEEK_END)
+                if torn:
+                    fh.write("\n")
+            self._fh = fh
         return self._fh
+
+    def _guard(self, fn: Any, *args: Any) -> None:
+        if self.failed is not None:
+            return
+        try:
+            fn(*args)
+        except (OSError, ValueError) as err:  # ValueError: NUL in the path, or a closed file
+            self.failed = f"{type(err).__name__}: {err}"
+            self._drop()
+            self._failures.append(self.path)
+            if len(self._failures) == 1:
+                warn_user(f"boundguard cannot write {self.path} ({self.failed}); alerts are kept in memory "
+                          f"only (callback.alerts), training goes on.")
+
+    def _drop(self) -> None:
+        fh, self._fh = self._fh, None
+        if fh is not None:
+            try:
+                fh.close()
+            except (OSError, ValueError):
+                pass
 
     def write(self, record: dict[str, Any]) -> None:
         record.setdefault("schema", SCHEMA_VERSION)
         line = json.dumps(_sanitize(record), allow_nan=False, default=_default, separators=(",", ":"))
+        self._guard(self._write_line, line)
+
+    def _write_line(self, line: str) -> None:
         fh = self._open()
         fh.write(line + "\n")
         fh.flush()
 
     def close(self) -> None:
         if self._fh is not None:
-            self._fh.close()
-            self._fh = None
+            self._guard(self._close)
+
+    def _close(self) -> None:
+        fh, self._fh = self._fh, None
+        if fh is not None:
+            fh.close()
 
     def __getstate__(self) -> dict:
-        return {"path": self.path, "_fh": None}
+        return {"path": self.path, "_fh": None, "failed": self.failed, "_failures": []}
 
 
 def _sanitize(o: Any) -> Any:
@@ -114,5 +153,4 @@ def warn_user(message: str, category: type[Warning] = BoundGuardWarning) -> None
         return
     g = frame.f_globals
     warnings.warn_explicit(category(message), category, frame.f_code.co_filename, frame.f_lineno,
-                           module=g.get("__name__", "__main__"), registry=g.setdefault("__warningregistry__", {}),
-                           module_globals=g)
+                           module=g.get("__name__", "__main__"), registry=g.setdefault("__warningregistry__", {}))

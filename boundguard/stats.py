@@ -192,8 +192,15 @@ class Snapshot:
         return max(abs(self.values[f"{kind}.min"]), abs(self.values[f"{kind}.max"]))
 
     def rms(self, kind: str) -> float:
+        """Root mean square of the finite values. When the fp32 sum of squares overflowed (values near
+        1e19 and above, e.g. raw timestamps) the result is the lower bound ``absmax / sqrt(n)``."""
         finite = self.values[f"{kind}.finite"]
-        return math.sqrt(self.values[f"{kind}.sumsq"] / finite) if finite else math.nan
+        if not finite:
+            return math.nan
+        sumsq = self.values[f"{kind}.sumsq"]
+        if math.isinf(sumsq) and not self.nonfinite(kind):
+            return self.absmax(kind) / math.sqrt(finite)
+        return math.sqrt(sumsq / finite)
 
     @property
     def steps(self) -> int:

@@ -72,7 +72,6 @@ class LightningGuard:
         self._engine = TorchEngine(self._config)
         self._session = self._engine.session
         self._log_stats = log_stats
-        self._state_key: Optional[str] = None
 
     # -------------------------------------------------------------- public
     @property
@@ -91,11 +90,18 @@ class LightningGuard:
 
     @property
     def state_key(self) -> str:
-        if self._state_key is None:  # Lightning asks several times per step
-            d = self._config.describe()
-            self._state_key = self._generate_state_key(
-                bounds=d["bounds"], on_violation=d["on_violation"], check_every_n_steps=d["check_every_n_steps"])
-        return self._state_key
+        """``"BoundGuard"``: stable across option changes, so resuming with another ``on_violation`` or
+        interval keeps the alerts and the inserted bound (one BoundGuard per Trainer)."""
+        return "BoundGuard"
+
+    def on_load_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
+        """Checkpoints of earlier versions keyed the state by the options (``BoundGuard{'bounds': ...}``):
+        take that state under the stable key."""
+        states = checkpoint.get("callbacks")
+        if isinstance(states, dict) and self.state_key not in states:
+            old = [k for k in states if isinstance(k, str) and k.startswith("BoundGuard{")]
+            if old:
+                states[self.state_key] = states[old[0]]
 
     # -------------------------------------------------------------- hooks
     @guarded

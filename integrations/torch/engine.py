@@ -88,11 +88,25 @@ class TorchEngine:
 
     # ------------------------------------------------------------------ lifecycle
     def attach(self, model: nn.Module, alerts_path: Optional[Path] = None, write: bool = True) -> None:
-        """Watch ``model``: open the files (``alerts_path`` is the adapter's default) and replay bounds."""
+        """Watch ``model`` (once per fit: a second fit with the same callback re-arms the hooks): open the
+        files (``alerts_path`` is the adapter's default), replay bounds, start a fresh interval."""
+        if self.model is not None and model is not self.model:  # another model: probe it anew
+            self.release()
+            self.probed, self._result, self.reducer, self._plan = False, None, None, None
         self.model = model
         self.session.open(alerts_path, write=write)
         if self.session.records:
             apply_bounds(model, self.session.records)
+        self.restart_interval()
+        if self._result is not None:
+            self._install_hooks()
+
+    def restart_interval(self) -> None:
+        """Drop rows not yet judged (the step counter was restored, or a new fit starts)."""
+        self.session.interval_start = self.session.step + 1
+        self.armed = False
+        if self.reducer is not None:
+            self.reducer.discard()
 
     def begin_step(self) -> None:
         """Before the forward pass of a training step."""
@@ -125,7 +139,11 @@ class TorchEngine:
             get_path(batch, self._input_path) if self._input_path is not None else None)
         if isinstance(y, Tensor):
             self.reducer.target(y)
-        if isinstance(x, Tensor) and x.is_floating_point():
+        if inputs is not None and not isinstance(inputs, Tensor):  # a list/tuple/dict of input tensors
+            for _, t in flatten(inputs):
+                if t.is_floating_point():
+                    self.reducer.input(t)
+        elif isinstance(x, Tensor) and x.is_floating_point():
             self.reducer.input(x)
 
     def is_check_step(self, step: int) -> bool:
@@ -216,6 +234,9 @@ class TorchEngine:
         records = self.session.load_state_dict(state)
         if self.model is not None and records:
             apply_bounds(self.model, records)
+            if self._result is not None:
+                self._install_hooks()
+        self.restart_interval()
 
     # ------------------------------------------------------------------ probe → hooks
     def _finish_probe(self, loss: Optional[Tensor]) -> None:

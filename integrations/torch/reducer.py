@@ -116,6 +116,15 @@ class Reducer:
             self.edge_values[kind] = e
             self.edges[kind] = torch.tensor(e, dtype=torch.float32, device=self.device)
 
+    def discard(self) -> None:
+        """Forget the rows of the current interval (no transfer): the next row is row 0."""
+        self.flush()
+        self._reset()
+        self.row = 0
+        self._written = set()
+        self.counts = {k: 0 for k in self.counts}
+        self.loss_seen = [False] * self.n_rows
+
     def _reset(self) -> None:
         self.rows.copy_(self.neutral_row.expand(self.n_rows, -1))
         self.raw[self._row_bytes:].zero_()

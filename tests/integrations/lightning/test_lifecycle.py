@@ -27,3 +27,51 @@ def test_options_reach_the_config_by_name(tmp_path):
     assert (c.on_violation, c.actions, c.check_every_n_steps, c.input_key, c.target_key) == (
         "halt", {"nonfinite_loss": "raise"}, 7, 0, 1)
     assert (c.bounds.lo, c.bounds.hi) == (0.0, 1.0)
+
+
+def test_a_second_fit_with_the_same_callback_is_watched(tmp_path):
+    x, y = data(n=320, kind="binary")
+    g = BoundGuard(bounds=(0, 1), on_violation="log", check_every_n_steps=5, alerts_path=tmp_path / "a.jsonl")
+    model = Tiny(head=torch.nn.Sigmoid())
+    fit(model, x, y, g, max_steps=5)
+    assert not [a for a in g.alerts if a.severity != "info"]
+    bad = x.copy()
+    bad[:, 0] = np.nan
+    fit(model, bad, y, g, max_steps=5)  # a new Trainer, the same callback instance
+    assert [a.code for a in g.alerts if a.code == "nonfinite_input"] == ["nonfinite_input"]
+    assert not g._session.disabled
+
+
+def test_resume_with_changed_options_keeps_the_bound_and_the_alerts(tmp_path):
+    from conftest import loader, trainer
+
+    x, y = data(n=640, kind="unit")
+    model = Tiny(scale=8.0)
+    g = BoundGuard(bounds=(0, 1), on_violation="bound", check_every_n_steps=5, alerts_path=tmp_path / "a.jsonl")
+    t = trainer([g], max_steps=10, enable_checkpointing=True, default_root_dir=tmp_path)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        t.fit(model, loader(x, y))
+        ckpt = tmp_path / "resume.ckpt"
+        t.save_checkpoint(ckpt)
+        assert g.bounds_inserted
+        fresh = Tiny(scale=8.0)
+        g2 = BoundGuard(bounds=(0, 1), on_violation="log", check_every_n_steps=10, alerts_path=tmp_path / "b.jsonl")
+        t2 = trainer([g2], max_steps=20)
+        t2.fit(fresh, loader(x, y), ckpt_path=str(ckpt))
+    assert g2.bounds_inserted == g.bounds_inserted
+    assert [a.code for a in g2.alerts][: len(g.alerts)] == [a.code for a in g.alerts]
+    assert g2._session.step == 20 and not g2._session.disabled
+    with torch.no_grad():
+        out = fresh(torch.from_numpy(x[:256]) * 5)
+    assert out.min() >= 0 and out.max() <= 1
+
+
+def test_old_checkpoints_keyed_by_options_still_restore():
+    g = BoundGuard(bounds=(0, 1))
+    state = {"monitor": {"inserted": [], "alerts": []}, "step": 7}
+    ckpt = {"callbacks": {"BoundGuard{'bounds': {'lo': 0.0}, 'on_violation': 'warn'}": state}}
+    g.on_load_checkpoint(None, None, ckpt)
+    assert ckpt["callbacks"][g.state_key] is state
