@@ -116,3 +116,27 @@ def test_the_end_of_a_run_is_judged(tmp_path):
         guard.close()
     (alert,) = [a for a in guard.alerts if a.code == "nonfinite_input"]
     assert alert.step == 60 and alert.severity == "critical"
+
+
+def test_warnings_work_when_the_training_script_runs_as_a_module(tmp_path):
+    """``python -m pkg.train``: attributing the warning to ``__main__`` must not crash the run."""
+    import subprocess
+    import sys
+
+    pkg = tmp_path / "pkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "train.py").write_text(
+        "import torch\nfrom torch import nn\nfrom boundguard.integrations.torch import watch\n"
+        "m = nn.Linear(4, 1)\n"
+        f"with watch(m, bounds=(0, 1), alerts_path={str(tmp_path / 'a.jsonl')!r}) as g:\n"
+        "    for _ in range(3):\n"
+        "        x, y = torch.randn(8, 4) * 5, torch.rand(8, 1)\n"
+        "        loss = nn.functional.mse_loss(m(x), y); loss.backward()\n"
+        "        g.step(loss=loss, inputs=x, targets=y)\n"
+        "print(sorted({a.code for a in g.alerts}), g.engine.disabled)\n")
+    out = subprocess.run([sys.executable, "-m", "pkg.train"], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "output_out_of_range" in out.stdout and out.stdout.strip().endswith("False")
+    assert "BoundGuardWarning" in out.stderr and "train.py" in out.stderr
