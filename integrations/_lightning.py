@@ -72,6 +72,8 @@ class LightningGuard:
         self._engine = TorchEngine(self._config)
         self._session = self._engine.session
         self._log_stats = log_stats
+        self._batches = 0  # training batches seen by this rank, counted even while switched off
+        self._off_everywhere = False
 
     # -------------------------------------------------------------- public
     @property
@@ -131,8 +133,31 @@ class LightningGuard:
     def on_before_backward(self, trainer: Any, pl_module: Any, loss: Any) -> None:
         self._engine.record_loss(loss)
 
-    @guarded
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        self._batches = self._session.step  # after a restore: the ranks' check schedule resumes with it
+
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self._batches += 1
+        if self._engine.distributed and self._session.is_check_step(self._batches) and not self._agreed(trainer):
+            return
+        self._batch_end(trainer, outputs, batch)
+
+    def _agreed(self, trainer: Any) -> bool:
+        """DDP: before a check's collectives, the ranks agree whether the monitor is still on everywhere.
+        A rank that switched itself off (an internal error) still takes part in this one collective, so no
+        rank waits forever in a collective the other skipped; then every rank switches off together."""
+        if self._off_everywhere:
+            return False
+        if trainer.strategy.reduce_boolean_decision(self._session.disabled, all=False):
+            self._off_everywhere = True
+            if not self._session.disabled:
+                self._session.disable(RuntimeError("another rank's monitor hit an internal error; switched off on "
+                                                   "every rank so that the ranks' collectives stay matched"))
+            return False
+        return True
+
+    @guarded
+    def _batch_end(self, trainer: Any, outputs: Any, batch: Any) -> None:
         e = self._engine
         if not e.loss_seen:  # manual optimisation: the loss comes back in the outputs
             loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
@@ -154,7 +179,8 @@ class LightningGuard:
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         try:
-            self._final_check()
+            if not self._engine.distributed or self._agreed(trainer):
+                self._final_check()
         finally:
             self._engine.finish()
 

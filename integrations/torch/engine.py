@@ -13,6 +13,7 @@ The adapter interface an integration drives (Lightning callback, ``watch()``, Fa
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -267,8 +268,8 @@ class TorchEngine:
             facts.classes = int(r.pred.shape[1 if facts.loss and facts.loss.multiclass else -1])
         self._locate_batch_tensors(r, facts)
         self.session.set_facts(facts)
-        if r.target is not None:
-            self._observe_probe_targets(r.target.detach())
+        if r.target is not None or self.distributed:
+            self._observe_probe_targets(r.target.detach() if r.target is not None else None)
         self._sync_plan()
         self._install_hooks()
         # statistics of this (probe) step come from the tensors the probe saw
@@ -276,13 +277,26 @@ class TorchEngine:
         if r.target is not None and self._target_path is None:
             self.reducer.target(r.target)
 
-    def _observe_probe_targets(self, t: Tensor) -> None:
-        tf = t.float()
-        fin = tf[torch.isfinite(tf)]
-        if fin.numel():
-            onehot = bool(t.dim() >= 2 and t.shape[-1] > 1 and ((tf == 0) | (tf == 1)).all()
-                          and (tf.sum(-1) == 1).all())
-            self.session.observe_targets(float(fin.min()), float(fin.max()), onehot=onehot)
+    def _observe_probe_targets(self, t: Optional[Tensor]) -> None:
+        """The first step's targets decide ``"auto"`` bounds (and so the bins every rank counts with): under
+        DDP their range is reduced over all ranks first, so every rank infers the same bounds."""
+        lo, hi, onehot = math.inf, -math.inf, 1.0
+        if t is not None:
+            tf = t.float()
+            fin = tf[torch.isfinite(tf)]
+            if fin.numel():
+                lo, hi = float(fin.min()), float(fin.max())
+                onehot = float(t.dim() >= 2 and t.shape[-1] > 1 and bool(((tf == 0) | (tf == 1)).all())
+                               and bool((tf.sum(-1) == 1).all()))
+        if self.distributed:
+            import torch.distributed as dist
+
+            device = self.reducer.device if self.reducer is not None else torch.device("cpu")
+            v = torch.tensor([lo, -hi, onehot], dtype=torch.float64, device=device)
+            dist.all_reduce(v, op=dist.ReduceOp.MIN)
+            lo, hi, onehot = float(v[0]), -float(v[1]), float(v[2])
+        if math.isfinite(lo):
+            self.session.observe_targets(lo, hi, onehot=onehot > 0)
 
     def _locate_batch_tensors(self, r: ProbeResult, facts: ModelFacts) -> None:
         batch, cfg = self.batch, self.config

@@ -1,0 +1,85 @@
+"""DDP faults on 2 CPU processes (gloo), each in a subprocess with a deadline: a monitor that switches
+itself off on one rank never hangs the other, and ``bounds="auto"`` is inferred from every rank's targets."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+SCRIPT = textwrap.dedent('''
+    import json, os, sys, warnings
+    warnings.filterwarnings("ignore")
+    import torch
+    from torch import nn
+    from torch.utils.data import DataLoader, Dataset
+    import lightning.pytorch as L
+    from boundguard.integrations.lightning import BoundGuard
+
+    out, case = sys.argv[1], sys.argv[2]
+
+    class Data(Dataset):
+        def __len__(self):
+            return 2048
+        def __getitem__(self, i):
+            g = torch.Generator().manual_seed(i)
+            x = torch.randn(8, generator=g)
+            y = (x[:2].sum(0, keepdim=True) > 0).float()
+            if case == "auto" and i % 2 == 1:  # DistributedSampler: odd indices go to rank 1
+                y = y * 5.0  # rank 1's targets reach 5: no (0, 1) bound can be inferred globally
+            return x, y
+
+    class Model(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(8, 1)
+        def forward(self, x):
+            return self.fc(x)
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            if case == "internal" and self.global_rank == 1 and self.global_step == 3:
+                guard._engine.reducer = None  # an internal failure on rank 1 only (next statistics write)
+                guard._engine.record_loss = None
+            return nn.functional.mse_loss(self(x), y)
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.01)
+
+    guard = BoundGuard(bounds="auto", on_violation="log", check_every_n_steps=5,
+                       alerts_path=os.path.join(out, "alerts.jsonl"))
+    trainer = L.Trainer(strategy="ddp", devices=2, accelerator="cpu", max_steps=22, callbacks=[guard],
+                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False)
+    trainer.fit(Model(), DataLoader(Data(), batch_size=16))
+    with open(os.path.join(out, f"rank{trainer.global_rank}.json"), "w") as f:
+        b = guard._session.bounds
+        json.dump({"step": trainer.global_step, "disabled": guard._session.disabled,
+                   "codes": sorted({a.code for a in guard.alerts}),
+                   "bounds": None if b is None else [b.lo, b.hi]}, f)
+''')
+
+
+def _run(tmp_path, case):
+    script = tmp_path / "ddp_faults.py"
+    script.write_text(SCRIPT)
+    try:
+        proc = subprocess.run([sys.executable, str(script), str(tmp_path), case], capture_output=True, text=True,
+                              timeout=180, cwd=tmp_path)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"DDP run '{case}' hung (no exit within 180 s)")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+
+def test_monitor_off_on_one_rank_switches_off_everywhere_without_a_hang(tmp_path):
+    ranks = _run(tmp_path, "internal")
+    assert [r["step"] for r in ranks] == [22, 22], ranks  # training finished on both ranks
+    assert [r["disabled"] for r in ranks] == [True, True], ranks
+
+
+def test_auto_bounds_are_inferred_from_every_ranks_targets(tmp_path):
+    ranks = _run(tmp_path, "auto")
+    assert ranks[0]["bounds"] == ranks[1]["bounds"] is None, ranks
+    assert ranks[0]["codes"] == ranks[1]["codes"], ranks
+    assert "nonfinite_output" not in ranks[0]["codes"]
