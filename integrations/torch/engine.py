@@ -172,13 +172,11 @@ class TorchEngine:
         if self.distributed:
             red.all_reduce()
         rows, counts, seen = red.read()
-        try:
-            return self.session.check(rows, counts, seen)
-        finally:
-            if not self.disabled:
-                if len(self.session.records) != self._hooked_bounds:
-                    self._install_hooks()  # a bound was inserted: watch the bounded output
-                self._sync_plan()
+        decisions = self.session.check(rows, counts, seen)  # raises for on_violation="raise"
+        if len(self.session.records) != self._hooked_bounds:
+            self._install_hooks()  # a bound was inserted: watch the bounded output
+        self._sync_plan()
+        return decisions
 
     def final_check(self) -> list[Decision]:
         """At the end of training: judge the steps since the last check, so a NaN in the last batches of
