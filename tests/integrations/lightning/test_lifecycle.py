@@ -75,3 +75,25 @@ def test_old_checkpoints_keyed_by_options_still_restore():
     ckpt = {"callbacks": {"BoundGuard{'bounds': {'lo': 0.0}, 'on_violation': 'warn'}": state}}
     g.on_load_checkpoint(None, None, ckpt)
     assert ckpt["callbacks"][g.state_key] is state
+
+
+def test_apply_bounds_reads_a_checkpoint_written_by_the_default_model_checkpoint(tmp_path):
+    """ModelCheckpoint's own state also has a "monitor" key (None): apply_bounds finds boundguard's state."""
+    import glob
+    import warnings
+
+    from boundguard.integrations.lightning import apply_bounds
+    from conftest import loader, trainer
+
+    x, y = data(n=320, kind="unit")
+    g = BoundGuard(bounds=(0, 1), on_violation="bound", alerts_path=tmp_path / "a.jsonl")
+    t = trainer([g], max_steps=10, enable_checkpointing=True, default_root_dir=tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        t.fit(Tiny(scale=8.0), loader(x, y))
+    (ckpt,) = glob.glob(str(tmp_path / "**" / "*.ckpt"), recursive=True)
+    fresh = Tiny(scale=8.0)
+    assert apply_bounds(fresh, ckpt) == g.bounds_inserted and g.bounds_inserted
+    with torch.no_grad():
+        out = fresh(torch.from_numpy(x) * 5)
+    assert out.min() >= 0 and out.max() <= 1
