@@ -204,14 +204,17 @@ class Session:
     def observe_targets(self, tmin: float, tmax: float, *, onehot: bool = False) -> None:
         self.monitor.observe_targets(tmin, tmax, onehot=onehot)
 
-    def counting_plan(self, provisional_loss: Optional[LossInfo] = None) -> CountingPlan:
+    def counting_plan(self, provisional_loss: Optional[LossInfo] = None,
+                      facts: Optional[ModelFacts] = None) -> CountingPlan:
         """What the device should count now. ``provisional_loss``: before the first targets are seen
-        (``bounds="auto"``), count against the bounds that loss implies (probability losses)."""
+        (``bounds="auto"``), count against the bounds that loss implies (probability losses). ``facts``:
+        what an adapter knows before its facts are final (Keras: the activation found at install, before
+        the first check); default the session's facts."""
         b = self.bounds
         if b is None and self.config.bounds == "auto" and provisional_loss is not None \
                 and provisional_loss.family in ("probability", "logits"):
             b = Bounds.distribution() if provisional_loss.multiclass else Bounds.probability()
-        return CountingPlan.of(b, self.facts)
+        return CountingPlan.of(b, self.facts if facts is None else facts)
 
     def note(self, key: str, message: str, fix: str, step: Optional[int] = None) -> Optional[Alert]:
         """A one-time ``probe_incomplete`` info alert: something was not found, and the option that fixes it.
@@ -293,6 +296,12 @@ class Session:
     def finish(self) -> None:
         """Write the summary records and close the files (idempotent; a later fit reopens them)."""
         self.monitor.finish()
+
+    def close(self) -> None:
+        """End of a run: release the adapter (an error while removing its hooks warns, never reaches the
+        user's run; ``strict=True`` re-raises) and :meth:`finish`. Idempotent."""
+        self._release()
+        self.finish()
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:

@@ -208,7 +208,7 @@ def test_alerts_and_statistics_files(tmp_path):
     run = [r for r in stats if r["type"] == "run"]
     checks = [r["step"] for r in stats if r["type"] == "stats"]
     assert run and run[0]["facts"]["activation"] == "identity"
-    assert checks == [1, 3, 6, 8, 9, 12, 15, 16]  # first step, every 3 steps, and each epoch end (8 steps)
+    assert checks == [1, 3, 6, 9, 12, 15, 16]  # first step, every 3 steps, and the end of fit (16 steps)
     rec = next(r for r in stats if r["type"] == "stats" and r["step"] == 3)
     assert rec["first_step"] == 2 and rec["pred.n"] == 2 * 32 and rec["input.n"] == 2 * 32 * 4
 
@@ -236,7 +236,7 @@ def test_model_is_clean_after_fit_and_predicts_like_before(tmp_path):
     np.testing.assert_allclose(predict(keras.models.load_model(tmp_path / "m.keras"), x), before, rtol=1e-6)
     # a later fit without the callback writes nothing to the callback's buffer
     fit(model, x, y, [], loss="binary_crossentropy", compile=False, epochs=1)
-    assert not np.isfinite(np.asarray(g._buf.numpy())[:, 0]).any()
+    assert not np.isfinite(g._buffer.peek()[:, 0]).any()
 
 
 def test_reused_callback_counts_steps_across_fits(tmp_path):
@@ -306,7 +306,7 @@ def test_internal_error_warns_once_and_switches_off(tmp_path, monkeypatch):
         history = fit(model, x, y, g, loss="binary_crossentropy", epochs=2, quiet=False)
     ours = [w for w in caught if issubclass(w.category, BoundGuardWarning)]
     assert len(ours) == 1 and "synthetic failure" in str(ours[0].message)
-    assert len(history.history["loss"]) == 2 and g._disabled
+    assert len(history.history["loss"]) == 2 and g._session.disabled
     assert_clean(model)
 
 
@@ -317,7 +317,7 @@ def test_internal_error_at_a_check_switches_off(tmp_path, monkeypatch):
     g = BoundGuard(alerts_path=tmp_path / "alerts.jsonl")
     with pytest.warns(BoundGuardWarning, match="ZeroDivisionError"):
         fit(model, x, y, g, loss="binary_crossentropy", quiet=False)
-    assert g._disabled
+    assert g._session.disabled
     assert_clean(model)
 
 

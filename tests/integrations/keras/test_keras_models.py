@@ -208,7 +208,7 @@ def test_torch_compile(tmp_path):
     model.compile(optimizer="adam", loss="binary_crossentropy", jit_compile=True)
     g = guard(tmp_path, bounds=(0, 1))
     fit(model, x, y, g, compile=False, epochs=1)
-    assert not g._disabled and g.monitor.facts.activation == "sigmoid"
+    assert not g._session.disabled and g.monitor.facts.activation == "sigmoid"
     assert g.last_snapshot.counts["pred"] == 3 * 32  # steps 2-4
     assert not severe(g.alerts), describe(g.alerts)
     assert_clean(model)

@@ -78,7 +78,7 @@ def per_step(tmp_path, make, loss, kind, with_guard, n=5, **options):
     cbs.append(leave)
     fit(make(), x, y, cbs, loss=loss, epochs=1)
     if g is not None:
-        assert not g._disabled
+        assert not g._session.disabled
     return leave.steps, g
 
 
@@ -109,7 +109,7 @@ def test_the_counter_sees_a_read_in_the_step(tmp_path, monkeypatch):
 
     def reading(self, *a, **k):
         real(self, *a, **k)
-        float(self._row.value)
+        float(self._buffer.strategy.counter.value)
 
     monkeypatch.setattr(BoundGuard, "_write_row", reading)
     ours, _ = per_step(tmp_path, lambda: dense(activation="sigmoid"), "binary_crossentropy", "binary", True)

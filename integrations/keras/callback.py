@@ -1,0 +1,366 @@
+"""``BoundGuard``: the Keras callback. It measures inside the compiled step and carries out what the core's
+:class:`~boundguard.session.Session` decides (cadence, judging, actions, state are the session's)."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import keras
+import numpy as np
+
+from boundguard.alerts import Alert
+from boundguard.config import Config
+from boundguard.integrations.keras.activations import (
+    BoundActivation, apply_bounds, remove_leftovers, retrace_step, set_activation, unwatch_activation, unwrap,
+    watch_activation,
+)
+from boundguard.integrations.keras.buffer import DeviceBuffer, Wants
+from boundguard.integrations.keras.graph import (
+    Head, attr_of, classify, drop_compute_loss_tap, find_head, flat_layers, activation_attr, layer_name,
+    loss_info, tap_compute_loss, units,
+)
+from boundguard.integrations.keras.probe import Trace, model_facts, notes, pick, resolve_head
+from boundguard.model_facts import LossInfo, ModelFacts, classify_loss
+from boundguard.monitor import Monitor
+from boundguard.rules import TAIL_THRESHOLD
+from boundguard.session import Session, guarded
+from boundguard.sinks import warn_user
+from boundguard.stats import COLUMNS, KINDS, Snapshot, reduce_rows
+from boundguard.surgery import BoundRecord, CannotBound
+
+__all__ = ["BoundGuard", "EpochStats"]
+
+
+class BoundGuard(keras.callbacks.Callback):
+    """Watch a Keras model's predictions, output pre-activations, targets, inputs and batch loss during ``fit``.
+
+    One line: ``model.fit(x, y, callbacks=[BoundGuard()])``. Statistics are reduced on the device inside
+    the compiled train step and judged at the first step and every ``check_every_n_steps`` (and once more
+    at the end of ``fit`` for the steps since the last check); alerts carry a code, numbers and a fix.
+
+    Args:
+        bounds: ``"auto"`` (infer from targets and loss), ``None`` (no range checks), ``(lo, hi)``,
+            a :class:`boundguard.Bounds`, or ``"probability"`` / ``"symmetric"`` / ``"distribution"``.
+        on_violation: ``"log"`` | ``"warn"`` | ``"halt"`` | ``"raise"`` | ``"bound"``: what an alert of
+            severity warning or above does.
+        actions: per-code override of ``on_violation``, e.g. ``{"nonfinite_loss": "halt"}``.
+        check_every_n_steps: how often statistics are read back and judged.
+        alerts_path: the JSON-lines alerts file (``stats.jsonl`` goes beside it); ``None``:
+            ``./boundguard/alerts.jsonl``.
+        thresholds: per-code rule thresholds, e.g. ``{"loss_spike": {"factor": 6}}``.
+        strict: re-raise internal errors instead of switching the callback off (for tests).
+
+    Raises:
+        ValueError, TypeError: an invalid option (the message names it, what was expected and what was given).
+
+    Keys added to each epoch's ``logs`` (so ``History``, ``CSVLogger`` and ``TensorBoard`` listed after this
+    callback record them), from the checks made during the epoch (NaN where a statistic was not seen):
+
+    - ``boundguard/output_min``, ``boundguard/output_max``: the smallest / largest prediction;
+    - ``boundguard/out_of_bounds_share``: the share of predictions outside the bounds;
+    - ``boundguard/preact_absmax``, ``boundguard/preact_rms``: the output pre-activation's magnitude;
+    - ``boundguard/input_rms``: the input scale; ``boundguard/loss_mean``: the mean batch loss of the
+      steps checked; ``boundguard/alerts``: the number of alerts so far.
+
+    Example:
+        >>> from boundguard.integrations.keras import BoundGuard
+        >>> guard = BoundGuard(bounds=(0, 1), on_violation="bound")
+        >>> # model.fit(x, y, callbacks=[guard]); guard.alerts; model.save("m.keras")
+    """
+
+    def __init__(self, bounds: Any = "auto", on_violation: str = "warn", actions: Optional[dict] = None,
+                 check_every_n_steps: int = 50, alerts_path: Any = None, *, thresholds: Optional[dict] = None,
+                 strict: bool = False) -> None:
+        super().__init__()
+        config = Config(bounds=bounds, on_violation=on_violation, actions=actions,
+                        check_every_n_steps=check_every_n_steps, alerts_path=alerts_path,
+                        thresholds=thresholds, strict=strict)
+        self._session = Session(config, adapter=self)
+        self._buffer: Optional[DeviceBuffer] = None
+        self._wmodel: Any = None
+        self._head = Head(static=False)
+        self._owner: Any = None  # the layer whose activation is watched (and bounded)
+        self._act: tuple[str, dict] = ("unknown", {})  # its activation, as found at install
+        self._loss: Optional[LossInfo] = None
+        self._loss_name: Optional[str] = None
+        self._logits = False
+        self._trace = Trace()
+        self._facts_ready = False
+        self._installed = False
+        self._in_loss = False
+        self._wrapped: list[tuple[Any, Any]] = []
+        self._restore_loss: Optional[Callable[[], None]] = None
+        self._stash: dict[int, tuple] = {}
+        self._stash_order = 0
+        self._epoch: Optional[int] = None
+        self._last_batch = -1
+        self._epoch_stats = EpochStats()
+        self._log_keys: set[str] = set()
+
+    # -------------------------------------------------------------- read-only views
+    @property
+    def alerts(self) -> list[Alert]:
+        """Every alert so far, oldest first."""
+        return self._session.alerts
+
+    @property
+    def bounds_inserted(self) -> list[dict]:
+        """Records of the bounding activations inserted (copies; replayed on resume; see :func:`apply_bounds`)."""
+        return self._session.bounds_inserted
+
+    @property
+    def alerts_path(self) -> Optional[Path]:
+        """The alerts file in use (known once training has started)."""
+        return self._session.alerts_path
+
+    @property
+    def monitor(self) -> Monitor:
+        return self._session.monitor
+
+    @property
+    def step(self) -> int:
+        """Training batches seen so far."""
+        return self._session.step
+
+    @property
+    def last_snapshot(self) -> Optional[Snapshot]:
+        return self._session.last_snapshot
+
+    def state_dict(self) -> dict[str, Any]:
+        return self._session.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        records = self._session.load_state_dict(state)
+        self._facts_ready = False
+        if self._wmodel is not None and records:
+            apply_bounds(self._wmodel, records)
+
+    def close(self) -> None:
+        """Remove the wrappers and close the files now (``fit`` does this itself at its end)."""
+        self._session.close()
+
+    # -------------------------------------------------------------- hooks
+    @guarded
+    def on_train_begin(self, logs: Optional[dict] = None) -> None:
+        s, model = self._session, self.model
+        self._wmodel = model
+        s.open()
+        s.should_stop = False  # a new fit: a halt of an earlier one does not carry over
+        backend = keras.backend.backend()
+        if not DeviceBuffer.supports(backend):
+            s.disabled = True
+            warn_user(f"boundguard's Keras callback supports the tensorflow and torch backends, not {backend!r}: "
+                      "training goes on unmonitored.")
+            return
+        if s.records:
+            apply_bounds(model, s.records, retrace=False)
+        self._install(model)
+
+    @guarded
+    def on_epoch_begin(self, epoch: int, logs: Optional[dict] = None) -> None:
+        self._epoch = int(epoch)
+        self._last_batch = -1
+        self._epoch_stats = EpochStats()
+
+    @guarded
+    def on_train_batch_end(self, batch: int, logs: Optional[dict] = None) -> None:
+        if not self._installed:
+            return
+        batch = int(batch)
+        steps = (self.params or {}).get("steps")
+        if isinstance(steps, int) and steps > 0:
+            batch = min(batch, steps - 1)  # Keras reports a full last execution with steps_per_execution > 1
+        done, self._last_batch = batch - self._last_batch, batch
+        if self._session.count_steps(done, self._epoch):
+            self._check()
+
+    @guarded
+    def on_epoch_end(self, epoch: int, logs: Optional[dict] = None) -> None:
+        if logs is None or not self._installed:
+            return
+        metrics = self._epoch_stats.metrics()
+        metrics["boundguard/alerts"] = float(len(self._session.monitor.alerts))
+        self._log_keys.update(metrics)
+        logs.update({k: metrics.get(k, math.nan) for k in sorted(self._log_keys)})  # same keys every epoch
+
+    def on_train_end(self, logs: Optional[dict] = None) -> None:
+        try:
+            self._final_check()
+        finally:
+            self._session.close()
+
+    @guarded
+    def _final_check(self) -> None:
+        """The steps since the last check are judged at the end of ``fit`` (a NaN in the last batches too)."""
+        s = self._session
+        if self._installed and s.step >= s.interval_start:
+            self._check()
+
+    # -------------------------------------------------------------- install / release (adapter interface)
+    def _install(self, model: Any) -> None:
+        remove_leftovers(model)
+        drop_compute_loss_tap(model)
+        self._loss_name, from_logits = loss_info(model)
+        self._loss = classify_loss(self._loss_name, from_logits)
+        self._logits = bool(self._loss and self._loss.link_applied)
+        head = self._head = find_head(model)
+        self._owner = head.owner if head.static else None
+        self._trace, self._facts_ready = Trace(), False
+        self._setup_buffer(model)
+        layers = [head.owner] if head.owner is not None else []
+        if not head.static:
+            layers = [layer for layer in flat_layers(model) if activation_attr(layer) is not None]
+        self._act = ("unknown", {})
+        if head.static and head.owner is not None:
+            try:
+                self._act = classify([unwrap(head.owner.activation)] + list(head.trailing), units(model, head.owner))
+            except Exception:
+                pass
+        host_side = self._buffer.strategy.host_side  # e.g. outside the graph under torch.compile
+        seen = host_side(self._seen_activation, model)
+        self._wrapped = [(layer, watch_activation(layer, seen)) for layer in layers]
+        self._restore_loss = tap_compute_loss(model, host_side(self._loss_hook, model))
+        self._installed = True
+        self._sync_plan()
+        model.make_train_function(force=True)
+
+    def _setup_buffer(self, model: Any) -> None:
+        spe = getattr(model, "steps_per_execution", 1)
+        rows = self._session.config.check_every_n_steps + (spe if isinstance(spe, int) and spe > 0 else 1)
+        if self._buffer is not None and self._buffer.rows == rows:
+            self._buffer.reset()
+        else:
+            self._buffer = DeviceBuffer(rows)
+
+    def release(self) -> None:
+        """Adapter interface: remove the wrappers, restore ``compute_loss`` and drop the traced train
+        function (an inserted bound stays)."""
+        if not self._installed:
+            return
+        self._installed = False
+        for layer, w in self._wrapped:
+            unwatch_activation(layer, w)
+        self._wrapped = []
+        if self._restore_loss is not None:
+            self._restore_loss()
+            self._restore_loss = None
+        self._stash.clear()
+        if self._wmodel is not None and not self._in_loss:
+            # (inside the step an internal error switched us off: the step being traced wrote nothing, and
+            # the restored attributes make every later step plain)
+            self._wmodel.make_train_function(force=True)
+
+    def insert_bound(self, record: BoundRecord) -> BoundRecord:
+        """Adapter interface: swap the output activation for :class:`BoundActivation` and retrace."""
+        owner, head, model = self._owner, self._head, self._wmodel
+        if owner is None or model is None or (head.static and not head.shape_only_after):
+            raise CannotBound("on_violation='bound' could not insert a bound: the output activation was not "
+                              "located (or is followed by further operations).")
+        placed = record.at(layer_name(owner), (), attr=attr_of(model, owner), output=True)
+        prev = set_activation(owner, BoundActivation.of(placed))
+        try:
+            retrace_step(model)
+        except Exception as err:
+            set_activation(owner, prev)  # the step as traced before: the bound is not in force
+            raise CannotBound(f"on_violation='bound' could not insert a bound: retracing the train step failed "
+                              f"({type(err).__name__}: {err}).") from err
+        return placed
+
+    # -------------------------------------------------------------- inside the step
+    @guarded
+    def _seen_activation(self, layer: Any, z: Any, p: Any) -> None:
+        if self._installed:
+            self._stash_order += 1
+            self._stash[id(layer)] = (self._stash_order, layer, z, p)
+
+    def _loss_hook(self, x: Any, y: Any, y_pred: Any, loss: Any, training: Any) -> None:
+        self._in_loss = True
+        try:
+            self._after_loss(x, y, y_pred, loss, training)
+        finally:
+            self._in_loss = False
+
+    @guarded
+    def _after_loss(self, x: Any, y: Any, y_pred: Any, loss: Any, training: Any) -> None:
+        stash, self._stash = self._stash, {}
+        if self._installed and training is not False:
+            self._write_row(x, y, y_pred, loss, stash)
+
+    def _write_row(self, x: Any, y: Any, y_pred: Any, loss: Any, stash: dict) -> None:
+        head, buf = self._head, self._buffer
+        tensors, probe = pick(head, stash, x, y, y_pred, loss, self._trace, self._logits)
+        # statistics that cannot be non-neutral for this model are not computed (decided at trace time;
+        # a bound insertion retraces the step)
+        act = (self._session.facts.activation if self._facts_ready else self._act[0]) if head.static else None
+        wants = Wants(range=self._session.config.bounds is not None, pin=act in (None, "clamp", "unknown"),
+                      tail=act is None or act in TAIL_THRESHOLD)
+        buf.write(tensors, wants)
+        if probe is not None and tensors.pre is not None:
+            shape = buf.store_probe(tensors.pre, probe)
+            if shape is not None:
+                self._trace.probe_shape = shape
+
+    # -------------------------------------------------------------- checks
+    def _check(self) -> None:
+        s = self._session
+        r = self._buffer.read(s.step - s.interval_start + 1)
+        if not self._facts_ready:
+            self._finalize_facts()
+            for key, message, fix in notes(self._trace, self._owner, self._act[0], r.counts):
+                s.note(key, message, fix)
+        if r.target is not None:
+            s.observe_targets(r.target[0], r.target[1], onehot=r.target[2])
+        s.check(r.rows, r.counts, r.loss_seen)
+        self._sync_plan()
+        if s.last_snapshot is not None:
+            self._epoch_stats.add(s.last_snapshot)
+        if s.should_stop:
+            self.model.stop_training = True
+
+    def _finalize_facts(self) -> None:
+        """At the first check after a trace: the output layer, its activation, and the facts for the core."""
+        head = self._head
+        self._owner, self._act = resolve_head(head, self._trace, self._act, self._buffer.probe_values)
+        if not head.static:  # unwrap the layers that turned out not to be the output
+            keep = [(layer, w) for layer, w in self._wrapped if layer is self._owner]
+            for layer, w in self._wrapped:
+                if layer is not self._owner:
+                    unwatch_activation(layer, w)
+            self._wrapped = keep
+        self._session.set_facts(model_facts(head, self._trace, self._owner, self._act, self._loss, self._loss_name))
+        self._facts_ready = True
+
+    def _sync_plan(self) -> None:
+        """Count against the bounds and activation in force (they change when bounds are inferred or a bound
+        is inserted); before the first check, against what install found and the bounds the loss implies."""
+        if self._buffer is None or self._session.disabled:
+            return
+        s = self._session
+        if self._facts_ready:
+            plan = s.counting_plan()
+        else:
+            plan = s.counting_plan(provisional_loss=self._loss,
+                                   facts=ModelFacts(activation=self._act[0], activation_params=dict(self._act[1])))
+        self._buffer.apply(plan)
+
+
+class EpochStats:
+    """The snapshots checked during one epoch, merged by each statistic's reduce op (for the epoch's ``logs``)."""
+
+    def __init__(self) -> None:
+        self._snaps: list[Snapshot] = []
+
+    def add(self, snap: Snapshot) -> None:
+        self._snaps.append(snap)
+
+    def metrics(self) -> dict[str, float]:
+        """``boundguard/<stat>`` over the epoch's checks (empty when nothing was checked)."""
+        snaps = self._snaps
+        if not snaps:
+            return {}
+        rows = np.array([[sn.values.get(c, math.nan) for c in COLUMNS] for sn in snaps], dtype=np.float64)
+        merged = Snapshot(snaps[-1].step, snaps[0].first_step, snaps[-1].epoch, reduce_rows(rows),
+                          {k: sum(sn.counts.get(k, 0) for sn in snaps) for k in KINDS},
+                          np.concatenate([sn.losses for sn in snaps]), np.concatenate([sn.loss_steps for sn in snaps]))
+        return merged.metrics()

@@ -1,0 +1,220 @@
+"""The Keras callback on the shared session: one bound per run with the file agreeing with ``guard.alerts``,
+copies of the bound records, a failed retrace that is reported, warnings attributed to the user's code,
+the final check at the end of ``fit``, the one cadence, epoch logs from the checks, and the record schema
+(old states and saved models still load)."""
+from __future__ import annotations
+
+import json
+import math
+import warnings
+
+import numpy as np
+import pytest
+
+from boundguard import BoundGuardWarning
+from boundguard.integrations.keras import BoundActivation, BoundGuard, apply_bounds
+from boundguard.surgery import BoundRecord
+
+from conftest import assert_clean, data, dense, fit, guard, keras, predict
+
+RANGE = ("output_out_of_range", "missing_output_activation")
+
+
+def _records(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_two_range_alerts_one_bound_file_and_memory_agree(tmp_path):
+    x, y = data("binary")
+    g = guard(tmp_path, bounds=(0, 1), on_violation="bound")
+    model = dense(bias=3.0)  # out of range and no output activation: two range alerts at step 1
+    fit(model, x, y, g, epochs=1)
+    memory = {a.code: a.action for a in g.alerts if a.code in RANGE and a.step == 1}
+    assert sorted(memory.values()) == ["bound", "warn"], memory
+    on_file = {r["code"]: r["action"] for r in _records(tmp_path / "alerts.jsonl")
+               if r.get("event") == "new" and r["code"] in memory}
+    assert on_file == memory
+    (rec,) = g.bounds_inserted
+    bound_alert = next(a for a in g.alerts if a.action == "bound")
+    assert bound_alert.details["inserted"] == rec
+    p = predict(model, x * 100)
+    assert p.min() >= 0 and p.max() <= 1
+
+
+def test_bounds_inserted_are_copies(tmp_path):
+    x, y = data("binary")
+    g = guard(tmp_path, bounds=(0, 1), on_violation="bound")
+    fit(dense(bias=3.0), x, y, g, epochs=1)
+    g.bounds_inserted[0]["kind"] = "tanh"
+    g.bounds_inserted.clear()
+    assert [r["kind"] for r in g.bounds_inserted] == ["sigmoid"]
+    assert [r["kind"] for r in g.state_dict()["monitor"]["inserted"]] == ["sigmoid"]
+
+
+def test_one_record_schema(tmp_path):
+    x, y = data("binary")
+    g = guard(tmp_path, bounds=(0, 1), on_violation="bound")
+    model = dense(bias=3.0)
+    fit(model, x, y, g, epochs=1)
+    (rec,) = g.bounds_inserted
+    assert rec == BoundRecord.from_dict(rec).to_dict()
+    assert {k: rec[k] for k in ("kind", "lo", "hi", "dim", "step", "path", "output")} == {
+        "kind": "sigmoid", "lo": 0.0, "hi": 1.0, "dim": -1, "step": 1, "path": [], "output": True}
+    assert rec["module"] == model.layers[-1].name
+    bound = next(a for a in g.alerts if a.action == "bound")
+    on_file = next(r for r in _records(tmp_path / "alerts.jsonl") if r.get("action") == "bound")
+    assert on_file["details"]["inserted"] == rec == bound.details["inserted"]
+
+
+def test_a_failed_retrace_is_reported_not_swallowed(tmp_path):
+    x, y = data("binary")
+    g = guard(tmp_path, bounds=(0, 1), on_violation="bound")
+    model = dense(bias=3.0)
+    model.compile(optimizer=keras.optimizers.Adam(1e-2), loss="mse")
+    real = model.make_train_function
+    failed: list[int] = []
+
+    def make_train_function(force=False):
+        if g.step >= 1 and not failed:  # the retrace after the bound insertion at the first check
+            failed.append(g.step)
+            raise RuntimeError("synthetic retrace failure")
+        return real(force=force)
+
+    model.make_train_function = make_train_function
+    fit(model, x, y, g, compile=False, epochs=1)
+    assert failed == [1]
+    assert not g.bounds_inserted
+    assert not isinstance(model.layers[-1].activation, BoundActivation), "no bound in force without a record"
+    assert {a.action for a in g.alerts if a.code in RANGE} == {"warn"}
+    (note,) = [a for a in g.alerts if a.code == "probe_incomplete" and a.where == "bound"]
+    assert "retracing the train step failed" in note.message and "synthetic retrace failure" in note.message
+    on_file = [r for r in _records(tmp_path / "alerts.jsonl") if r["code"] == "probe_incomplete"]
+    assert [r["where"] for r in on_file] == ["bound"]
+    assert not g._session.disabled
+    assert_clean(model)
+
+
+def test_alert_warnings_point_at_the_users_fit_call(tmp_path):
+    x, y = data("binary")
+    model = dense()
+    model.compile(optimizer="adam", loss="mse")
+    g = BoundGuard(bounds=(0, 1), check_every_n_steps=4, alerts_path=tmp_path / "alerts.jsonl")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.fit(x, y, epochs=1, batch_size=32, verbose=0, callbacks=[g])
+    ours = [w for w in caught if issubclass(w.category, BoundGuardWarning)]
+    assert any("missing_output_activation" in str(w.message) for w in ours), [str(w.message) for w in ours]
+    assert {w.filename for w in ours} == {__file__}
+
+
+def test_the_end_of_fit_is_judged(tmp_path):
+    """NaN inputs only in batches 58-60 of a 60-step fit, with checks every 50 steps: seen at the end."""
+    x, y = data("binary", n=60 * 32)
+    x = x.copy()
+    x[57 * 32 + 3, 0] = np.nan
+    g = guard(tmp_path, bounds=(0, 1), check_every_n_steps=50)
+    model = dense(activation="sigmoid")
+    fit(model, x, y, g, epochs=1, shuffle=False)
+    (alert,) = [a for a in g.alerts if a.code == "nonfinite_input"]
+    assert alert.step == 60 and alert.severity == "critical"
+    assert g.last_snapshot.first_step == 51 and g.last_snapshot.step == 60
+    assert any(r["code"] == "nonfinite_input" for r in _records(tmp_path / "alerts.jsonl"))
+    assert_clean(model)
+
+
+def test_one_cadence_no_epoch_end_check(tmp_path):
+    x, y = data("binary")  # 8 steps per epoch
+    g = guard(tmp_path, bounds=(0, 1), check_every_n_steps=5)
+    fit(dense(activation="sigmoid"), x, y, g, loss="binary_crossentropy", epochs=2)
+    stats = [r for r in _records(tmp_path / "stats.jsonl") if r["type"] == "stats"]
+    assert [(r["first_step"], r["step"]) for r in stats] == [(1, 1), (2, 5), (6, 10), (11, 15), (16, 16)]
+
+
+def test_epoch_logs_come_from_the_checks_of_the_epoch(tmp_path):
+    """Keys are the same every epoch; an epoch without a check logs NaN for its statistics."""
+    x, y = data("binary")  # 8 steps per epoch; checks at 1 and 20 (end of fit at 24)
+    g = guard(tmp_path, check_every_n_steps=20)
+    history = fit(dense(activation="sigmoid"), x, y, g, loss="binary_crossentropy", epochs=3)
+    out_max = history.history["boundguard/output_max"]
+    assert len(out_max) == 3 and 0 < out_max[0] < 1 and math.isnan(out_max[1]) and 0 < out_max[2] < 1
+    assert len(history.history["boundguard/alerts"]) == 3
+
+
+def test_a_halt_does_not_carry_over_to_the_next_fit(tmp_path):
+    x, y = data("binary")
+    model = dense()
+    g = guard(tmp_path, bounds=(0, 1), on_violation="halt", check_every_n_steps=4)
+    fit(model, x, y, g, epochs=1)
+    assert int(model.optimizer.iterations.numpy()) == 1
+    fit(model, x, y, g, epochs=1, compile=False)  # steps 2-9: the same alerts are active, nothing new halts
+    assert int(model.optimizer.iterations.numpy()) == 9
+
+
+def test_old_state_and_record_dicts_still_load(tmp_path):
+    """A state saved by the previous Keras adapter: records as plain dicts with the same keys."""
+    old = {"module": "dense_out", "path": [], "kind": "scaled_sigmoid", "lo": -3, "hi": 3, "dim": -1,
+           "step": 7, "attr": None, "output": True}
+    state = {"monitor": {"inserted": [old], "alerts": [], "notes": []}, "step": 9}
+    g = BoundGuard(bounds=(-3, 3), alerts_path=tmp_path / "a.jsonl")
+    g.load_state_dict(state)
+    assert g.step == 9 and g.bounds_inserted[0]["kind"] == "scaled_sigmoid" and g.bounds_inserted[0]["lo"] == -3.0
+    model = dense()
+    applied = apply_bounds(model, state)
+    assert applied == g.bounds_inserted
+    act = model.layers[-1].activation
+    assert isinstance(act, BoundActivation) and (act.kind, act.lo, act.hi) == ("scaled_sigmoid", -3.0, 3.0)
+
+
+def test_saved_activation_name_and_config_are_unchanged(tmp_path):
+    """Models saved by the previous version name ``boundguard>BoundActivation`` with this config."""
+    assert keras.saving.get_registered_name(BoundActivation) == "boundguard>BoundActivation"
+    act = BoundActivation("softmax", axis=-1)
+    assert act.get_config() == {"kind": "softmax", "lo": 0.0, "hi": 1.0, "axis": -1}
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, activation=act)])
+    model.save(tmp_path / "m.keras")
+    cfg = json.dumps(model.get_config())
+    assert "boundguard>BoundActivation" in cfg
+    loaded = keras.models.load_model(tmp_path / "m.keras")
+    x = np.random.default_rng(0).standard_normal((5, 4)).astype("float32")
+    np.testing.assert_allclose(predict(loaded, x), predict(model, x), rtol=1e-6)
+
+
+def test_retrace_failure_in_apply_bounds_warns(tmp_path):
+    model = dense()
+    model.compile(optimizer="adam", loss="mse")
+
+    def broken(force=False):
+        raise RuntimeError("no trace today")
+
+    model.make_train_function = broken
+    rec = {"module": model.layers[-1].name, "kind": "sigmoid"}
+    with pytest.warns(BoundGuardWarning, match="no trace today"):
+        apply_bounds(model, [rec])
+    assert isinstance(model.layers[-1].activation, BoundActivation)
+
+
+@pytest.mark.parametrize("kw", [dict(check_every=5), dict(target_key="y")])
+def test_unknown_keyword_names_the_option(kw):
+    with pytest.raises(TypeError) as info:
+        BoundGuard(**kw)
+    assert next(iter(kw)) in str(info.value)
+
+
+def test_an_internal_error_while_judging_switches_off(tmp_path, monkeypatch):
+    """The session calls ``Monitor.judge`` (then ``publish``): an error there warns once, training goes on."""
+    from boundguard.monitor import Monitor
+
+    def boom(self, snap):
+        raise RuntimeError("synthetic judge failure")
+
+    monkeypatch.setattr(Monitor, "judge", boom)
+    x, y = data("binary")
+    model = dense(activation="sigmoid")
+    g = BoundGuard(alerts_path=tmp_path / "alerts.jsonl")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        history = fit(model, x, y, g, loss="binary_crossentropy", epochs=2, quiet=False)
+    ours = [w for w in caught if issubclass(w.category, BoundGuardWarning)]
+    assert len(ours) == 1 and "synthetic judge failure" in str(ours[0].message)
+    assert len(history.history["loss"]) == 2 and g._session.disabled
+    assert_clean(model)
