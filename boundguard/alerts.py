@@ -52,7 +52,7 @@ class Alert:
         return (self.code, self.where)
 
     def to_record(self, event: str = "new") -> dict[str, Any]:
-        record = {"schema": SCHEMA_VERSION, "type": "alert", "event": event}
+        record: dict[str, Any] = {"schema": SCHEMA_VERSION, "type": "alert", "event": event}
         record.update(asdict(self))
         for name in ("value", "threshold"):
             record[name] = _json_float(record[name])
@@ -61,7 +61,9 @@ class Alert:
     @classmethod
     def from_record(cls, record: dict[str, Any]) -> "Alert":
         names = cls.__dataclass_fields__.keys()
-        return cls(**{k: float(v) if k in ("value", "threshold") and isinstance(v, str) else v for k, v in record.items() if k in names})
+        fields: dict[str, Any] = {k: float(v) if k in ("value", "threshold") and isinstance(v, str) else v
+                                  for k, v in record.items() if k in names}
+        return cls(**fields)
 
     def __str__(self) -> str:
         return f"[{self.severity}] {self.code} at step {self.step} ({self.where}): {self.message} Fix: {self.fix}"

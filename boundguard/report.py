@@ -281,9 +281,9 @@ def _alert_record(rec: dict) -> _AlertRecord:
     severity = text("severity")
     if severity not in SEVERITIES:
         raise ValueError(f"unknown severity {severity!r}")
-    step = _int(rec.get("step"), "step")
+    step = _int(rec.get("step"), "step") or 0
     last = _int(rec.get("last_step"), "last_step", optional=True)
-    count = _int(rec.get("count", 1), "count")
+    count = _int(rec.get("count", 1), "count") or 1
     event = rec.get("event", "new")
     return _AlertRecord(
         code=code, severity=severity, event=event if event in ("new", "escalated", "summary") else "new",

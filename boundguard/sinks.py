@@ -8,6 +8,7 @@ import sys
 import sysconfig
 import warnings
 from pathlib import Path
+from types import FrameType
 from typing import IO, Any, Optional
 
 from boundguard.alerts import SCHEMA_VERSION, Alert, BoundGuardWarning
@@ -142,7 +143,7 @@ def warn_user(message: str, category: type[Warning] = BoundGuardWarning) -> None
     """``warnings.warn`` attributed to the first frame of the user's code (outside boundguard, the
     standard library and installed packages), so ``warnings.filterwarnings(module=...)`` on the user's
     own module works and the warning line points at their training script."""
-    frame = sys._getframe(1)
+    frame: Optional[FrameType] = sys._getframe(1)
     while frame is not None:
         name = frame.f_code.co_filename
         if not name.startswith("<") and not os.path.realpath(name).startswith(_LIBRARY_DIRS):

@@ -36,10 +36,11 @@ def activation_fn(name: str, params: dict) -> Optional[Callable[[Tensor], Tensor
         return torch.relu
     if name == "clamp":
         return lambda z: torch.clamp(z, min=lo, max=hi)
-    if name == "scaled_sigmoid":
-        return lambda z: lo + (hi - lo) * torch.sigmoid(z)
-    if name == "scaled_tanh":
-        return lambda z: (lo + hi) / 2 + (hi - lo) / 2 * torch.tanh(z)
+    if name in ("scaled_sigmoid", "scaled_tanh") and lo is not None and hi is not None:
+        a, b = float(lo), float(hi)
+        if name == "scaled_sigmoid":
+            return lambda z: a + (b - a) * torch.sigmoid(z)
+        return lambda z: (a + b) / 2 + (b - a) / 2 * torch.tanh(z)
     return None
 
 

@@ -61,6 +61,7 @@ class TorchEngine:
         self._pred_from_pre: Optional[Callable[[Tensor], Tensor]] = None
         self._logits = False
         self._plan: Optional[CountingPlan] = None
+        self._off_everywhere = False  # DDP: the ranks agreed to switch the monitor off (see agreed())
 
     # ------------------------------------------------------------------ views
     @property
@@ -119,6 +120,56 @@ class TorchEngine:
         if not self.probed and self.probe is None:
             self.probe = Probe(self.model)
             self.probe.start()
+
+    def begin_micro_batch(self) -> None:
+        """Before each forward pass of a step made of several micro-batches (gradient accumulation): the
+        first begins the step (:meth:`begin_step`); the others only let :meth:`record_batch` record their
+        targets and inputs too. The step is still counted once, at :meth:`end_step`."""
+        if not self.armed:
+            self.begin_step()
+        elif not self.disabled:
+            self._batch_recorded = False
+
+    def record_step_loss(self, loss: Any) -> None:
+        """Record the step's loss, replacing one recorded earlier in the same step (an integration that
+        combines the micro-batch losses of a step into the loss its trainer reports)."""
+        if isinstance(loss, Tensor) and not self.disabled:
+            self.loss_seen = False
+        self.record_loss(loss)
+
+    def agreed(self, any_rank: Callable[[bool], bool]) -> bool:
+        """DDP: before a check's collectives, the ranks agree whether the monitor is still on everywhere.
+
+        ``any_rank(flag)`` is a collective that is True when ``flag`` is True on any rank (Lightning's
+        ``strategy.reduce_boolean_decision(flag, all=False)``, or :meth:`any_rank`). A rank that switched
+        itself off (an internal error) still takes part in this one collective, so no rank waits forever in
+        a collective another skipped; then every rank switches off together. Call it on every rank, at the
+        steps where a check is due, counted even while switched off."""
+        if self._off_everywhere:
+            return False
+        if any_rank(self.session.disabled):
+            self._off_everywhere = True
+            if not self.session.disabled:
+                self.session.disable(RuntimeError("another rank's monitor hit an internal error; switched off on "
+                                                  "every rank so that the ranks' collectives stay matched"))
+            return False
+        return True
+
+    def any_rank(self, flag: bool) -> bool:
+        """A ``torch.distributed`` collective: True when ``flag`` is True on any rank (one all-reduce of one
+        element on the monitor's device); ``flag`` itself when no process group is initialised."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            return bool(flag)
+        if self.reducer is not None:
+            device = self.reducer.device
+        else:
+            device = next((p.device for p in self.model.parameters()), torch.device("cpu")) \
+                if self.model is not None else torch.device("cpu")
+        t = torch.tensor([1.0 if flag else 0.0], device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
 
     def record_loss(self, loss: Any) -> None:
         if self.disabled or not isinstance(loss, Tensor):
@@ -397,7 +448,7 @@ class TorchEngine:
             try:
                 t = (args[0] if args and isinstance(args[0], Tensor) else None) if path[:1] == (INPUT,) \
                     else get_path(output, path)
-                if t is None:
+                if t is None or self.reducer is None:
                     return None
                 if what == "pred":
                     self.reducer.pred(t)
@@ -432,7 +483,7 @@ class TorchEngine:
         """Place the planned bound on the raw output that feeds the prediction and insert it."""
         r, b = self._result, self.session.bounds
         site = (r.pre_site or r.pred_site) if r is not None else None
-        if site is None or self.model is None:
+        if r is None or site is None or self.model is None:
             raise CannotBound("on_violation='bound' could not insert a bound: the output layer was not located.")
         facts = self.session.facts
         dim = 1 if (r.pred is not None and r.pred.dim() >= 2 and b is not None and b.kind == "distribution"

@@ -50,13 +50,15 @@ def set_path(obj: Any, path: tuple, value: Tensor) -> Any:
         return value
     key, rest = path[0], path[1:]
     if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # namedtuple
-        return obj._replace(**{obj._fields[key]: set_path(obj[key], rest, value)})
+        nt: Any = obj
+        return nt._replace(**{nt._fields[key]: set_path(obj[key], rest, value)})
     if isinstance(obj, tuple):
         return tuple(set_path(v, rest, value) if i == key else v for i, v in enumerate(obj))
     if isinstance(obj, list):
         return [set_path(v, rest, value) if i == key else v for i, v in enumerate(obj)]
     if isinstance(obj, Mapping):
-        new = obj.__class__(obj) if not hasattr(obj, "to_tuple") else obj  # keep ModelOutput types
+        cls: Any = type(obj)
+        new: Any = cls(obj) if not hasattr(obj, "to_tuple") else obj  # keep ModelOutput types
         new[key] = set_path(obj[key], rest, value)
         return new
     setattr(obj, key, set_path(getattr(obj, key), rest, value))

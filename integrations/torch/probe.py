@@ -181,19 +181,20 @@ class Probe:
         r.pred = pred
         # where the prediction comes from: a module output reached through shape ops only
         site = self._site(pred)
-        cur, steps = pred, []
-        while site is None:
+        cur: Optional[Tensor] = pred
+        steps: list[_Call] = []
+        while site is None and cur is not None:
             call = self.recorder.producer.get(id(cur))
             if call is None or call.name not in _SHAPE_OPS | _ACT_OPS or call.tensor_arg(0) is None:
                 break
             steps.append(call)
             cur = call.tensor_arg(0)
-            site = self._site(cur)
+            site = self._site(cur) if cur is not None else None
         # pre-activation: the input of a parameter-free activation module that produces the
         # prediction (nn.Sigmoid, nn.Softmax, a custom activation module), else the output of the
         # last parametrised layer before the prediction.
         z = self._activation_module_input(site)
-        if z is not None:
+        if z is not None and site is not None:
             r.pre_site, r.pre = (site[0], (INPUT, 0)), z
             chain = self._chain_between(site[2], z)
             r.activation, r.activation_params = (
@@ -239,7 +240,7 @@ class Probe:
     def _chain_between(self, p: Tensor, z: Tensor, max_depth: int = 12) -> Optional[list[_Call]]:
         """The recorded calls leading from ``z`` to ``p`` (walked backwards), or None if not connected."""
         chain: list[_Call] = []
-        cur = p
+        cur: Optional[Tensor] = p
         for _ in range(max_depth):
             if cur is z:
                 return chain

@@ -275,7 +275,7 @@ class Reducer:
 
         self.flush()
         world = dist.get_world_size()
-        kinds = {"min": [], "max": [], "sum": []}
+        kinds: dict[str, list[int]] = {"min": [], "max": [], "sum": []}
         for kind, fs in self.ROW.items():
             for j, f in enumerate(fs):
                 kinds[self.OPS[kind][f]].append(self.offs[kind] + j)
