@@ -171,11 +171,19 @@ class LightningGuard:
         if trainer.strategy.reduce_boolean_decision(self._session.should_stop, all=False):
             trainer.should_stop = True
         snap = self._session.last_snapshot
-        if self._log_stats and snap is not None and snap.step == e.step and trainer.loggers:
-            metrics = snap.metrics()
-            metrics["boundguard/alerts"] = float(len(self._session.monitor.alerts))
-            for logger in trainer.loggers:
-                logger.log_metrics(metrics, step=trainer.global_step)
+        if self._log_stats and snap is not None and snap.step == e.step:
+            self._publish_metrics(trainer, snap.metrics())
+
+    def _publish_metrics(self, trainer: Any, metrics: dict[str, float]) -> None:
+        """At a check (never between): to the loggers, on Lightning's own step numbering (the batch's
+        ``global_step`` before its optimiser step, as ``self.log`` in ``training_step`` logs it), and to
+        ``trainer.callback_metrics`` so EarlyStopping and ModelCheckpoint can monitor them."""
+        import torch
+
+        metrics["boundguard/alerts"] = float(len(self._session.monitor.alerts))
+        trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=max(trainer.global_step - 1, 0))
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         try:

@@ -97,3 +97,28 @@ def test_apply_bounds_reads_a_checkpoint_written_by_the_default_model_checkpoint
     with torch.no_grad():
         out = fresh(torch.from_numpy(x) * 5)
     assert out.min() >= 0 and out.max() <= 1
+
+
+def test_metrics_reach_callback_metrics_and_the_logger_on_lightnings_step_numbering(tmp_path):
+    """EarlyStopping can monitor a boundguard metric; the CSV rows sit on the steps self.log uses."""
+    import csv
+    import glob
+    import warnings
+
+    import lightning.pytorch as L
+    from conftest import loader
+
+    x, y = data(n=256, kind="binary")
+    g = BoundGuard(bounds=(0, 1), on_violation="log", check_every_n_steps=2, alerts_path=tmp_path / "a.jsonl")
+    stop = L.callbacks.EarlyStopping(monitor="boundguard/out_of_bounds_share", mode="min", patience=100,
+                                     check_on_train_epoch_end=True)
+    t = L.Trainer(max_steps=6, callbacks=[g, stop], logger=L.loggers.CSVLogger(tmp_path), log_every_n_steps=1,
+                  enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False,
+                  accelerator="cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        t.fit(Tiny(head=torch.nn.Sigmoid()), loader(x, y))
+    assert float(t.callback_metrics["boundguard/out_of_bounds_share"]) == 0.0
+    (path,) = glob.glob(str(tmp_path / "**" / "metrics.csv"), recursive=True)
+    steps = [int(r["step"]) for r in csv.DictReader(open(path)) if r.get("boundguard/loss_mean")]
+    assert steps == [0, 1, 3, 5], "checks after batches 1, 2, 4, 6 are logged at global_step 0, 1, 3, 5"
