@@ -65,6 +65,11 @@ class Alert:
                                   for k, v in record.items() if k in names}
         return cls(**fields)
 
+    def line(self) -> str:
+        """One short line for a console: severity, code, step, where, what was seen, and where the fix is."""
+        return (f"[{self.severity}] {self.code} at step {self.step} ({self.where}): {self.message} "
+                f"-> boundguard explain {self.code}")
+
     def __str__(self) -> str:
         return f"[{self.severity}] {self.code} at step {self.step} ({self.where}): {self.message} Fix: {self.fix}"
 

@@ -178,9 +178,10 @@ class Monitor:
             alert.action = d.action
             self.alerts.append(alert)
             self._write(alert, d.event)
-            log_alert(alert)
             if d.action in ("warn", "halt", "bound"):
                 emit_warning(alert)
+            else:
+                log_alert(alert)
 
     def _record(self, f: Finding, snap: Snapshot) -> list[Decision]:
         e = CATALOGUE[f.code]
@@ -267,14 +268,25 @@ class Monitor:
         self.notes_reported = set(state.get("notes", []))
         self._summarised = {(code, where): int(n) for code, where, n in state.get("summarised", [])}
 
-    def summary(self) -> str:
-        """A readable table of the alerts so far (one line per alert)."""
+    def summary(self, width: int = 140) -> str:
+        """The end-of-run table: one line per alert (severity, code, first step, checks seen, where, what),
+        then where the details are.
+
+        Example:
+            >>> Monitor(Config(), write=False).summary()
+            'boundguard: no alerts.'
+        """
         if not self.alerts:
             return "boundguard: no alerts."
-        rows = [f"{'severity':<9} {'code':<33} {'step':>6} {'count':>5}  message"]
-        for a in self.alerts:
-            rows.append(f"{a.severity:<9} {a.code:<33} {a.step:>6} {a.count:>5}  {a.message}")
-            rows.append(f"{'':<56}fix: {a.fix}")
+        counts = {s: sum(a.severity == s for a in self.alerts) for s in ("critical", "error", "warning", "info")}
+        head = ", ".join(f"{n} {s}{'s' if n > 1 else ''}" for s, n in counts.items() if n)
+        rows = [f"boundguard: {len(self.alerts)} alert{'s' if len(self.alerts) > 1 else ''} ({head})"]
+        for a in sorted(self.alerts, key=lambda a: (-severity_rank(a.severity), a.step)):
+            text = f"{a.where}: {a.message}"
+            text = text if len(text) <= width - 60 else text[: width - 61] + "…"
+            rows.append(f"  {a.severity:<8} {a.code:<33} step {a.step:<5} x{a.count:<3} {text}")
+        where = f"boundguard report {self.alerts_path}" if self._alerts_file is not None else "callback.alerts"
+        rows.append(f"  details and fixes: {where}  |  boundguard explain <code>")
         return "\n".join(rows)
 
 

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import functools
 import math
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -140,6 +141,7 @@ class Session:
         self.should_stop = False  #: set by a ``halt`` decision; the adapter stops its loop
         self.last_snapshot: Optional[Snapshot] = None
         self._warned_error = False
+        self._summary_printed = 0
 
     # ------------------------------------------------------------------ read-only views
     @property
@@ -294,8 +296,14 @@ class Session:
                               RuntimeWarning, stacklevel=2)
 
     def finish(self) -> None:
-        """Write the summary records and close the files (idempotent; a later fit reopens them)."""
+        """Write the summary records, close the files, and print the end-of-run table on stderr when the
+        run raised alerts of severity warning or above (once; rank 0 only). Idempotent."""
         self.monitor.finish()
+        alerts = self.monitor.alerts
+        loud = any(a.severity != "info" for a in alerts)
+        if loud and self.monitor.write and self._summary_printed != len(alerts):
+            self._summary_printed = len(alerts)
+            print(self.monitor.summary(), file=sys.stderr)
 
     def close(self) -> None:
         """End of a run: release the adapter (an error while removing its hooks warns, never reaches the

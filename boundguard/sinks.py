@@ -13,7 +13,7 @@ from typing import IO, Any, Optional
 
 from boundguard.alerts import SCHEMA_VERSION, Alert, BoundGuardWarning
 
-__all__ = ["JsonLinesWriter", "logger", "emit_warning", "warn_user", "log_alert"]
+__all__ = ["JsonLinesWriter", "logger", "emit_warning", "warn_user", "log_alert", "set_alert_channel"]
 
 logger = logging.getLogger("boundguard")
 logger.addHandler(logging.NullHandler())  # a library: the application decides where log lines go
@@ -117,12 +117,36 @@ def _default(o: Any) -> Any:
         return str(o)
 
 
+_CHANNELS = ("warnings", "logging")
+_channel = ["warnings"]
+
+
+def set_alert_channel(channel: str) -> None:
+    """Where alerts that warn are shown: ``"warnings"`` (default: one :class:`~boundguard.BoundGuardWarning`
+    per alert, attributed to your code; its log record goes to the ``boundguard`` logger at DEBUG so a
+    ``logging.basicConfig(level=INFO)`` does not print it twice) or ``"logging"`` (the ``boundguard``
+    logger at the alert's level, no warning). Either way the ``boundguard`` logger's level filters them:
+    ``logging.getLogger("boundguard").setLevel(logging.CRITICAL)`` silences all but critical alerts."""
+    if channel not in _CHANNELS:
+        raise ValueError(f"channel must be one of {list(_CHANNELS)}, got {channel!r}")
+    _channel[0] = channel
+
+
 def log_alert(alert: Alert) -> None:
-    logger.log(_LEVELS.get(alert.severity, logging.WARNING), "%s", alert)
+    """An alert that only records (``on_violation="log"``, info alerts): one log record at its level."""
+    logger.log(_LEVELS.get(alert.severity, logging.WARNING), "%s", alert.line())
 
 
 def emit_warning(alert: Alert) -> None:
-    warn_user(str(alert))
+    """An alert that warns: one line, on the chosen channel, unless the ``boundguard`` logger's level
+    filters its severity out."""
+    level = _LEVELS.get(alert.severity, logging.WARNING)
+    if _channel[0] == "logging":
+        logger.log(level, "%s", alert.line())
+        return
+    logger.debug("%s", alert.line())
+    if logger.isEnabledFor(level):
+        warn_user(alert.line())
 
 
 def _library_dirs() -> tuple[str, ...]:

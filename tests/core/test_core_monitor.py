@@ -21,11 +21,6 @@ from boundguard.stats import LOSS_COLUMN, Snapshot, neutral_row
 from boundguard.surgery import BoundRecord
 
 
-@pytest.fixture(autouse=True)
-def _quiet_logs(caplog):
-    caplog.set_level(logging.CRITICAL + 1, logger="boundguard")  # keep alert log lines off the console
-
-
 def snap(step, *, first_step=None, pred=None, target=None, input_rms=None, losses=(), pre=None):
     """A snapshot for steps ``first_step..step``. ``pred``/``target``/``pre`` are (min, max[, extra values])."""
     first_step = step if first_step is None else first_step

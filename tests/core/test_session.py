@@ -3,7 +3,6 @@ one bound per run decided in the core, surgery that fails, guarded hooks, state,
 from __future__ import annotations
 
 import json
-import logging
 import math
 import warnings
 
@@ -16,11 +15,6 @@ from boundguard.model_facts import ModelFacts, classify_loss
 from boundguard.session import CountingPlan, Session, guarded
 from boundguard.stats import COLUMNS, merge_rows, neutral_row
 from boundguard.surgery import BoundRecord, CannotBound, plan_bound
-
-
-@pytest.fixture(autouse=True)
-def _quiet_logs(caplog):
-    caplog.set_level(logging.CRITICAL + 1, logger="boundguard")
 
 
 class FakeAdapter:

@@ -4,7 +4,6 @@ the final check at the end of a run."""
 from __future__ import annotations
 
 import json
-import logging
 import warnings
 
 import pytest
@@ -17,8 +16,7 @@ from boundguard import BoundGuardWarning
 
 
 @pytest.fixture(autouse=True)
-def _quiet_logs_and_seed(caplog):
-    caplog.set_level(logging.CRITICAL + 1, logger="boundguard")
+def _seed():
     torch.manual_seed(0)
 
 

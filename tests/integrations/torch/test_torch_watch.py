@@ -4,7 +4,6 @@ changes nothing about training."""
 from __future__ import annotations
 
 import json
-import logging
 import math
 import pickle
 
@@ -21,8 +20,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::boundguard.alerts.BoundGuardWar
 
 
 @pytest.fixture(autouse=True)
-def _quiet_logs_and_seed(caplog):
-    caplog.set_level(logging.CRITICAL + 1, logger="boundguard")
+def _seed():
     torch.manual_seed(0)
 
 
