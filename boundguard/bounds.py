@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Any, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 __all__ = ["Bounds", "BoundsSpec", "resolve_bounds", "infer_bounds", "PRESETS"]
 
@@ -79,10 +79,12 @@ def _g(x: float) -> str:
 
 PRESETS = {"probability": Bounds.probability, "symmetric": Bounds.symmetric, "distribution": Bounds.distribution}
 
-BoundsSpec = Union[str, None, tuple, list, Bounds]
+#: What ``bounds=`` accepts: a preset name, ``None``, ``(lo, hi)`` or a :class:`Bounds`.
+BoundsSpec = Union[Literal["auto", "probability", "symmetric", "distribution"], None, tuple[float, float],
+                   list, Bounds]
 
 
-def resolve_bounds(spec: BoundsSpec) -> Union[Bounds, str, None]:
+def resolve_bounds(spec: Any) -> Union[Bounds, str, None]:
     """Turn the ``bounds`` option into a :class:`Bounds`, ``"auto"`` or ``None``; errors name the option."""
     if spec is None or isinstance(spec, Bounds):
         return spec

@@ -5,15 +5,18 @@ import difflib
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Optional, Union
+from collections.abc import Mapping
+from typing import Any, Literal, Optional, Union
 
 from boundguard.bounds import Bounds, resolve_bounds
 from boundguard.catalogue import CATALOGUE, CODES, RANGE_CODES
 from boundguard.rules import default_rules
 
-__all__ = ["Config", "ACTIONS", "OPTIONS"]
+__all__ = ["Config", "ACTIONS", "OPTIONS", "Action"]
 
 ACTIONS = ("log", "warn", "halt", "raise", "bound")
+#: The type of ``on_violation`` and of the values of ``actions`` (LightningCLI and type checkers list the choices).
+Action = Literal["log", "warn", "halt", "raise", "bound"]
 #: Codes whose alerts are only ever ``info`` (never escalated): no action other than ``log`` can apply.
 INFO_ONLY = frozenset(c for c, e in CATALOGUE.items() if e.severity == "info")
 
@@ -22,11 +25,11 @@ INFO_ONLY = frozenset(c for c, e in CATALOGUE.items() if e.severity == "info")
 class Config:
     """Validated options. See the README's option table; adapters pass their keyword arguments here."""
 
-    bounds: Union[Bounds, str, None] = "auto"
+    bounds: Any = "auto"  # a BoundsSpec as given; a Bounds, "auto" or None once validated
     on_violation: str = "warn"
-    actions: Optional[dict[str, str]] = None
+    actions: Optional[Mapping[str, str]] = None
     check_every_n_steps: int = 50
-    alerts_path: Optional[Path] = None
+    alerts_path: Union[str, os.PathLike, None] = None  # a Path once validated
     thresholds: Optional[dict[str, dict[str, float]]] = None
     input_key: Union[int, str, None] = None
     target_key: Union[int, str, None] = None

@@ -6,11 +6,13 @@ real classes (for type checkers and LightningCLI), one implementation.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 from boundguard.alerts import Alert, BoundGuardError
-from boundguard.config import Config
+from boundguard.bounds import BoundsSpec
+from boundguard.config import Action, Config
 from boundguard.integrations.torch import DEFAULT_ALERTS_PATH, TorchEngine, apply_bounds
 from boundguard.session import guarded
 
@@ -51,15 +53,15 @@ class LightningGuard:
 
     def __init__(
         self,
-        bounds: Any = "auto",
-        on_violation: str = "warn",
-        actions: Optional[dict] = None,
+        bounds: BoundsSpec = "auto",
+        on_violation: Action = "warn",
+        actions: Optional[dict[str, Action]] = None,
         check_every_n_steps: int = 50,
-        alerts_path: Any = None,
+        alerts_path: Union[str, os.PathLike, None] = None,
         *,
-        thresholds: Optional[dict] = None,
-        input_key: Any = None,
-        target_key: Any = None,
+        thresholds: Optional[dict[str, dict[str, float]]] = None,
+        input_key: Union[int, str, None] = None,
+        target_key: Union[int, str, None] = None,
         log_stats: bool = True,
         strict: bool = False,
     ) -> None:
