@@ -113,10 +113,10 @@ class LightningGuard:
         if stage != "fit":
             return
         default = DEFAULT_ALERTS_PATH
-        if self._config.alerts_path is None and trainer.loggers:
-            log_dir = trainer.log_dir
-            if log_dir:
-                default = Path(log_dir) / "alerts.jsonl"
+        if self._config.alerts_path is None and trainer.loggers and trainer.is_global_zero:
+            run_dir = _run_dir(trainer)
+            if run_dir is not None:
+                default = run_dir / "alerts.jsonl"
         self._engine.attach(pl_module, default, write=trainer.is_global_zero)
         self._engine.distributed = trainer.world_size > 1
 
@@ -219,3 +219,26 @@ class LightningGuard:
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._engine.load_state_dict(state_dict)
+
+
+def _run_dir(trainer: Any) -> Optional[Path]:
+    """The directory of *this run* of the first logger, so the alerts file is attached to the run:
+    TensorBoard/CSV: the version directory; MLflow: the run's artifact directory (file store); W&B: the
+    run's files directory; otherwise the trainer's log dir."""
+    for logger in trainer.loggers:
+        kind = type(logger).__name__
+        try:
+            if kind == "MLFlowLogger":
+                uri = logger.experiment.get_run(logger.run_id).info.artifact_uri
+                if uri.startswith("file:"):
+                    from urllib.parse import unquote, urlparse
+
+                    return Path(unquote(urlparse(uri).path))
+            elif kind == "WandbLogger":
+                return Path(logger.experiment.dir)
+            elif getattr(logger, "log_dir", None):
+                return Path(logger.log_dir)
+        except Exception:  # a logger that cannot say where its run lives: fall back to the trainer's
+            continue
+    log_dir = trainer.log_dir
+    return Path(log_dir) if log_dir else None
