@@ -137,6 +137,24 @@ class ModelFacts:
         r = self.output_range
         return r is not None and math.isfinite(r[0]) and math.isfinite(r[1])
 
+    def describe(self, bounds: Any = None) -> str:
+        """What is watched, in words (one line), so a wrong guess of the probe is visible at once.
+
+        Example:
+            >>> f = ModelFacts(pred_where="fc", activation="identity", loss=classify_loss("mse_loss"),
+            ...                loss_where="mse_loss", target_where="batch[1]", input_where="batch[0]")
+            >>> f.describe()
+            'boundguard watches: prediction fc (activation identity), loss mse_loss (regression), targets batch[1], inputs batch[0], bounds none'
+        """
+        act = self.activation + (f" {self.activation_params}" if self.activation_params else "")
+        loss = f"{self.loss_where or self.loss.name} ({self.loss.family})" if self.loss is not None else "not found"
+        if bounds is None:
+            b = "none"
+        else:
+            b = bounds.describe() if hasattr(bounds, "describe") else str(bounds)
+        return (f"boundguard watches: prediction {self.pred_where or 'not found'} (activation {act}), loss {loss}, "
+                f"targets {self.target_where or 'not found'}, inputs {self.input_where or 'not found'}, bounds {b}")
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["loss"] = asdict(self.loss) if self.loss else None

@@ -91,7 +91,8 @@ class Monitor:
         self.facts = facts
         if self._stats_file is not None:
             self._stats_file.write({"type": "run", "facts": facts.to_dict(), "config": self.config.describe(),
-                                    "bounds": self.bounds.to_dict() if self.bounds else None})
+                                    "bounds": self.bounds.to_dict() if self.bounds else None,
+                                    "watched": facts.describe(self.bounds)})
 
     @property
     def bounds(self) -> Optional[Bounds]:

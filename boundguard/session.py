@@ -142,6 +142,7 @@ class Session:
         self.last_snapshot: Optional[Snapshot] = None
         self._warned_error = False
         self._summary_printed = 0
+        self._described = False
 
     # ------------------------------------------------------------------ read-only views
     @property
@@ -236,6 +237,9 @@ class Session:
         self.interval_start = self.step + 1
         self.last_snapshot = snap
         decisions = self.monitor.judge(snap)
+        if not self._described:  # the first check: say in words what is watched
+            self._described = True
+            logger.info("%s", self.facts.describe(self.bounds))
         for d in decisions:
             if d.action == "bound":
                 self._bound(d)

@@ -4,6 +4,7 @@ the final check at the end of a run."""
 from __future__ import annotations
 
 import json
+import logging
 import warnings
 
 import pytest
@@ -138,3 +139,16 @@ def test_warnings_work_when_the_training_script_runs_as_a_module(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     assert "output_out_of_range" in out.stdout and out.stdout.strip().endswith("False")
     assert "BoundGuardWarning" in out.stderr and "train.py" in out.stderr
+
+
+def test_the_first_check_says_what_is_watched(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="boundguard")
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1), nn.Sigmoid())
+    with watch(model, bounds="auto", alerts_path=tmp_path / "alerts.jsonl") as guard:
+        fit(model, guard, 2)
+    (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("boundguard watches:")]
+    for part in ("prediction 3", "activation sigmoid", "loss mse_loss (regression)", "targets", "inputs",
+                 "bounds [0, 1] (inferred"):
+        assert part in line, (part, line)
+    run = json.loads((tmp_path / "stats.jsonl").read_text().splitlines()[0])
+    assert run["type"] == "run" and run["watched"].startswith("boundguard watches: prediction 3")
