@@ -30,6 +30,8 @@ _SHAPE_OPS = {
     "to", "type", "permute", "transpose", "view_as", "reshape_as", "double", "half", "bfloat16", "clone",
     "detach", "narrow", "expand", "expand_as",
 }
+_SUM_OPS = {"add", "__add__", "__radd__", "__iadd__", "sub", "__sub__", "__rsub__", "sum", "mean", "stack", "cat"}
+_SCALE_OPS = {"mul", "__mul__", "__rmul__", "__imul__", "div", "__truediv__"}
 _ACT_OPS = {"sigmoid", "tanh", "softmax", "log_softmax", "clamp", "clip", "hardtanh", "relu", "relu6",
             "clamp_min", "clamp_max"}
 
@@ -150,16 +152,52 @@ class Probe:
             cur = nxt
         return None, chain
 
+    def _main_loss_call(self, loss: Optional[Tensor], calls: list[_Call]) -> _Call:
+        """The loss call that weighs most in the training loss: ``CE(logits) + 0.4 * CE(aux)`` → the
+        first. Walks back from the loss through sums and scalar scalings; ties and unknown graphs fall
+        back to the last loss call."""
+        if loss is None:
+            return calls[-1]
+        outs = {id(c.out): c for c in calls}
+        weight: dict[int, float] = {}
+        stack: list[tuple[Tensor, float, int]] = [(loss, 1.0, 0)]
+        while stack:
+            t, w, depth = stack.pop()
+            c = outs.get(id(t))
+            if c is not None:
+                weight[id(c)] = weight.get(id(c), 0.0) + w
+                continue
+            call = self.recorder.producer.get(id(t))
+            if call is None or depth > 32 or call.name not in _SUM_OPS | _SCALE_OPS:
+                continue
+            tensors = [a for a in call.args if isinstance(a, Tensor)] + [
+                x for a in call.args if isinstance(a, (list, tuple)) for x in a if isinstance(x, Tensor)]
+            scalars = [float(a) for a in call.args if isinstance(a, (int, float)) and not isinstance(a, bool)]
+            f = 1.0
+            if call.name in _SCALE_OPS and scalars:
+                f = abs(1.0 / scalars[0] if call.name in ("div", "__truediv__") and scalars[0] else scalars[0])
+            stack.extend((x, w * f, depth + 1) for x in tensors)
+        if not weight:
+            return calls[-1]
+
+        def contribution(c: _Call) -> float:
+            v = c.out.detach().float().abs().sum() if isinstance(c.out, Tensor) else 0.0
+            return weight.get(id(c), 0.0) * float(v)  # probe step only: one small read per loss call
+
+        return max(reversed(calls), key=contribution)
+
     def analyse(self, loss: Optional[Tensor]) -> "ProbeResult":
         r = ProbeResult()
         calls = [c for c in self.recorder.calls if c.name in _LOSS_FUNCS]
         chosen = None
         if calls:
-            chosen = next((c for c in calls if loss is not None and c.out is loss), None) or calls[-1]
+            chosen = self._main_loss_call(loss, calls)
             if len(calls) > 1:
                 r.notes.append(("loss", f"{len(calls)} loss calls were seen in one step "
-                                f"({', '.join(c.name for c in calls)}); watching the input of {chosen.name}.",
-                                "Compute the loss you want watched last, or pass bounds= explicitly."))
+                                f"({', '.join(c.name for c in calls)}); watching the input of {chosen.name}, "
+                                "the one that weighs most in the training loss (auxiliary heads are not watched).",
+                                "Watch one head per run: pass bounds= for the main head's range, or return "
+                                "the main loss alone."))
         if chosen is not None:
             r.loss_name = chosen.name
             pred = chosen.tensor_arg(0, "input")

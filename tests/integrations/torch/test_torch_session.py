@@ -152,3 +152,36 @@ def test_the_first_check_says_what_is_watched(tmp_path, caplog):
         assert part in line, (part, line)
     run = json.loads((tmp_path / "stats.jsonl").read_text().splitlines()[0])
     assert run["type"] == "run" and run["watched"].startswith("boundguard watches: prediction 3")
+
+
+class TwoHeads(nn.Module):
+    """``forward`` returns (logits, aux): a main classifier and an auxiliary head on the same features."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(4, 16), nn.ReLU())
+        self.fc = nn.Linear(16, 3)
+        self.aux = nn.Linear(16, 3)
+
+    def forward(self, x):
+        h = self.body(x)
+        return self.fc(h), self.aux(h)
+
+
+@pytest.mark.parametrize("w_main,w_aux,watched", [(1.0, 0.4, "fc"), (0.3, 1.0, "aux")])
+def test_the_head_whose_loss_weighs_most_is_watched(tmp_path, w_main, w_aux, watched):
+    model = TwoHeads()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    with watch(model, alerts_path=tmp_path / "a.jsonl") as guard:
+        for _ in range(3):
+            x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+            logits, aux = model(x)
+            loss = w_main * F.cross_entropy(logits, y) + w_aux * F.cross_entropy(aux, y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            guard.step(loss=loss, inputs=x, targets=y)
+    assert guard.engine.monitor.facts.pred_where == watched
+    assert not [a for a in guard.alerts if a.severity != "info"]
+    (note,) = [a for a in guard.alerts if a.code == "probe_incomplete"]
+    assert "weighs most" in note.message
