@@ -66,16 +66,24 @@ def _cmd_report(args: argparse.Namespace) -> int:
         if worst is not None and severity_rank(worst) >= severity_rank(args.fail_on):
             code = EXIT_ALERTS
     errors = [r.error for r in runs if r.error]
-    if args.format == "json":
+    if args.format == "html":
+        from boundguard.html import render_html
+
+        text = render_html(runs)
+    elif args.format == "json":
         text = render_json(runs)
     elif args.format == "markdown":
         text = render_markdown(runs)
-    elif _use_rich(args.color):
+    elif args.output is None and _use_rich(args.color):
         _write_rich(runs)
         text = ""
     else:
         text = render_text(runs)
-    sys.stdout.write(text)
+    if args.output is not None:
+        _write_output(args.output, text)
+        print(f"wrote {args.output} ({len(runs)} run{'s' if len(runs) != 1 else ''}, {args.format})")
+    else:
+        sys.stdout.write(text)
     sys.stdout.flush()
     for e in errors:
         _err(e)
@@ -85,6 +93,16 @@ def _cmd_report(args: argparse.Namespace) -> int:
         print(f"{PROG}: alerts at or above '{args.fail_on}' found (highest: {rp.worst_severity(runs)})",
               file=sys.stderr)
     return code
+
+
+def _write_output(path: str, text: str) -> None:
+    from boundguard.report import ReportError
+
+    try:
+        with open(path, "w", encoding="utf-8", newline="") as fh:
+            fh.write(text)
+    except OSError as err:
+        raise ReportError(f"{path}: cannot write ({err.strerror or err})") from None
 
 
 def _use_rich(color: str) -> bool:
@@ -415,7 +433,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "last step, worst value against its threshold, message and fix.")
     p.add_argument("paths", nargs="+", metavar="PATH",
                    help="an alerts file (alerts.jsonl) or a run directory, searched recursively; several allowed")
-    p.add_argument("--format", choices=("text", "markdown", "json"), default="text", help="output format (text)")
+    p.add_argument("--format", choices=("text", "markdown", "json", "html"), default="text",
+                   help="output format (text); html: one self-contained page with the facts, alerts and plots")
+    p.add_argument("-o", "--output", default=None, metavar="FILE",
+                   help="write the report to FILE instead of standard output")
     p.add_argument("--fail-on", choices=SEVERITIES, default=None, metavar="SEVERITY",
                    help="exit with status 1 when an alert at or above SEVERITY exists "
                         f"({' | '.join(SEVERITIES)})")
