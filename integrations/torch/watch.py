@@ -36,9 +36,14 @@ class Guard:
         self.engine = TorchEngine(Config.from_options(_entry, options))
         self._session = self.engine.session
         self.engine.explicit_batch = True
-        self.engine.attach(model)
+        self._attach(model)
         self._pre = model.register_forward_pre_hook(self._before_forward)
         self._closed = False
+
+    def _attach(self, model: nn.Module) -> None:
+        """Start watching ``model``: where the files go and who writes them (a subclass for a launcher with
+        several processes, such as Fabric's, attaches with its default path and rank-0 writes)."""
+        self.engine.attach(model)
 
     @property
     def should_stop(self) -> bool:

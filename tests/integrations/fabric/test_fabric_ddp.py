@@ -1,0 +1,125 @@
+"""Fabric DDP on 2 CPU processes (gloo), in a subprocess with a deadline: a fault on one rank only."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+pytest.importorskip("lightning.fabric")
+
+SCRIPT = textwrap.dedent('''
+    import faulthandler, json, os, sys, warnings
+    from datetime import timedelta
+    faulthandler.dump_traceback_later(150, exit=True)  # a hang dumps every thread's stack and exits
+    warnings.filterwarnings("ignore")
+    import torch
+    from torch import nn
+    from lightning.fabric import Fabric
+    from lightning.fabric.strategies import DDPStrategy
+    from boundguard.integrations.fabric import watch
+
+    out = sys.argv[1]
+    torch.set_num_threads(1)
+    fabric = Fabric(strategy=DDPStrategy(timeout=timedelta(seconds=60)), devices=2, accelerator="cpu")
+    fabric.launch()
+    rank = fabric.global_rank
+
+    def run(name, steps, nan_at=None, break_at=None):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1))
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        model, opt = fabric.setup(model, opt)
+        guard = watch(fabric, model, on_violation="halt", check_every_n_steps=4,
+                      alerts_path=os.path.join(out, name, "alerts.jsonl"))
+        g = torch.Generator().manual_seed(rank)
+        stops, step = [], 0
+        for step in range(1, steps + 1):
+            x = torch.randn(16, 8, generator=g)
+            y = (x[:, :1] > 0).float()
+            if rank == 1 and step == nan_at:
+                x[0, 0] = float("nan")  # the fault is on rank 1 only
+            if rank == 1 and step == break_at:  # rank 1's monitor fails at its next read-back
+                def broken(*a, **k):
+                    raise RuntimeError("injected internal error")
+                guard.engine.reducer.read = broken
+            loss = nn.functional.binary_cross_entropy_with_logits(model(x), y)
+            fabric.backward(loss)
+            opt.step()
+            opt.zero_grad()
+            guard.step(loss=loss, inputs=x, targets=y)
+            stops.append(guard.should_stop)
+            if guard.should_stop:
+                break
+        guard.close()
+        return {"steps": step, "stops": stops, "disabled": guard.engine.disabled,
+                "codes": sorted({a.code for a in guard.alerts}),
+                "nan_step": next((a.step for a in guard.alerts if a.code == "nonfinite_input"), None),
+                "where": sorted({a.where for a in guard.alerts}),
+                "input_n": guard.engine.last_snapshot.counts["input"] if guard.engine.last_snapshot else None}
+
+    result = {"halt": run("halt", 30, nan_at=6), "off": run("off", 12, break_at=3)}
+    with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+        json.dump(result, f)
+''')
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(script, out, timeout: float) -> list[subprocess.CompletedProcess]:
+    """Start both ranks at once (``LOCAL_RANK`` set: ``fabric.launch()`` then joins instead of spawning, and
+    the two imports overlap), each in its own process group; past the deadline kill both and fail."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(_free_port()), "WORLD_SIZE": "2", "NODE_RANK": "0"}
+    procs = [subprocess.Popen([sys.executable, str(script), str(out)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, cwd=out, start_new_session=True,
+                              env={**env, "LOCAL_RANK": str(r)}) for r in (0, 1)]
+    deadline = time.monotonic() + timeout
+    done = []
+    try:
+        for p in procs:
+            stdout, stderr = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
+            done.append(subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr))
+    except subprocess.TimeoutExpired:
+        tails = []
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+            tails.append((p.communicate()[1] or "")[-1500:])
+        pytest.fail(f"the 2-process Fabric run did not finish within {timeout:.0f} s (a hang?):\n" + "\n".join(tails))
+    return done
+
+
+def test_fabric_ddp_fault_on_one_rank(tmp_path):
+    script = tmp_path / "fabric_ddp.py"
+    script.write_text(SCRIPT)
+    for rank, proc in enumerate(_launch(script, tmp_path, timeout=200)):
+        assert proc.returncode == 0, f"rank {rank}: {proc.stderr[-3000:]}"
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+
+    # NaN inputs on rank 1 at step 6: both ranks see them at the check of step 8 and stop there, with
+    # should_stop identical on both ranks at every step
+    h0, h1 = r0["halt"], r1["halt"]
+    assert h0["steps"] == h1["steps"] == h0["nan_step"] == h1["nan_step"] == 8, (h0, h1)
+    assert h0["stops"] == h1["stops"] == [False] * 7 + [True]
+    assert "nonfinite_input" in h0["codes"] and "nonfinite_input" in h1["codes"]  # rank 0's inputs are clean
+    assert h0["input_n"] == h1["input_n"] == 4 * 16 * 8 * 2  # the snapshot counts both ranks' inputs
+    assert h0["where"] == h1["where"] and not any("_forward_module" in w for w in h0["where"])
+    lines = [json.loads(line) for line in (tmp_path / "halt" / "alerts.jsonl").read_text().splitlines()]
+    assert sum(1 for r in lines if r.get("code") == "nonfinite_input" and r.get("event") == "new") == 1
+
+    # rank 1's monitor hits an internal error: at the next check both ranks switch off, nobody hangs
+    o0, o1 = r0["off"], r1["off"]
+    assert o0["steps"] == o1["steps"] == 12
+    assert o0["disabled"] and o1["disabled"]
+    assert o0["stops"] == o1["stops"] == [False] * 12
