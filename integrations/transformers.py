@@ -75,7 +75,7 @@ class BoundGuardCallback(TrainerCallback, ExportableState):
         actions: per-code override of ``on_violation``, e.g. ``{"nonfinite_loss": "halt"}``.
         check_every_n_steps: how often (in optimisation steps) statistics are read back and judged.
         alerts_path: the JSON-lines alerts file (``stats.jsonl`` goes beside it); ``None``:
-            ``alerts.jsonl`` in the Trainer's ``output_dir``.
+            ``./boundguard/alerts.jsonl`` (the contract's default outside Lightning).
         thresholds: per-code rule thresholds, e.g. ``{"loss_spike": {"factor": 6}}``.
         input_key: where the inputs are in the batch dict when not found automatically.
         target_key: where the targets are in the batch dict (default: ``labels``, as the loss shows it).
@@ -227,9 +227,8 @@ class BoundGuardCallback(TrainerCallback, ExportableState):
         if not isinstance(model, nn.Module):
             raise TypeError(f"{_ENTRY} needs the Trainer's torch model, got {type(model).__name__}")
         self._restore(state)
-        default = Path(args.output_dir) / "alerts.jsonl" if getattr(args, "output_dir", None) else None
         self._engine.distributed = int(getattr(args, "world_size", 1)) > 1
-        self._engine.attach(model, default, write=int(getattr(args, "process_index", 0)) == 0)
+        self._engine.attach(model, None, write=int(getattr(args, "process_index", 0)) == 0)
         self._install(model)
         self._training = True
 
