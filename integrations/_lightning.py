@@ -75,7 +75,6 @@ class LightningGuard:
         self._session = self._engine.session
         self._log_stats = log_stats
         self._batches = 0  # training batches seen by this rank, counted even while switched off
-        self._off_everywhere = False
 
     # -------------------------------------------------------------- public
     @property
@@ -145,18 +144,8 @@ class LightningGuard:
         self._batch_end(trainer, outputs, batch)
 
     def _agreed(self, trainer: Any) -> bool:
-        """DDP: before a check's collectives, the ranks agree whether the monitor is still on everywhere.
-        A rank that switched itself off (an internal error) still takes part in this one collective, so no
-        rank waits forever in a collective the other skipped; then every rank switches off together."""
-        if self._off_everywhere:
-            return False
-        if trainer.strategy.reduce_boolean_decision(self._session.disabled, all=False):
-            self._off_everywhere = True
-            if not self._session.disabled:
-                self._session.disable(RuntimeError("another rank's monitor hit an internal error; switched off on "
-                                                   "every rank so that the ranks' collectives stay matched"))
-            return False
-        return True
+        """DDP: the ranks agree that the monitor is still on everywhere (:meth:`TorchEngine.agreed`)."""
+        return self._engine.agreed(lambda flag: trainer.strategy.reduce_boolean_decision(flag, all=False))
 
     @guarded
     def _batch_end(self, trainer: Any, outputs: Any, batch: Any) -> None:
