@@ -24,6 +24,7 @@ test: install
 	$(PY) -m pytest tests -q --ignore=tests/integrations/keras
 	KERAS_BACKEND=tensorflow $(PY) -m pytest tests/integrations/keras -q
 	KERAS_BACKEND=torch $(PY) -m pytest tests/integrations/keras -q
+	KERAS_BACKEND=jax $(PY) -m pytest tests/integrations/keras -q
 
 lint: install
 	$(PY) -m ruff check boundguard integrations tests benchmarks

@@ -9,7 +9,7 @@ How it sees the compiled step, with no change to the user's code:
 - **Targets, inputs and the batch loss.** ``model.compute_loss`` is wrapped by an instance attribute
   (a user override of ``compute_loss`` keeps working underneath). Keras' own ``train_step`` calls it
   with ``x``, ``y``, ``y_pred`` and ``training=True``; there the statistics of the step are reduced
-  with ``keras.ops`` into one row of a callback-owned device buffer. Nothing is read back between checks.
+  with ``keras.ops`` into one row of a device buffer. Nothing is read back between checks.
 - **Checks.** The run's lifecycle is the core's :class:`~boundguard.session.Session`: at the first step
   and every ``check_every_n_steps`` (and once at the end of ``fit`` for the steps since the last check)
   the buffer comes to the host in one transfer and the core judges it; ``halt`` sets
@@ -25,10 +25,11 @@ model at the output) and subclassed models (the layer whose activation output *i
 while the step is traced; an activation applied outside any layer is inferred from the first batch).
 Models with several outputs are watched on their first output. Backends: TensorFlow (graph and eager,
 ``steps_per_execution`` > 1 included) and torch (eager, and ``jit_compile=True``, where the callback's
-Python side runs outside the compiled graph: one graph break per step instead of a recompile). JAX is
-not supported yet: its stateless train step drops writes to callback-owned variables; the callback warns
-once and does nothing there. A custom ``train_step`` that does not call ``self.compute_loss`` gets
-activation facts only (the callback says so in a ``probe_incomplete`` note).
+Python side runs outside the compiled graph: one graph break per step instead of a recompile) and JAX
+(jitted or eager, ``steps_per_execution`` > 1 included), whose stateless train step carries the buffer:
+its variables belong to a ``keras.metrics.Metric`` the model holds while ``fit`` runs, so they travel
+with the model's metric variables (see :mod:`.buffer`). A custom ``train_step`` that does not call
+``self.compute_loss`` gets activation facts only (the callback says so in a ``probe_incomplete`` note).
 
 Known limits: with ``bounds="auto"`` the targets are first seen at the first check, so the out-of-range
 *counts* of step 1 are taken against the bounds the loss implies (``(0, 1)`` / a distribution for

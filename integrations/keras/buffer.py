@@ -11,8 +11,15 @@ the session's :class:`~boundguard.session.CountingPlan`, written by the host onl
 
 Backends. Where the state lives is one :class:`Strategy` per backend behind :class:`DeviceBuffer`:
 TensorFlow and torch assign to callback-owned, non-trainable ``keras.Variable`` s from inside the step
-(:class:`TensorFlowStrategy`, :class:`TorchStrategy`). JAX's stateless train step drops such writes; a JAX
-strategy would carry the buffer through the step as model state, and registers in :data:`STRATEGIES`.
+(:class:`TensorFlowStrategy`, :class:`TorchStrategy`). JAX's train step is a pure function of the model's
+state and drops writes to any other variable, so :class:`JaxStrategy` gives the same variables to a
+:class:`BufferMetric` that the model owns while ``fit`` runs (:meth:`DeviceBuffer.attach`): the step gets
+them in ``metrics_variables`` and hands them back updated, and a check lets Keras sync that state back to
+the variables before its one read.
+
+Keras internals used here (for the JAX buffer only): ``Layer._metrics`` (the model's own metric list, which
+``model.save`` skips) and the JAX trainer's ``jax_state_sync`` (which hands the state of the last step back
+to the variables and marks it synced, so the next step takes the variables up again).
 """
 from __future__ import annotations
 
@@ -28,7 +35,7 @@ from boundguard.session import CountingPlan
 from boundguard.stats import COLUMNS, KINDS, fields_of, neutral_row
 
 __all__ = ["DeviceBuffer", "StepTensors", "Wants", "Readout", "Strategy", "TensorFlowStrategy",
-           "TorchStrategy", "STRATEGIES", "EXTRA", "NAMES", "PROBE_K"]
+           "TorchStrategy", "JaxStrategy", "BufferMetric", "STRATEGIES", "EXTRA", "NAMES", "PROBE_K"]
 
 #: Columns after the core's: elements seen per kind, the step's loss recorded, one-hot targets.
 EXTRA: tuple[str, ...] = tuple(f"{k}.n" for k in KINDS) + ("loss.seen", "target.onehot")
@@ -127,6 +134,12 @@ class Strategy:
         """``fn`` as the step should call it (a backend may run it outside a compiled graph)."""
         return fn
 
+    def attach(self, model: Any) -> None:
+        """Before the step is traced: make the state reachable from ``model``'s train step (if it must be)."""
+
+    def detach(self) -> None:
+        """After ``fit`` (or when the callback switches off): undo :meth:`attach`."""
+
 
 class VariableStrategy(Strategy):
     """State in non-trainable ``keras.Variable`` s that the step assigns to (TensorFlow, torch)."""
@@ -214,8 +227,96 @@ class TorchStrategy(VariableStrategy):
         return fn
 
 
+class BufferMetric(keras.metrics.Metric):
+    """The JAX buffer's variables as a ``keras.metrics.Metric``, so the stateless train step carries them.
+
+    It reports nothing (``result`` is an empty dict: no key in ``logs`` / ``History``) and ignores Keras'
+    metric resets (at each epoch and ``evaluate``: rows not checked yet are kept until the next check)."""
+
+    def __init__(self, strategy: "JaxStrategy") -> None:
+        super().__init__(name="boundguard_buffer", dtype="float32")
+        self.buf, self.counter = strategy.buf, strategy.counter  # tracked as the metric's variables
+        self.settings_var, self.probe = strategy.settings_var, strategy.probe
+
+    def update_state(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+    def reset_state(self) -> None:
+        return None
+
+    def result(self) -> dict:
+        return {}
+
+
+class JaxStrategy(VariableStrategy):
+    """JAX: the variables belong to a :class:`BufferMetric` that :meth:`attach` adds to the model's own
+    metrics for the duration of ``fit``. Keras' JAX trainer passes every metric variable into the stateless
+    step (``metrics_variables``); inside, ``assign`` writes into the step's ``StatelessScope`` and the step
+    returns the new values, which Keras threads to the next step without a host read. The latest values
+    live in the trainer's ``_jax_state``; a host access (only at a check) first calls Keras' own
+    ``jax_state_sync`` (device arrays handed back to the variables, no transfer), then reads or assigns,
+    and the next step takes the variables up again (Keras re-reads its state after a callback synced it)."""
+
+    def __init__(self, rows: int) -> None:
+        super().__init__(rows)
+        self.model: Any = None
+        self.metric = BufferMetric(self)
+
+    def size(self, flat: Any) -> Any:
+        return ops.cast(ops.size(flat), "float32")
+
+    def attach(self, model: Any) -> None:
+        self.detach()
+        metrics = model._metrics
+        _sync(model)  # before the list of metric variables changes
+        for m in [m for m in metrics if isinstance(m, BufferMetric)]:
+            metrics.remove(m)  # left by a run that ended in an exception
+        metrics.append(self.metric)
+        self.model = model
+
+    def detach(self) -> None:
+        model, self.model = self.model, None
+        if model is None:
+            return
+        _sync(model)  # the step's latest values back in the variables (Keras re-reads them next step)
+        metrics = model._metrics
+        while self.metric in metrics:
+            metrics.remove(self.metric)
+
+    def _pull(self) -> None:
+        if self.model is not None:
+            _sync(self.model)
+
+    def set_settings(self, values: np.ndarray) -> None:
+        self._pull()
+        self.settings_var.assign(values)
+
+    def peek(self) -> np.ndarray:
+        self._pull()
+        return super().peek()
+
+    def reset(self) -> None:
+        # fresh host values: the step donates its state, so a device constant assigned here would be
+        # deleted by the first step after it
+        self._pull()
+        self.buf.assign(np.tile(_NEUTRAL, (self.rows, 1)))
+        self.counter.assign(np.zeros((), np.int32))
+
+    def read_probe(self) -> np.ndarray:
+        self._pull()
+        return super().read_probe()
+
+
+def _sync(model: Any) -> None:
+    """The JAX trainer's state of the last step back into the model's variables (a no-op outside ``fit``)."""
+    sync = getattr(model, "jax_state_sync", None)
+    if sync is not None:
+        sync()
+
+
 #: The strategy for each supported backend.
-STRATEGIES: dict[str, type[Strategy]] = {"tensorflow": TensorFlowStrategy, "torch": TorchStrategy}
+STRATEGIES: dict[str, type[Strategy]] = {"tensorflow": TensorFlowStrategy, "torch": TorchStrategy,
+                                         "jax": JaxStrategy}
 
 
 # ------------------------------------------------------------------------------------------ the buffer
@@ -260,6 +361,13 @@ class DeviceBuffer:
     def peek(self) -> np.ndarray:
         """Every row as it is now (no reset; for tests and debugging)."""
         return self.strategy.peek()
+
+    def attach(self, model: Any) -> None:
+        """Before the step is traced: let ``model``'s train step reach the buffer (JAX; else nothing)."""
+        self.strategy.attach(model)
+
+    def detach(self) -> None:
+        self.strategy.detach()
 
     def reset(self) -> None:
         self.strategy.reset()

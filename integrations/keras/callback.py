@@ -150,8 +150,8 @@ class BoundGuard(keras.callbacks.Callback):
         backend = keras.backend.backend()
         if not DeviceBuffer.supports(backend):
             s.disabled = True
-            warn_user(f"boundguard's Keras callback supports the tensorflow and torch backends, not {backend!r}: "
-                      "training goes on unmonitored.")
+            warn_user(f"boundguard's Keras callback supports the tensorflow, torch and jax backends, not "
+                      f"{backend!r}: training goes on unmonitored.")
             return
         if s.records:
             apply_bounds(model, s.records, retrace=False)
@@ -188,7 +188,11 @@ class BoundGuard(keras.callbacks.Callback):
         try:
             self._final_check()
         finally:
-            self._session.close()
+            try:
+                self._session.close()
+            finally:
+                if self._buffer is not None:  # (switched off inside a step, it stayed attached until now)
+                    self._buffer.detach()
 
     @guarded
     def _final_check(self) -> None:
@@ -208,6 +212,7 @@ class BoundGuard(keras.callbacks.Callback):
         self._owner = head.owner if head.static else None
         self._trace, self._facts_ready = Trace(), False
         self._setup_buffer(model)
+        self._buffer.attach(model)  # JAX: the stateless step carries the buffer as model state
         layers = [head.owner] if head.owner is not None else []
         if not head.static:
             layers = [layer for layer in flat_layers(model) if activation_attr(layer) is not None]
@@ -248,7 +253,9 @@ class BoundGuard(keras.callbacks.Callback):
         self._stash.clear()
         if self._wmodel is not None and not self._in_loss:
             # (inside the step an internal error switched us off: the step being traced wrote nothing, and
-            # the restored attributes make every later step plain)
+            # the restored attributes make every later step plain; a JAX buffer stays attached, unwritten,
+            # until on_train_end: the step being traced already carries it)
+            self._buffer.detach()
             self._wmodel.make_train_function(force=True)
 
     def insert_bound(self, record: BoundRecord) -> BoundRecord:

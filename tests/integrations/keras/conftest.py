@@ -1,7 +1,8 @@
 """Tiny real ``model.fit`` runs shared by the Keras tests.
 
-The backend is fixed per process: ``make test`` runs this folder once with ``KERAS_BACKEND=tensorflow``
-and once with ``KERAS_BACKEND=torch``. Every test here must pass on both.
+The backend is fixed per process: ``make test`` runs this folder once each with ``KERAS_BACKEND=tensorflow``,
+``KERAS_BACKEND=torch`` and ``KERAS_BACKEND=jax``. Every test here must pass on all three (a test that
+needs one backend says why in its skip).
 """
 from __future__ import annotations
 
@@ -107,8 +108,12 @@ def fit(model, x, y, callbacks, *, loss: Any = "mse", optimizer: Any = None, epo
 class Script(keras.callbacks.Callback):
     """Scripts the loss: before each batch, ``script(step)`` gives ``(scale, offset)`` for :func:`scripted_loss`.
 
-    Keras compiles the loss, so the script reaches it through two variables set on the host.
+    Keras compiles the loss, so the script reaches it through two variables set on the host. On JAX a
+    jitted step would take their values as constants (only the model's own state travels through the
+    stateless step), so a scripted model is compiled with ``run_eagerly=Script.EAGER``.
     """
+
+    EAGER = BACKEND == "jax"
 
     def __init__(self, script: Callable[[int], tuple[float, float]]):
         super().__init__()
@@ -154,10 +159,12 @@ def quiet_warnings(fn: Callable) -> Callable:
 def assert_clean(model) -> None:
     """No boundguard wrapper is left on the model after fit."""
     from boundguard.integrations.keras import _WatchedActivation
+    from boundguard.integrations.keras.buffer import BufferMetric
 
     assert "compute_loss" not in vars(model)
     for layer in model._flatten_layers(include_self=False):
         assert not isinstance(vars(layer).get("activation"), _WatchedActivation), layer.name
+    assert not [m for m in model.metrics if isinstance(m, BufferMetric)], "the JAX buffer is still on the model"
 
 
 def predict(model, x) -> np.ndarray:

@@ -239,6 +239,44 @@ def test_model_is_clean_after_fit_and_predicts_like_before(tmp_path):
     assert not np.isfinite(g._buffer.peek()[:, 0]).any()
 
 
+def test_a_save_during_fit_holds_none_of_the_callback(tmp_path):
+    """A checkpoint written while the callback runs (on JAX its buffer is one of the model's metrics then)
+    holds only the model's own variables, loads with plain load_model, and the logs hold no buffer."""
+    import h5py
+    import zipfile
+
+    x, y = data("binary")
+    model = dense(activation="sigmoid")
+    model.compile(optimizer="adam", loss="binary_crossentropy", metrics=["accuracy"])
+    before = [v.name for v in model.weights]
+    ckpt = keras.callbacks.ModelCheckpoint(str(tmp_path / "ckpt.keras"))
+    history = fit(model, x, y, [guard(tmp_path), ckpt], compile=False, epochs=1)
+    assert not [k for k in history.history if "buffer" in k], sorted(history.history)
+    with zipfile.ZipFile(tmp_path / "ckpt.keras") as z:
+        z.extract("model.weights.h5", tmp_path)
+    names: list[str] = []
+    with h5py.File(tmp_path / "model.weights.h5") as f:
+        f.visit(names.append)
+    assert not [n for n in names if "boundguard" in n], names
+    loaded = keras.models.load_model(tmp_path / "ckpt.keras")
+    assert [v.name for v in loaded.weights] == before
+    np.testing.assert_allclose(predict(loaded, x), predict(model, x), rtol=1e-6, atol=1e-6)
+    assert_clean(model)
+
+
+def test_a_run_that_raised_leaves_nothing_for_the_next(tmp_path, monkeypatch):
+    x, y = data("binary")
+    model = dense(activation="sigmoid")
+    with monkeypatch.context() as m:
+        m.setattr(BoundGuard, "_finalize_facts", lambda self: 1 / 0)
+        with pytest.raises(ZeroDivisionError):  # strict: out of fit without on_train_end
+            fit(model, x, y, guard(tmp_path), loss="binary_crossentropy")
+    g = guard(tmp_path)
+    fit(model, x, y, g, loss="binary_crossentropy", compile=False, epochs=1)
+    assert g.step == 8 and g.last_snapshot.counts["pred"] == 4 * 32  # steps 5..8
+    assert_clean(model)
+
+
 def test_reused_callback_counts_steps_across_fits(tmp_path):
     x, y = data("binary")
     model = dense(activation="sigmoid")
@@ -360,12 +398,13 @@ def test_missing_keras_names_the_extra():
 
 
 def test_importing_boundguard_imports_no_framework():
-    code = "import sys, boundguard; print(sorted(m for m in ('keras', 'tensorflow', 'torch') if m in sys.modules))"
+    frameworks = ("keras", "tensorflow", "torch", "jax")
+    code = f"import sys, boundguard; print(sorted(m for m in {frameworks!r} if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120).stdout
     assert out.strip() == "[]"
 
 
-@pytest.mark.skipif(BACKEND != "tensorflow", reason="steps_per_execution > 1 is a TensorFlow/JAX feature in Keras")
+@pytest.mark.skipif(BACKEND == "torch", reason="steps_per_execution > 1 is a TensorFlow/JAX feature in Keras")
 def test_steps_per_execution(tmp_path):
     x, y = data("binary")
     model = dense()

@@ -197,8 +197,9 @@ def _scripted(tmp_path, script, steps=48, lr=0.01, **options):
     x, y = data("linear", n=steps * 16)
     s = Script(script)
     g = guard(tmp_path, bounds=None, **options)
-    fit(dense(), x, y, [s, g], loss=s.loss(), optimizer=keras.optimizers.SGD(lr), epochs=1, batch_size=16,
-        shuffle=False)
+    model = dense()
+    model.compile(optimizer=keras.optimizers.SGD(lr), loss=s.loss(), run_eagerly=Script.EAGER)
+    fit(model, x, y, [s, g], epochs=1, batch_size=16, shuffle=False, compile=False)
     return g
 
 

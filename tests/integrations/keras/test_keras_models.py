@@ -164,8 +164,9 @@ def test_compute_loss_override_still_runs(tmp_path):
 
 def test_custom_train_step_without_compute_loss_is_a_note(tmp_path):
     class Manual(keras.Sequential):
-        def train_step(self, data):
-            return {"loss": ops.convert_to_tensor(0.0)}  # trains nothing, calls no compute_loss
+        def train_step(self, *args):  # (data), or on JAX (state, data) → (logs, state)
+            logs = {"loss": ops.convert_to_tensor(0.0)}  # trains nothing, calls no compute_loss
+            return (logs, args[0]) if BACKEND == "jax" else logs
 
     x, y = data("binary")
     model = Manual([keras.Input((4,)), keras.layers.Dense(1, activation="sigmoid")])
