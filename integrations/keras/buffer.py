@@ -130,6 +130,10 @@ class Strategy:
     def read_probe(self) -> np.ndarray:
         raise NotImplementedError
 
+    def reset(self) -> None:
+        """Host: neutral rows and the row counter at 0 (a new fit)."""
+        raise NotImplementedError
+
     def host_side(self, fn: Callable, model: Any) -> Callable:
         """``fn`` as the step should call it (a backend may run it outside a compiled graph)."""
         return fn

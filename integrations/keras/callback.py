@@ -212,7 +212,7 @@ class BoundGuard(keras.callbacks.Callback):
         self._owner = head.owner if head.static else None
         self._trace, self._facts_ready = Trace(), False
         self._setup_buffer(model)
-        self._buffer.attach(model)  # JAX: the stateless step carries the buffer as model state
+        self._buf.attach(model)  # JAX: the stateless step carries the buffer as model state
         layers = [head.owner] if head.owner is not None else []
         if not head.static:
             layers = [layer for layer in flat_layers(model) if activation_attr(layer) is not None]
@@ -222,13 +222,19 @@ class BoundGuard(keras.callbacks.Callback):
                 self._act = classify([unwrap(head.owner.activation)] + list(head.trailing), units(model, head.owner))
             except Exception:
                 pass
-        host_side = self._buffer.strategy.host_side  # e.g. outside the graph under torch.compile
+        host_side = self._buf.strategy.host_side  # e.g. outside the graph under torch.compile
         seen = host_side(self._seen_activation, model)
         self._wrapped = [(layer, watch_activation(layer, seen)) for layer in layers]
         self._restore_loss = tap_compute_loss(model, host_side(self._loss_hook, model))
         self._installed = True
         self._sync_plan()
         model.make_train_function(force=True)
+
+    @property
+    def _buf(self) -> DeviceBuffer:
+        if self._buffer is None:  # an internal invariant: hooks run only after _setup_buffer
+            raise RuntimeError("boundguard: the device buffer is not set up")
+        return self._buffer
 
     def _setup_buffer(self, model: Any) -> None:
         spe = getattr(model, "steps_per_execution", 1)
@@ -255,7 +261,7 @@ class BoundGuard(keras.callbacks.Callback):
             # (inside the step an internal error switched us off: the step being traced wrote nothing, and
             # the restored attributes make every later step plain; a JAX buffer stays attached, unwritten,
             # until on_train_end: the step being traced already carries it)
-            self._buffer.detach()
+            self._buf.detach()
             self._wmodel.make_train_function(force=True)
 
     def insert_bound(self, record: BoundRecord) -> BoundRecord:
@@ -295,7 +301,7 @@ class BoundGuard(keras.callbacks.Callback):
             self._write_row(x, y, y_pred, loss, stash)
 
     def _write_row(self, x: Any, y: Any, y_pred: Any, loss: Any, stash: dict) -> None:
-        head, buf = self._head, self._buffer
+        head, buf = self._head, self._buf
         tensors, probe = pick(head, stash, x, y, y_pred, loss, self._trace, self._logits)
         # statistics that cannot be non-neutral for this model are not computed (decided at trace time;
         # a bound insertion retraces the step)
@@ -311,7 +317,7 @@ class BoundGuard(keras.callbacks.Callback):
     # -------------------------------------------------------------- checks
     def _check(self) -> None:
         s = self._session
-        r = self._buffer.read(s.step - s.interval_start + 1)
+        r = self._buf.read(s.step - s.interval_start + 1)
         if not self._facts_ready:
             self._finalize_facts()
             for key, message, fix in notes(self._trace, self._owner, self._act[0], r.counts):
@@ -328,7 +334,7 @@ class BoundGuard(keras.callbacks.Callback):
     def _finalize_facts(self) -> None:
         """At the first check after a trace: the output layer, its activation, and the facts for the core."""
         head = self._head
-        self._owner, self._act = resolve_head(head, self._trace, self._act, self._buffer.probe_values)
+        self._owner, self._act = resolve_head(head, self._trace, self._act, self._buf.probe_values)
         if not head.static:  # unwrap the layers that turned out not to be the output
             keep = [(layer, w) for layer, w in self._wrapped if layer is self._owner]
             for layer, w in self._wrapped:

@@ -164,4 +164,4 @@ def _float_dtype(dtype: str) -> bool:
 
 def _is_float(t: Any) -> bool:
     d = dtype_of(t)
-    return bool(d) and _float_dtype(d)
+    return d is not None and _float_dtype(d)
