@@ -45,16 +45,20 @@ def _table(alerts) -> str:
 
 
 def _setup() -> None:
-    """Import the frameworks, quieten their loggers and warnings, and use at most two CPU threads."""
+    """Import the frameworks, quieten their loggers and warnings (not boundguard's: the demo shows what a
+    user sees), and use at most two CPU threads."""
     import logging
 
     import torch
 
     import lightning.pytorch  # noqa: F401  (it sets its loggers' levels on import; overridden below)
 
-    for name in ("lightning.pytorch", "lightning.fabric", "boundguard"):
+    from boundguard import BoundGuardWarning
+
+    for name in ("lightning.pytorch", "lightning.fabric"):
         logging.getLogger(name).setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore")
+    warnings.filterwarnings("ignore")  # the frameworks' own notices; boundguard's lines stay, as users see them
+    warnings.filterwarnings("always", category=BoundGuardWarning)
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 

@@ -240,10 +240,11 @@ class Session:
         if not self._described:  # the first check: say in words what is watched
             self._described = True
             logger.info("%s", self.facts.describe(self.bounds))
-        for d in decisions:
-            if d.action == "bound":
-                self._bound(d)
+        inserted = [msg for d in decisions if d.action == "bound" for msg in [self._bound(d)] if msg]
         self.monitor.publish(decisions)
+        for msg in inserted:  # after the alerts that caused it
+            warn_user(msg)
+            logger.warning(msg)
         for d in decisions:
             if d.action == "halt":
                 self.should_stop = True
@@ -253,7 +254,9 @@ class Session:
                 raise BoundGuardError(d.alert)
         return decisions
 
-    def _bound(self, d: Decision) -> None:
+    def _bound(self, d: Decision) -> Optional[str]:
+        """Plan the bound, have the adapter insert it, record it; returns the message to show, or None
+        (the decision became ``warn`` with a note saying why)."""
         plan = plan_bound(self.bounds, self.step)
         try:
             if plan is None:
@@ -266,14 +269,12 @@ class Session:
         except CannotBound as why:
             d.action = d.alert.action = "warn"
             self.note("bound", str(why), why.fix)
-            return
+            return None
         self.monitor.record_bound(rec)
         d.alert.details["inserted"] = rec.to_dict()
         b = self.bounds
-        msg = (f"boundguard inserted {rec.kind} on the output of {rec.module or 'the model'} at step {self.step}: "
-               f"predictions are now in {b.describe() if b else '[lo, hi]'}.")
-        warn_user(msg)
-        logger.warning(msg)
+        return (f"boundguard inserted {rec.kind} on the output of {rec.module or 'the model'} at step {self.step}: "
+                f"predictions are now in {b.describe() if b else '[lo, hi]'}.")
 
     # ------------------------------------------------------------------ switching off
     def disable(self, error: BaseException) -> None:

@@ -185,3 +185,21 @@ def test_the_head_whose_loss_weighs_most_is_watched(tmp_path, w_main, w_aux, wat
     assert not [a for a in guard.alerts if a.severity != "info"]
     (note,) = [a for a in guard.alerts if a.code == "probe_incomplete"]
     assert "weighs most" in note.message
+
+
+def test_apply_bounds_reads_a_plain_loop_checkpoint(tmp_path):
+    """torch.save({"model": ..., "boundguard": guard.state_dict()}) → apply_bounds(fresh, path)."""
+    torch.manual_seed(0)
+    model = raw_head()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with watch(model, bounds=(0, 1), on_violation="bound", alerts_path=tmp_path / "a.jsonl") as guard:
+            fit(model, guard, 2)
+    path = tmp_path / "ckpt.pt"
+    torch.save({"model": model.state_dict(), "boundguard": guard.state_dict(), "epoch": 3}, path)
+    fresh = raw_head()
+    fresh.load_state_dict(torch.load(path)["model"])
+    assert apply_bounds(fresh, path) == guard.bounds_inserted
+    with torch.no_grad():
+        out = fresh(torch.randn(64, 4) * 10)
+    assert out.min() >= 0 and out.max() <= 1
