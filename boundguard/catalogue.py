@@ -129,7 +129,9 @@ _ENTRIES = [
     ),
     Entry(
         "loss_diverging", "error", "Loss diverging",
-        "The loss rose far above the best level it had reached.",
+        "The loss level (the median of the last 20 steps) rose far above the best level it had reached: "
+        "by half the loss's own scale (its initial level, or how far it had come down) and by several "
+        "times the run's step-to-step noise, and, for a positive loss, 10x.",
         "Lower the learning rate (a factor 3 to 10), add warm-up or gradient clipping, and check for "
         "corrupted batches near the step the rise began.",
         "A diverging run rarely recovers; continuing wastes compute.",
@@ -138,7 +140,9 @@ _ENTRIES = [
     ),
     Entry(
         "loss_spike", "warning", "Loss spike",
-        "A single step's loss was far above its running level.",
+        "A single step's loss was far above its running level: beyond the recent steps' spread (in "
+        "log terms too, for a positive loss: a wobble of a loss near zero is not a spike), a real share "
+        "of the loss's scale, and several times the largest jumps the run had shown before.",
         "Look at the batch of that step (outliers, bad labels), add gradient clipping, or lower the "
         "learning rate.",
         "Spikes precede divergence and point at bad data.",

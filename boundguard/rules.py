@@ -26,6 +26,16 @@ FP16_MAX = 65504.0
 #: Distribution rows may sum to 1 only up to rounding in low precision.
 ROWSUM_TOL = 1e-2
 
+# The loss rules' memory (see History and update_loss_history).
+#: A level is the median of the last LEVEL_STEPS losses (at least LEVEL_MIN of them).
+LEVEL_STEPS, LEVEL_MIN = 20, 5
+#: The losses kept (``History.window``); the noise is measured on blocks of NOISE_BLOCK losses.
+WINDOW = NOISE_BLOCK = 50
+#: A step's rise counts towards the run's tail once MIN_REFERENCE losses precede it; TOP_RISES kept.
+MIN_REFERENCE, TOP_RISES = 10, 5
+#: q90 of |x_t - x_(t-1)| of Gaussian noise of sd 1 (1.645 sqrt 2).
+_DIFF_Q90 = 2.3262
+
 
 @dataclass
 class Finding:
@@ -43,7 +53,7 @@ class Finding:
 class History:
     """What the loss rules remember between checks (bounded: constant memory over any run)."""
 
-    window: deque = field(default_factory=lambda: deque(maxlen=50))
+    window: deque = field(default_factory=lambda: deque(maxlen=WINDOW))
     initial_level: Optional[float] = None
     best_level: Optional[float] = None
     best_step: int = 0
@@ -53,6 +63,20 @@ class History:
     target_nonbinary: float = 0.0
     target_seen: int = 0
     steps_seen: int = 0
+    #: The loss's step-to-step noise: the largest seen in any block of NOISE_BLOCK consecutive losses,
+    #: as a standard deviation (0 until the first block is complete); ``loss_diverging`` judges the
+    #: level's rise against it. ``noise_pending`` counts the losses since the last complete block.
+    noise: float = 0.0
+    noise_pending: int = 0
+    #: The TOP_RISES largest rises of a single step above the median of the WINDOW losses before it
+    #: (largest first); ``loss_spike`` judges a rise against the last of them (:attr:`tail`).
+    top_rises: list = field(default_factory=list)
+
+    @property
+    def tail(self) -> float:
+        """The run's own tail: the TOP_RISES-th largest rise of a step above its running median seen so
+        far (0 until there were that many)."""
+        return self.top_rises[TOP_RISES - 1] if len(self.top_rises) >= TOP_RISES else 0.0
 
     def update_targets(self, snap: Snapshot) -> None:
         if snap.seen("target"):
@@ -66,7 +90,8 @@ class History:
             "window": list(self.window), "initial_level": self.initial_level, "best_level": self.best_level,
             "best_step": self.best_step, "pre_absmax": list(self.pre_absmax), "target_min": self.target_min,
             "target_max": self.target_max, "target_nonbinary": self.target_nonbinary,
-            "target_seen": self.target_seen, "steps_seen": self.steps_seen,
+            "target_seen": self.target_seen, "steps_seen": self.steps_seen, "noise": self.noise,
+            "noise_pending": self.noise_pending, "top_rises": list(self.top_rises),
         }
 
     def copy(self) -> "History":
@@ -85,9 +110,10 @@ class History:
         h.window.extend(d.get("window", []))
         h.pre_absmax.extend(d.get("pre_absmax", []))
         for k in ("initial_level", "best_level", "best_step", "target_min", "target_max", "target_nonbinary",
-                  "target_seen", "steps_seen"):
+                  "target_seen", "steps_seen", "noise", "noise_pending"):
             if k in d:
                 setattr(h, k, d[k])
+        h.top_rises = sorted((float(x) for x in d.get("top_rises", [])), reverse=True)[:TOP_RISES]
         return h
 
 
@@ -150,7 +176,7 @@ class Rule:
 _SHARES = ("pinned_share", "tail_share", "fp16_share", "min_improvement")
 _COUNTS = {"growth_checks": 2, "min_history": 1, "patience": 1}
 _RATIOS = ("factor", "growth")
-_MARGINS = ("mad_sigmas", "min_rise", "growth_floor")
+_MARGINS = ("mad_sigmas", "min_rise", "growth_floor", "noise_sigmas", "tail_factor")
 
 
 def _check_range(code: str, key: str, v: float) -> None:
@@ -441,47 +467,85 @@ class InputsNotScaled(Rule):
 
 # ------------------------------------------------------------------------------------- loss dynamics
 class LossSpike(Rule):
-    """One step's loss far above its running median. Works for losses of either sign (Gaussian NLL):
-    the ratio test applies only to a positive median; the MAD and rise tests always do."""
+    """One step's loss far above its running level, judged on the loss's own scale and noise.
+
+    Each step of the interval is compared with the WINDOW losses before it (at least
+    ``min_history``). A spike must pass every test:
+
+    - its rise above their median is more than ``mad_sigmas`` times their step-to-step spread (the
+      q90 of |x_t - x_(t-1)| as a standard deviation: blind to a falling trend, and a skewed upper
+      tail such as a hard example now and then or a hinge loss that is mostly 0 counts as noise);
+    - for a positive median, the step is ``factor`` times the median; for a positive window, it is
+      also ``mad_sigmas`` spreads above it in log space (mini-batch noise of a positive loss is
+      relative: the wobble of a loss near zero is a large ratio but a small step in log terms);
+    - the rise is more than ``min_rise`` of the loss's scale (its initial level, its median, or how far
+      it has come down: a blip at 1e-4 of a loss that started at 0.7 is not a spike);
+    - the rise is more than ``tail_factor`` times the run's own tail (:attr:`History.tail`, the
+      TOP_RISES-th largest rise seen before): a run whose single steps often jump, such as one example
+      per batch, is judged against its jumps, while a few true spikes never raise the bar.
+
+    Losses of either sign work: the ratio and log tests apply only to positive values."""
 
     code = "loss_spike"
-    params = {"factor": 4.0, "mad_sigmas": 8.0, "min_history": 10, "min_rise": 0.1}
+    params = {"factor": 4.0, "mad_sigmas": 8.0, "min_history": 10, "min_rise": 0.1, "tail_factor": 4.0}
 
     def evaluate(self, ctx):
         h, s = ctx.past, ctx.snap
-        worst = None
-        window = list(h.window)
-        for step, loss in zip(s.loss_steps, s.losses):
-            if not math.isfinite(loss):
-                continue
-            if len(window) >= self.p["min_history"]:
-                ref = np.asarray(window[-50:])
-                med = float(np.median(ref))
-                mad = 1.4826 * float(np.median(np.abs(ref - med)))
-                scale = max(abs(h.initial_level), abs(med)) if h.initial_level is not None else abs(med)
-                ratio_ok = loss > self.p["factor"] * med if med > 0 else True
-                if (ratio_ok and loss > med + self.p["mad_sigmas"] * mad
-                        and loss - med > self.p["min_rise"] * scale and loss - med > 0):
-                    excess = (loss - med) / max(mad, 1e-12 * max(1.0, scale))
-                    if worst is None or excess > worst[0]:
-                        worst = (excess, int(step), float(loss), med)
-            window.append(float(loss))
-        if worst is None:
+        past = np.asarray(list(h.window), dtype=np.float64)
+        new = np.asarray(s.losses, dtype=np.float64)
+        ok = np.isfinite(new)
+        if not ok.any():
             return []
-        _, step, loss, med = worst
-        ratio = loss / med if med > 0 else None
-        how = f"{_g(ratio)}x its running median {_g(med)}" if ratio is not None else f"{_g(loss - med)} above its running median {_g(med)}"
-        return [Finding(self.code, ctx.where("loss"), f"loss jumped to {_g(loss)} at step {step}, {how}.",
-                        ratio if ratio is not None else loss - med, self.p["factor"] if ratio is not None else None,
+        seq = np.concatenate([past, new[ok]])
+        steps = np.asarray(s.loss_steps)[ok]
+        pos = np.arange(len(past), len(seq))  # index in ``seq`` of each step judged
+        pos = pos[pos >= self.p["min_history"]]
+        if not pos.size:
+            return []
+        refs = _windows(seq, pos, WINDOW)
+        x = seq[pos]
+        med, spread = _centre_spread(refs)
+        rise = x - med
+        fires = (rise > 0) & (rise > self.p["mad_sigmas"] * spread)
+        fires &= np.where(med > 0, x > self.p["factor"] * med, True)
+        positive = (np.nanmin(refs, axis=1) > 0) & (x > 0)
+        if positive.any():
+            safe = np.where(positive[:, None], refs, 1.0)  # rows that are not positive are not used
+            lmed, lspread = _centre_spread(np.log(safe))
+            lrise = np.log(np.where(positive, x, 1.0)) - lmed
+            fires &= np.where(positive, lrise > self.p["mad_sigmas"] * lspread, True)
+        scale = np.maximum(_loss_scale(h), np.abs(med))
+        fires &= rise > self.p["min_rise"] * scale
+        fires &= rise > self.p["tail_factor"] * h.tail
+        if not fires.any():
+            return []
+        floor = 1e-12 * np.maximum(1.0, scale)
+        excess = np.where(fires, rise / np.maximum(spread, floor), -np.inf)
+        i = int(np.argmax(excess))
+        step, loss, m = int(steps[pos[i] - len(past)]), float(x[i]), float(med[i])
+        ratio = loss / m if m > 0 else None
+        how = (f"{_g(ratio)}x its running median {_g(m)}" if ratio is not None
+               else f"{_g(loss - m)} above its running median {_g(m)}")
+        return [Finding(self.code, ctx.where("loss"),
+                        f"loss jumped to {_g(loss)} at step {step}, {how} (step-to-step noise {_g(float(spread[i]))}).",
+                        ratio if ratio is not None else loss - m, self.p["factor"] if ratio is not None else None,
                         details={"spike_step": step})]
 
 
 class LossDiverging(Rule):
-    """The loss level rose far above its best: by ``factor`` times (for a positive best) and by more
-    than ``min_rise`` of the loss's own scale (its start, or how far it had come down)."""
+    """The loss level (the median of the last LEVEL_STEPS steps) rose far above its best level, which
+    a level (a median over steps, not a single step) must do in every way:
+
+    - by more than ``min_rise`` of the loss's scale (its initial level, or how far it had come down);
+    - by more than ``noise_sigmas`` times the step-to-step noise the run had shown before the interval
+      (:attr:`History.noise`): the level of a noisy loss wanders by a few times its noise, and a loss
+      that crosses zero (a Poisson or Gaussian NLL) has no ratio to judge it by;
+    - for a positive best, to ``factor`` times the best.
+
+    Losses of either sign work."""
 
     code = "loss_diverging"
-    params = {"factor": 10.0, "min_rise": 0.5}
+    params = {"factor": 10.0, "min_rise": 0.5, "noise_sigmas": 3.0}
 
     def evaluate(self, ctx):
         h = ctx.history
@@ -491,7 +555,8 @@ class LossDiverging(Rule):
         rise = level - best
         scale = max(abs(start), start - best)
         ratio_ok = level > self.p["factor"] * best if best > 0 else True
-        if ratio_ok and rise > self.p["min_rise"] * scale and rise > 0:
+        if (ratio_ok and rise > 0 and rise > self.p["min_rise"] * scale
+                and rise > self.p["noise_sigmas"] * ctx.past.noise):
             how = f"{_g(level / best)}x its best" if best > 0 else f"{_g(rise)} above its best"
             return [Finding(self.code, ctx.where("loss"),
                             f"the loss level {_g(level)} is {how} {_g(best)} (reached at step {h.best_step}).",
@@ -516,16 +581,87 @@ class LossPlateau(Rule):
 
 
 def _level(h: History) -> Optional[float]:
-    w = [x for x in list(h.window)[-20:]]
-    return float(np.median(w)) if len(w) >= 5 else None
+    w = list(h.window)[-LEVEL_STEPS:]
+    return float(np.median(w)) if len(w) >= LEVEL_MIN else None
+
+
+def _loss_scale(h: History) -> float:
+    """The loss's own scale: its initial level, or how far it has come down (a loss that crossed zero)."""
+    if h.initial_level is None:
+        return 0.0
+    came_down = h.initial_level - h.best_level if h.best_level is not None else 0.0
+    return max(abs(h.initial_level), came_down)
+
+
+def _windows(seq: np.ndarray, pos: np.ndarray, size: int) -> np.ndarray:
+    """The up to ``size`` values of ``seq`` before each index of ``pos``, as rows (short ones padded
+    with NaN: the statistics below ignore NaN)."""
+    out = np.full((len(pos), size), np.nan)
+    full = pos >= size
+    if full.any():
+        view = np.lib.stride_tricks.sliding_window_view(seq, size)
+        out[full] = view[pos[full] - size]
+    for i in np.flatnonzero(~full):
+        p = int(pos[i])
+        out[i, size - p:] = seq[:p]
+    return out
+
+
+def _q(srt: np.ndarray, q: float) -> np.ndarray:
+    """The ``q`` quantile of each row of row-sorted ``srt`` (linear interpolation, as numpy's default)."""
+    at = q * (srt.shape[-1] - 1)
+    lo = int(math.floor(at))
+    hi = min(lo + 1, srt.shape[-1] - 1)
+    return srt[..., lo] + (at - lo) * (srt[..., hi] - srt[..., lo])
+
+
+def _centre_spread(rows: np.ndarray, *, spread: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Per row of consecutive losses (NaN cells ignored): the median, and the step-to-step spread as a
+    standard deviation: the q90 of |x_t - x_(t-1)| over 1.645 sqrt 2. Differences make the spread
+    blind to a trend (a loss falling fast is not noisy), and the q90 counts a skewed, heavy upper tail
+    (a hard example now and then, a hinge loss that is mostly 0) as noise. Full rows are reduced at
+    once; the few short ones (the start of a run) one by one."""
+    med, sd = np.empty(len(rows)), np.zeros(len(rows))
+    short = np.isnan(rows).any(axis=1)
+
+    def reduce(block: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        m = _q(np.sort(block, axis=-1), 0.5)
+        if not spread or block.shape[-1] < 2:
+            return m, np.zeros_like(m)
+        return m, _q(np.sort(np.abs(np.diff(block, axis=-1)), axis=-1), 0.9) / _DIFF_Q90
+
+    if (~short).any():
+        med[~short], sd[~short] = reduce(rows[~short])
+    for i in np.flatnonzero(short):
+        row = rows[i][~np.isnan(rows[i])]
+        m, d = reduce(row[None])
+        med[i], sd[i] = m[0], d[0]
+    return med, sd
+
+
+def _noise(block: np.ndarray) -> float:
+    """The step-to-step noise of consecutive losses, as a standard deviation (see :func:`_centre_spread`)."""
+    return float(_centre_spread(block[None])[1][0])
 
 
 def update_loss_history(h: History, snap: Snapshot, min_improvement: float) -> None:
-    """Fold one interval's losses into the history: the window, the initial and the best level."""
-    for loss in snap.losses:
-        if math.isfinite(loss):
-            h.window.append(float(loss))
+    """Fold one interval's losses into the history: the window, the initial and the best level, the
+    noise (per complete block of NOISE_BLOCK losses, so the same whatever the check cadence) and the
+    TOP_RISES largest rises of a step above the median of the WINDOW losses before it."""
+    fin = np.asarray([x for x in snap.losses if math.isfinite(x)], dtype=np.float64)
     h.steps_seen += snap.steps
+    if fin.size:
+        seq = np.concatenate([np.asarray(h.window, dtype=np.float64), fin])
+        n_old = len(seq) - fin.size
+        pos = np.arange(max(n_old, MIN_REFERENCE), len(seq))
+        if pos.size:
+            rises = seq[pos] - _centre_spread(_windows(seq, pos, WINDOW), spread=False)[0]
+            top = np.sort(np.concatenate([np.asarray(h.top_rises, dtype=np.float64), rises[rises > 0]]))[::-1]
+            h.top_rises = [float(x) for x in top[:TOP_RISES]]
+        for end in range(n_old + NOISE_BLOCK - h.noise_pending, len(seq) + 1, NOISE_BLOCK):
+            h.noise = max(h.noise, _noise(seq[end - NOISE_BLOCK: end]))
+        h.noise_pending = (h.noise_pending + fin.size) % NOISE_BLOCK
+        h.window.extend(fin.tolist())
     level = _level(h)
     if level is None:
         return

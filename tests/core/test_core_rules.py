@@ -139,9 +139,16 @@ FIRING: dict[str, list[tuple[str, Callable[[], Context]]]] = {
     ],
     "loss_spike": [
         ("x20", lambda: ctx(make_snap(losses=(1.0, 20.0, 1.0)), h=history(window=NOISY, initial_level=1.0))),
+        ("negative-loss-plus-5", lambda: ctx(make_snap(losses=(-3.0, 2.0, -3.0)),
+                                             h=history(window=[-3.0 + 0.05 * (i % 3) for i in range(30)],
+                                                       initial_level=1.0))),
+        ("far-beyond-the-runs-tail", lambda: ctx(make_snap(losses=(1.0, 20.0, 1.0)),
+                                                 h=history(window=NOISY, initial_level=1.0, top_rises=[2.0] * 5))),
     ],
     "loss_diverging": [
         ("x50", lambda: ctx(h=history(window=[5.0] * 20, initial_level=1.0, best_level=0.1, best_step=100))),
+        ("nll-back-above-zero", lambda: ctx(h=history(window=[3.0] * 20, initial_level=0.9, best_level=-2.5,
+                                                      best_step=100, noise=0.2))),
     ],
     "loss_plateau": [
         ("stalled", lambda: ctx(make_snap(step=2000, first_step=1951),
@@ -204,9 +211,23 @@ HEALTHY: dict[str, list[tuple[str, Callable[[], Context]]]] = {
     "loss_spike": [
         ("steady", lambda: ctx(make_snap(losses=(1.0, 1.02, 0.99)), h=history(window=NOISY, initial_level=1.0))),
         ("too-little-history", lambda: ctx(make_snap(losses=(1.0, 20.0)), h=history(window=[1.0] * 3))),
+        # 10x a converged 1e-4 is a large ratio but nothing on the scale of a loss that started at 0.7
+        ("blip-at-a-tiny-level", lambda: ctx(make_snap(losses=(1e-4, 1e-3, 1e-4)),
+                                             h=history(window=[1e-4 * (1 + 0.01 * math.sin(i)) for i in range(30)],
+                                                       initial_level=0.7, best_level=1e-4))),
+        # a run whose single steps often jump by ~3 (one example per batch) is judged against its jumps
+        ("within-the-runs-tail", lambda: ctx(make_snap(losses=(1.0, 9.0, 1.0)),
+                                             h=history(window=NOISY, initial_level=1.0, top_rises=[3.0] * 5))),
+        # log-normal mini-batch noise (sigma 0.5) of a positive loss: one step at 5x its median is within it
+        ("relative-noise", lambda: ctx(make_snap(losses=(1.0, 5.0, 1.0)),
+                                       h=history(window=list(np.exp(0.5 * np.random.default_rng(0).standard_normal(50))),
+                                                 initial_level=1.0))),
     ],
     "loss_diverging": [
         ("at-best", lambda: ctx(h=history(window=[0.1] * 20, initial_level=1.0, best_level=0.1, best_step=100))),
+        # a loss whose steps swing by +-3 wanders by more than its improvement: not divergence
+        ("level-within-the-noise", lambda: ctx(h=history(window=[0.5] * 20, initial_level=1.0, best_level=-1.0,
+                                                         best_step=100, noise=3.0))),
     ],
     "loss_plateau": [
         ("improving-recently", lambda: ctx(make_snap(step=2000, first_step=1951),
