@@ -1,0 +1,189 @@
+"""What the loss rules remember between checks, folded once per check before the rules run.
+
+The loss window, its initial and best level, the run's own step-to-step noise and largest rises,
+the pre-activation magnitudes of the last checks and the range of the targets seen. Bounded: constant
+memory over any run; :meth:`History.to_dict` / :meth:`History.from_dict` round-trip it (dicts from
+older versions, without the newer keys, still load).
+"""
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import numpy as np
+
+from boundguard.stats import Snapshot
+
+__all__ = ["History", "update_loss_history", "LEVEL_STEPS", "LEVEL_MIN", "WINDOW", "NOISE_BLOCK",
+           "MIN_REFERENCE", "TOP_RISES"]
+
+# The loss rules' memory (see History and update_loss_history).
+#: A level is the median of the last LEVEL_STEPS losses (at least LEVEL_MIN of them).
+LEVEL_STEPS, LEVEL_MIN = 20, 5
+#: The losses kept (``History.window``); the noise is measured on blocks of NOISE_BLOCK losses.
+WINDOW = NOISE_BLOCK = 50
+#: A step's rise counts towards the run's tail once MIN_REFERENCE losses precede it; TOP_RISES kept.
+MIN_REFERENCE, TOP_RISES = 10, 5
+#: q90 of |x_t - x_(t-1)| of Gaussian noise of sd 1 (1.645 sqrt 2).
+_DIFF_Q90 = 2.3262
+
+
+@dataclass
+class History:
+    """What the loss rules remember between checks (bounded: constant memory over any run)."""
+
+    window: deque = field(default_factory=lambda: deque(maxlen=WINDOW))
+    initial_level: Optional[float] = None
+    best_level: Optional[float] = None
+    best_step: int = 0
+    pre_absmax: deque = field(default_factory=lambda: deque(maxlen=8))
+    target_min: float = math.inf
+    target_max: float = -math.inf
+    target_nonbinary: float = 0.0
+    target_seen: int = 0
+    steps_seen: int = 0
+    #: The loss's step-to-step noise: the largest seen in any block of NOISE_BLOCK consecutive losses,
+    #: as a standard deviation (0 until the first block is complete); ``loss_diverging`` judges the
+    #: level's rise against it. ``noise_pending`` counts the losses since the last complete block.
+    noise: float = 0.0
+    noise_pending: int = 0
+    #: The TOP_RISES largest rises of a single step above the median of the WINDOW losses before it
+    #: (largest first); ``loss_spike`` judges a rise against the last of them (:attr:`tail`).
+    top_rises: list = field(default_factory=list)
+
+    @property
+    def tail(self) -> float:
+        """The run's own tail: the TOP_RISES-th largest rise of a step above its running median seen so
+        far (0 until there were that many)."""
+        return self.top_rises[TOP_RISES - 1] if len(self.top_rises) >= TOP_RISES else 0.0
+
+    def update_targets(self, snap: Snapshot) -> None:
+        if snap.seen("target"):
+            self.target_min = min(self.target_min, snap.values["target.min"])
+            self.target_max = max(self.target_max, snap.values["target.max"])
+            self.target_nonbinary += snap.values["target.nonbinary"]
+            self.target_seen += snap.counts["target"]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "window": list(self.window), "initial_level": self.initial_level, "best_level": self.best_level,
+            "best_step": self.best_step, "pre_absmax": list(self.pre_absmax), "target_min": self.target_min,
+            "target_max": self.target_max, "target_nonbinary": self.target_nonbinary,
+            "target_seen": self.target_seen, "steps_seen": self.steps_seen, "noise": self.noise,
+            "noise_pending": self.noise_pending, "top_rises": list(self.top_rises),
+        }
+
+    def copy(self) -> "History":
+        return History.from_dict(self.to_dict())
+
+    def fold(self, snap: Snapshot, min_improvement: float) -> None:
+        """Fold one interval into the history: its targets and its losses (see :func:`update_loss_history`)."""
+        self.update_targets(snap)
+        if snap.seen("pre") and not snap.nonfinite("pre"):
+            self.pre_absmax.append(snap.absmax("pre"))
+        update_loss_history(self, snap, min_improvement)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "History":
+        h = cls()
+        h.window.extend(d.get("window", []))
+        h.pre_absmax.extend(d.get("pre_absmax", []))
+        for k in ("initial_level", "best_level", "best_step", "target_min", "target_max", "target_nonbinary",
+                  "target_seen", "steps_seen", "noise", "noise_pending"):
+            if k in d:
+                setattr(h, k, d[k])
+        h.top_rises = sorted((float(x) for x in d.get("top_rises", [])), reverse=True)[:TOP_RISES]
+        return h
+
+
+def _level(h: History) -> Optional[float]:
+    w = list(h.window)[-LEVEL_STEPS:]
+    return float(np.median(w)) if len(w) >= LEVEL_MIN else None
+
+
+def _loss_scale(h: History) -> float:
+    """The loss's own scale: its initial level, or how far it has come down (a loss that crossed zero)."""
+    if h.initial_level is None:
+        return 0.0
+    came_down = h.initial_level - h.best_level if h.best_level is not None else 0.0
+    return max(abs(h.initial_level), came_down)
+
+
+def _windows(seq: np.ndarray, pos: np.ndarray, size: int) -> np.ndarray:
+    """The up to ``size`` values of ``seq`` before each index of ``pos``, as rows (short ones padded
+    with NaN: the statistics below ignore NaN)."""
+    out = np.full((len(pos), size), np.nan)
+    full = pos >= size
+    if full.any():
+        view = np.lib.stride_tricks.sliding_window_view(seq, size)
+        out[full] = view[pos[full] - size]
+    for i in np.flatnonzero(~full):
+        p = int(pos[i])
+        out[i, size - p:] = seq[:p]
+    return out
+
+
+def _q(srt: np.ndarray, q: float) -> np.ndarray:
+    """The ``q`` quantile of each row of row-sorted ``srt`` (linear interpolation, as numpy's default)."""
+    at = q * (srt.shape[-1] - 1)
+    lo = int(math.floor(at))
+    hi = min(lo + 1, srt.shape[-1] - 1)
+    return srt[..., lo] + (at - lo) * (srt[..., hi] - srt[..., lo])
+
+
+def _centre_spread(rows: np.ndarray, *, spread: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Per row of consecutive losses (NaN cells ignored): the median, and the step-to-step spread as a
+    standard deviation: the q90 of |x_t - x_(t-1)| over 1.645 sqrt 2. Differences make the spread
+    blind to a trend (a loss falling fast is not noisy), and the q90 counts a skewed, heavy upper tail
+    (a hard example now and then, a hinge loss that is mostly 0) as noise. Full rows are reduced at
+    once; the few short ones (the start of a run) one by one."""
+    med, sd = np.empty(len(rows)), np.zeros(len(rows))
+    short = np.isnan(rows).any(axis=1)
+
+    def reduce(block: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        m = _q(np.sort(block, axis=-1), 0.5)
+        if not spread or block.shape[-1] < 2:
+            return m, np.zeros_like(m)
+        return m, _q(np.sort(np.abs(np.diff(block, axis=-1)), axis=-1), 0.9) / _DIFF_Q90
+
+    if (~short).any():
+        med[~short], sd[~short] = reduce(rows[~short])
+    for i in np.flatnonzero(short):
+        row = rows[i][~np.isnan(rows[i])]
+        m, d = reduce(row[None])
+        med[i], sd[i] = m[0], d[0]
+    return med, sd
+
+
+def _noise(block: np.ndarray) -> float:
+    """The step-to-step noise of consecutive losses, as a standard deviation (see :func:`_centre_spread`)."""
+    return float(_centre_spread(block[None])[1][0])
+
+
+def update_loss_history(h: History, snap: Snapshot, min_improvement: float) -> None:
+    """Fold one interval's losses into the history: the window, the initial and the best level, the
+    noise (per complete block of NOISE_BLOCK losses, so the same whatever the check cadence) and the
+    TOP_RISES largest rises of a step above the median of the WINDOW losses before it."""
+    fin = np.asarray([x for x in snap.losses if math.isfinite(x)], dtype=np.float64)
+    h.steps_seen += snap.steps
+    if fin.size:
+        seq = np.concatenate([np.asarray(h.window, dtype=np.float64), fin])
+        n_old = len(seq) - fin.size
+        pos = np.arange(max(n_old, MIN_REFERENCE), len(seq))
+        if pos.size:
+            rises = seq[pos] - _centre_spread(_windows(seq, pos, WINDOW), spread=False)[0]
+            top = np.sort(np.concatenate([np.asarray(h.top_rises, dtype=np.float64), rises[rises > 0]]))[::-1]
+            h.top_rises = [float(x) for x in top[:TOP_RISES]]
+        for end in range(n_old + NOISE_BLOCK - h.noise_pending, len(seq) + 1, NOISE_BLOCK):
+            h.noise = max(h.noise, _noise(seq[end - NOISE_BLOCK: end]))
+        h.noise_pending = (h.noise_pending + fin.size) % NOISE_BLOCK
+        h.window.extend(fin.tolist())
+    level = _level(h)
+    if level is None:
+        return
+    if h.initial_level is None:
+        h.initial_level = level
+    if h.best_level is None or level < h.best_level - min_improvement * abs(h.best_level):
+        h.best_level, h.best_step = level, snap.step
