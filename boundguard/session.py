@@ -55,7 +55,7 @@ from boundguard.sinks import logger, warn_user
 from boundguard.stats import Snapshot
 from boundguard.surgery import BoundRecord, CannotBound, plan_bound
 
-__all__ = ["Session", "Adapter", "CountingPlan", "guarded", "DEFAULT_ALERTS_PATH"]
+__all__ = ["Session", "Adapter", "CountingPlan", "SessionViews", "guarded", "DEFAULT_ALERTS_PATH"]
 
 #: Where alerts go when neither ``alerts_path`` nor a logger's directory says otherwise.
 DEFAULT_ALERTS_PATH = Path("boundguard") / "alerts.jsonl"
@@ -100,6 +100,27 @@ class CountingPlan:
             pin = (facts.activation_params.get("lo"), facts.activation_params.get("hi"))
         return cls(lo, hi, bool(bounds is not None and bounds.kind == "distribution"), pin,
                    TAIL_THRESHOLD.get(facts.activation), class_dim)
+
+
+class SessionViews:
+    """The read-only views every adapter gives its users, from its ``_session``."""
+
+    _session: "Session"
+
+    @property
+    def alerts(self) -> list[Alert]:
+        """Every alert so far, oldest first."""
+        return self._session.alerts
+
+    @property
+    def bounds_inserted(self) -> list[dict]:
+        """Records of the bounding activations inserted (copies; replayed on resume; see ``apply_bounds``)."""
+        return self._session.bounds_inserted
+
+    @property
+    def alerts_path(self) -> Optional[Path]:
+        """The alerts file in use (known once training has started)."""
+        return self._session.alerts_path
 
 
 F = TypeVar("F", bound=Callable[..., Any])

@@ -10,16 +10,16 @@ import os
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from boundguard.alerts import Alert, BoundGuardError
+from boundguard.alerts import BoundGuardError
 from boundguard.bounds import BoundsSpec
 from boundguard.config import Action, Config
 from boundguard.integrations.torch import DEFAULT_ALERTS_PATH, TorchEngine, apply_bounds
-from boundguard.session import guarded
+from boundguard.session import SessionViews, guarded
 
 __all__ = ["LightningGuard"]
 
 
-class LightningGuard:
+class LightningGuard(SessionViews):
     """Watch a LightningModule's predictions, pre-activations, targets, inputs and loss.
 
     One line: ``Trainer(callbacks=[BoundGuard(bounds=(0, 1))])``. Statistics are reduced on the
@@ -77,20 +77,6 @@ class LightningGuard:
         self._batches = 0  # training batches seen by this rank, counted even while switched off
 
     # -------------------------------------------------------------- public
-    @property
-    def alerts(self) -> list[Alert]:
-        """Every alert so far, oldest first."""
-        return self._session.alerts
-
-    @property
-    def bounds_inserted(self) -> list[dict]:
-        """Records of the bounding activations inserted (copies; replayed on resume; see ``apply_bounds``)."""
-        return self._session.bounds_inserted
-
-    @property
-    def alerts_path(self) -> Optional[Path]:
-        return self._session.alerts_path
-
     @property
     def state_key(self) -> str:
         """``"BoundGuard"``: stable across option changes, so resuming with another ``on_violation`` or

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Mapping
-from pathlib import Path
 from types import FrameType
 from typing import Any, Callable, Optional
 
@@ -50,18 +49,18 @@ except ImportError as e:  # pragma: no cover - exercised only with an old transf
 
 from torch import Tensor, nn
 
-from boundguard.alerts import Alert, BoundGuardError
+from boundguard.alerts import BoundGuardError
 from boundguard.bounds import Bounds
 from boundguard.config import OPTIONS, Config
 from boundguard.integrations.torch import TorchEngine, apply_bounds
-from boundguard.session import guarded
+from boundguard.session import SessionViews, guarded
 
 __all__ = ["BoundGuardCallback", "apply_bounds"]
 
 _ENTRY = "BoundGuardCallback()"
 
 
-class BoundGuardCallback(TrainerCallback, ExportableState):
+class BoundGuardCallback(SessionViews, TrainerCallback, ExportableState):
     """Watch a ``transformers.Trainer`` run's predictions, pre-activations, targets, inputs and loss.
 
     One line: ``Trainer(..., callbacks=[BoundGuardCallback(bounds=(0, 1))])``. Same options, alert codes,
@@ -145,20 +144,6 @@ class BoundGuardCallback(TrainerCallback, ExportableState):
         self._loss_n = 0
 
     # -------------------------------------------------------------- public
-    @property
-    def alerts(self) -> list[Alert]:
-        """Every alert so far, oldest first."""
-        return self._session.alerts
-
-    @property
-    def bounds_inserted(self) -> list[dict]:
-        """Records of the bounding activations inserted (copies; replayed on resume; see ``apply_bounds``)."""
-        return self._session.bounds_inserted
-
-    @property
-    def alerts_path(self) -> Optional[Path]:
-        return self._session.alerts_path
-
     def set_trainer(self, trainer: Any) -> None:
         """Name the Trainer whose ``log`` and ``training_step`` the callback uses (found by itself otherwise)."""
         self._trainer = trainer

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Any, Callable, Optional
 
 import keras
 import numpy as np
 
-from boundguard.alerts import Alert
 from boundguard.config import Config
 from boundguard.integrations.keras.activations import (
     BoundActivation, apply_bounds, remove_leftovers, retrace_step, set_activation, unwatch_activation, unwrap,
@@ -24,7 +22,7 @@ from boundguard.integrations.keras.probe import Trace, model_facts, notes, pick,
 from boundguard.model_facts import LossInfo, ModelFacts, classify_loss
 from boundguard.monitor import Monitor
 from boundguard.rules import TAIL_THRESHOLD
-from boundguard.session import Session, guarded
+from boundguard.session import Session, SessionViews, guarded
 from boundguard.sinks import warn_user
 from boundguard.stats import COLUMNS, KINDS, Snapshot, reduce_rows
 from boundguard.surgery import BoundRecord, CannotBound
@@ -32,7 +30,7 @@ from boundguard.surgery import BoundRecord, CannotBound
 __all__ = ["BoundGuard", "EpochStats"]
 
 
-class BoundGuard(keras.callbacks.Callback):
+class BoundGuard(SessionViews, keras.callbacks.Callback):
     """Watch a Keras model's predictions, output pre-activations, targets, inputs and batch loss during ``fit``.
 
     One line: ``model.fit(x, y, callbacks=[BoundGuard()])``. Statistics are reduced on the device inside
@@ -99,21 +97,6 @@ class BoundGuard(keras.callbacks.Callback):
         self._log_keys: set[str] = set()
 
     # -------------------------------------------------------------- read-only views
-    @property
-    def alerts(self) -> list[Alert]:
-        """Every alert so far, oldest first."""
-        return self._session.alerts
-
-    @property
-    def bounds_inserted(self) -> list[dict]:
-        """Records of the bounding activations inserted (copies; replayed on resume; see :func:`apply_bounds`)."""
-        return self._session.bounds_inserted
-
-    @property
-    def alerts_path(self) -> Optional[Path]:
-        """The alerts file in use (known once training has started)."""
-        return self._session.alerts_path
-
     @property
     def monitor(self) -> Monitor:
         return self._session.monitor

@@ -1,20 +1,19 @@
 """``watch(model)``: boundguard for a plain PyTorch training loop."""
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from torch import nn
 
 from boundguard.alerts import Alert, BoundGuardError
 from boundguard.config import Config
 from boundguard.integrations.torch.engine import TorchEngine
-from boundguard.session import guarded
+from boundguard.session import SessionViews, guarded
 
 __all__ = ["Guard", "watch"]
 
 
-class Guard:
+class Guard(SessionViews):
     """``watch(model, ...)`` for a plain PyTorch loop. Call :meth:`step` once per batch.
 
     Example:
@@ -75,20 +74,6 @@ class Guard:
             e._finish_probe(None)
         e.record_batch(None, inputs=inputs, targets=targets)
         return [d.alert for d in e.end_step()]
-
-    @property
-    def alerts(self) -> list[Alert]:
-        """Every alert so far, oldest first."""
-        return self._session.alerts
-
-    @property
-    def bounds_inserted(self) -> list[dict]:
-        """Records of the bounding activations inserted (copies; see :func:`apply_bounds`)."""
-        return self._session.bounds_inserted
-
-    @property
-    def alerts_path(self) -> Optional[Path]:
-        return self._session.alerts_path
 
     def state_dict(self) -> dict[str, Any]:
         return self.engine.state_dict()
