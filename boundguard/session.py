@@ -51,7 +51,7 @@ from boundguard.config import Config
 from boundguard.model_facts import LossInfo, ModelFacts
 from boundguard.monitor import Decision, Monitor
 from boundguard.rules import TAIL_THRESHOLD
-from boundguard.sinks import logger, warn_user
+from boundguard.sinks import above_progress_bars, logger, warn_user
 from boundguard.stats import Snapshot
 from boundguard.surgery import BoundRecord, CannotBound, plan_bound
 
@@ -329,7 +329,8 @@ class Session:
         loud = any(a.severity != "info" for a in alerts)
         if loud and self.monitor.write and self._summary_printed != len(alerts):
             self._summary_printed = len(alerts)
-            print(self.monitor.summary(), file=sys.stderr)
+            with above_progress_bars():
+                print(self.monitor.summary(), file=sys.stderr)
 
     def close(self) -> None:
         """End of a run: release the adapter (an error while removing its hooks warns, never reaches the

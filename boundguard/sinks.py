@@ -7,9 +7,10 @@ import os
 import sys
 import sysconfig
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
-from typing import IO, Any, Optional
+from typing import IO, Any, Iterator, Optional
 
 from boundguard.alerts import SCHEMA_VERSION, Alert, BoundGuardWarning
 
@@ -146,7 +147,30 @@ def emit_warning(alert: Alert) -> None:
         return
     logger.debug("%s", alert.line())
     if logger.isEnabledFor(level):
-        warn_user(alert.line())
+        with above_progress_bars():
+            warn_user(alert.line())
+
+
+@contextmanager
+def above_progress_bars() -> Iterator[None]:
+    """Clear the live ``tqdm`` bars (Lightning's, the Hugging Face Trainer's, a plain loop's) while a
+    line goes to stderr and redraw them after, so an alert never lands glued to a bar's line. A no-op
+    when ``tqdm`` was never imported."""
+    tqdm = sys.modules.get("tqdm")
+    mode = getattr(getattr(tqdm, "tqdm", None), "external_write_mode", None)
+    if mode is None:
+        yield
+        return
+    try:
+        cm = mode(file=sys.stderr)
+        cm.__enter__()
+    except Exception:  # an unusual tqdm: write as is
+        yield
+        return
+    try:
+        yield
+    finally:
+        cm.__exit__(None, None, None)
 
 
 def _library_dirs() -> tuple[str, ...]:
