@@ -124,6 +124,9 @@ class ModelFacts:
     input_where: Optional[str] = None
     target_integer: bool = False
     input_integer: bool = False
+    #: a layer at the model's input that scales what the first weighted layer sees (an adapted
+    #: ``Normalization``, ``Rescaling(1/255)``, a normalisation layer): the raw inputs' scale is not judged
+    input_scaled_by: Optional[str] = None
     classes: Optional[int] = None  # size of the class dimension of the prediction, when > 1
     pre_dtype: Optional[str] = None  # e.g. "float16" under fp16 autocast
     notes: list = field(default_factory=list)  # (what could not be located, option that fixes it)
@@ -153,7 +156,9 @@ class ModelFacts:
         else:
             b = bounds.describe() if hasattr(bounds, "describe") else str(bounds)
         return (f"boundguard watches: prediction {self.pred_where or 'not found'} (activation {act}), loss {loss}, "
-                f"targets {self.target_where or 'not found'}, inputs {self.input_where or 'not found'}, bounds {b}")
+                f"targets {self.target_where or 'not found'}, inputs {self.input_where or 'not found'}"
+                + (f" (scaled inside the model by {self.input_scaled_by})" if self.input_scaled_by else "")
+                + f", bounds {b}")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

@@ -246,6 +246,13 @@ class ActivationLossMismatch(Rule):
                    f"at inference), or keep the {act} and use the probability loss "
                    f"({'NLLLoss on torch.log of it' if loss.multiclass else 'BCELoss'} / from_logits=False).")
             return [Finding(self.code, where, msg, fix=fix, details={"activation": act, "loss": loss.name})]
+        if loss.family == "logits" and act == "relu":
+            low = "0.5 (sigmoid(0))" if not loss.multiclass else "uniform (softmax of zeros)"
+            msg = (f"a ReLU is applied to the logits before {loss.name}: every negative logit becomes 0, so "
+                   f"the {loss.link} can never go below {low} and the loss stalls.")
+            fix = (f"Remove the ReLU after the output layer: {loss.name} takes the raw logits of the last "
+                   f"Linear/Dense layer.")
+            return [Finding(self.code, where, msg, fix=fix, details={"activation": act, "loss": loss.name})]
         if loss.family == "log_probs" and act in ("softmax", "sigmoid", "identity", "relu"):
             msg = (f"{loss.name} expects log-probabilities, but it receives the {act} output "
                    f"({'probabilities, not their log' if act in ('softmax', 'sigmoid') else 'raw values'}).")
@@ -302,6 +309,13 @@ class OutputSaturated(Rule):
     def evaluate(self, ctx):
         s, f = ctx.snap, ctx.facts
         out = []
+        if f.activation == "softmax" and f.classes == 1:
+            return [Finding(self.code, ctx.where("pred"),
+                            "softmax over a single output unit always outputs exactly 1: the prediction "
+                            "cannot change and nothing is learnt.",
+                            fix="For one output unit use a sigmoid (nn.Sigmoid / activation='sigmoid') with "
+                                "binary cross-entropy, or give the layer one unit per class and keep softmax.",
+                            details={"activation": "softmax", "classes": 1})]
         if s.seen("pred"):
             share = s.share("pred", "pinned")
             if share >= self.p["pinned_share"]:
@@ -370,11 +384,13 @@ class RegressionLossOnProbabilities(Rule):
 
 class InputsNotScaled(Rule):
     code = "inputs_not_scaled"
-    params = {"rms_high": 10.0, "rms_low": 1e-3}
+    # rms_high: images in 0..255 (RMS ~100) and raw physical units are far above it; count features (word
+    # counts, RMS ~20) that a linear model fits well are not
+    params = {"rms_high": 50.0, "rms_low": 1e-3}
 
     def evaluate(self, ctx):
         s, f = ctx.snap, ctx.facts
-        if f.input_integer or not s.seen("input") or s.nonfinite("input"):
+        if f.input_integer or f.input_scaled_by or not s.seen("input") or s.nonfinite("input"):
             return []
         rms = s.rms("input")
         if not math.isfinite(rms) or rms == 0.0:

@@ -247,14 +247,16 @@ class Session:
                                  epoch=self.epoch)
 
     # ------------------------------------------------------------------ judging and acting
-    def check(self, rows: np.ndarray, counts: dict[str, int], loss_seen: Any) -> list[Decision]:
-        """Judge the interval ending at the current step and carry out the decisions.
+    def check(self, rows: np.ndarray, counts: dict[str, int], loss_seen: Any,
+              losses: Optional[np.ndarray] = None) -> list[Decision]:
+        """Judge the interval ending at the current step and carry out the decisions (``rows``, ``losses``:
+        see :meth:`~boundguard.stats.Snapshot.from_rows`).
 
         Returns the decisions (alerts new or escalated at this check). Raises
         :class:`~boundguard.BoundGuardError` for a ``raise`` decision, after publishing every alert.
         """
         snap = Snapshot.from_rows(rows, counts, step=self.step, first_step=self.interval_start,
-                                  epoch=self.epoch, loss_seen=loss_seen)
+                                  epoch=self.epoch, loss_seen=loss_seen, losses=losses)
         self.interval_start = self.step + 1
         self.last_snapshot = snap
         decisions = self.monitor.judge(snap)

@@ -27,7 +27,7 @@ from typing import Any, Iterable, Optional
 import numpy as np
 
 __all__ = ["Stat", "STATS", "COLUMNS", "KINDS", "LOSS_COLUMN", "columns_of", "fields_of", "row_stats",
-           "count_stats", "neutral_row", "reduce_rows", "merge_rows", "Snapshot"]
+           "count_stats", "neutral_row", "reduce_rows", "fold_rows", "merge_rows", "Snapshot"]
 
 
 @dataclass(frozen=True)
@@ -122,6 +122,17 @@ def reduce_rows(rows: np.ndarray) -> dict[str, float]:
     return out
 
 
+def fold_rows(rows: np.ndarray) -> np.ndarray:
+    """``(steps, len(COLUMNS))`` rows folded into one row by each column's reduce op (an adapter that moves
+    a block of an interval to the host before the check keeps this row and the block's per-step losses;
+    the folded row's loss column is NaN)."""
+    rows = np.asarray(rows, dtype=np.float64).reshape(-1, len(COLUMNS))
+    if rows.shape[0] == 0:
+        return neutral_row()
+    out = np.array([reduce_rows(rows).get(s.name, math.nan) for s in STATS], dtype=np.float64)
+    return out
+
+
 def merge_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Element-wise merge of two processes' buffers of rows, by each column's :attr:`Stat.dist_reduce`:
     what the adapters' all-reduce computes. ``min``/``max`` propagate NaN; per-step values (the loss)
@@ -162,12 +173,16 @@ class Snapshot:
         first_step: int,
         epoch: Optional[int] = None,
         loss_seen: Optional[Iterable[bool]] = None,
+        losses: Optional[np.ndarray] = None,
     ) -> "Snapshot":
+        """``rows``: one per step, the loss in its column; or, with ``losses`` (one per step), any number
+        of rows (an adapter that folded blocks of steps into one row) whose loss column is ignored."""
         rows = np.asarray(rows, dtype=np.float64).reshape(-1, len(COLUMNS))
         values = reduce_rows(rows)
-        seen = np.ones(rows.shape[0], bool) if loss_seen is None else np.asarray(list(loss_seen), bool)
-        seen = seen[: rows.shape[0]]
-        losses = rows[: len(seen), LOSS_COLUMN][seen]
+        series = rows[:, LOSS_COLUMN] if losses is None else np.asarray(losses, dtype=np.float64).reshape(-1)
+        seen = np.ones(series.shape[0], bool) if loss_seen is None else np.asarray(list(loss_seen), bool)
+        seen = seen[: series.shape[0]]
+        losses = series[: len(seen)][seen]
         loss_steps = np.arange(first_step, first_step + len(seen))[seen]
         return cls(step, first_step, epoch, values, {k: int(counts.get(k, 0)) for k in KINDS}, losses, loss_steps)
 
@@ -180,6 +195,10 @@ class Snapshot:
 
     def nonfinite(self, kind: str) -> int:
         return max(0, int(round(self.counts.get(kind, 0) - self.values[f"{kind}.finite"])))
+
+    def has_nonfinite(self) -> bool:
+        """A NaN/Inf anywhere in the interval: a watched tensor or a step's loss."""
+        return any(self.nonfinite(k) for k in KINDS) or not bool(np.isfinite(self.losses).all())
 
     def share(self, kind: str, field: str) -> float:
         n = self.counts.get(kind, 0)

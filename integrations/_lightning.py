@@ -142,13 +142,15 @@ class LightningGuard(SessionViews):
         e.record_batch(batch)
         checking = e.is_check_step(e.step + 1)  # decided before the step counts, on every rank
         e.end_step(epoch=trainer.current_epoch)
-        if not checking:
+        snap = self._session.last_snapshot
+        checked = snap is not None and snap.step == e.step  # a scheduled check, or the NaN tripwire's
+        if not (checking or checked):
             return
-        # a collective decision at every check, so ranks never diverge
+        # a collective decision at every scheduled check, so ranks never diverge (the tripwire is off
+        # under DDP: it only checks off schedule on a single process)
         if trainer.strategy.reduce_boolean_decision(self._session.should_stop, all=False):
             trainer.should_stop = True
-        snap = self._session.last_snapshot
-        if self._log_stats and snap is not None and snap.step == e.step:
+        if self._log_stats and snap is not None and checked:
             self._publish_metrics(trainer, snap.metrics())
 
     def _publish_metrics(self, trainer: Any, metrics: dict[str, float]) -> None:

@@ -101,7 +101,9 @@ class FabricGuard(Guard):
         if e.distributed and checking and not e.agreed(self._any_rank):
             return []
         alerts = super().step(loss, inputs, targets)
-        if checking:  # on every rank, whatever its monitor did in this step: the collectives stay matched
+        snap = self._session.last_snapshot
+        if checking or (snap is not None and snap.step == e.step):  # (the NaN tripwire's check: one process)
+            # on every rank, whatever its monitor did in this step: the collectives stay matched
             stop = self._session.should_stop
             self._stop = self._any_rank(stop) if e.distributed else stop
             self._log()

@@ -232,7 +232,8 @@ class BoundGuardCallback(SessionViews, TrainerCallback, ExportableState):
         except BoundGuardError:  # on_violation="raise": let go of the model and the Trainer first
             self._stop()
             raise
-        if checking:
+        snap = self._session.last_snapshot
+        if checking or (snap is not None and snap.step == e.step):  # (the NaN tripwire's check: one process)
             stop = self._session.should_stop
             if e.distributed:  # a collective decision at every check (on every rank), so ranks never diverge
                 stop = e.any_rank(stop)

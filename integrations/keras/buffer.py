@@ -32,10 +32,10 @@ import numpy as np
 from keras import ops
 
 from boundguard.session import CountingPlan
-from boundguard.stats import COLUMNS, KINDS, fields_of, neutral_row
+from boundguard.stats import COLUMNS, KINDS, LOSS_COLUMN, fields_of, fold_rows, neutral_row
 
 __all__ = ["DeviceBuffer", "StepTensors", "Wants", "Readout", "Strategy", "TensorFlowStrategy",
-           "TorchStrategy", "JaxStrategy", "BufferMetric", "STRATEGIES", "EXTRA", "NAMES", "PROBE_K"]
+           "TorchStrategy", "JaxStrategy", "BufferMetric", "STRATEGIES", "EXTRA", "NAMES", "PROBE_K", "ROW_CAP"]
 
 #: Columns after the core's: elements seen per kind, the step's loss recorded, one-hot targets.
 EXTRA: tuple[str, ...] = tuple(f"{k}.n" for k in KINDS) + ("loss.seen", "target.onehot")
@@ -47,6 +47,9 @@ _NEUTRAL = np.concatenate([neutral_row(), np.zeros(len(EXTRA))]).astype(np.float
 #: What the device reads every step, in order (see :func:`_settings_of`).
 SETTINGS = ("lo", "hi", "pin_lo", "pin_hi", "tail", "distribution")
 _S = {name: i for i, name in enumerate(SETTINGS)}
+#: At most this many rows of an interval stay on the device (plus one execution's steps); a longer interval
+#: moves full blocks to the host (:meth:`DeviceBuffer.spill`).
+ROW_CAP = 256
 #: Elements of z / y_pred kept from a step when the activation must be inferred from data.
 PROBE_K = 512
 assert all(f"{k}.{f}" in _INDEX for k in KINDS for f in fields_of(k))
@@ -82,6 +85,8 @@ class Readout:
     counts: dict[str, int]
     loss_seen: np.ndarray
     target: Optional[tuple[float, float, bool]]
+    #: the per-step losses, when ``rows`` are folded blocks rather than one row per step
+    losses: Optional[np.ndarray] = None
 
 
 def _settings_of(plan: CountingPlan) -> np.ndarray:
@@ -334,6 +339,7 @@ class DeviceBuffer:
                              f"supported: {sorted(STRATEGIES)}")
         self.strategy: Strategy = STRATEGIES[backend](rows)
         self._plan: Optional[CountingPlan] = None
+        self._carry: list[Readout] = []  # blocks of this interval already moved to the host (see spill)
 
     @staticmethod
     def supports(backend: str) -> bool:
@@ -351,7 +357,31 @@ class DeviceBuffer:
 
     # -------------------------------------------------------------- host side
     def read(self, steps: int) -> Readout:
-        """The one device→host transfer of a check: the first ``steps`` rows; resets the buffer."""
+        """The one device→host transfer of a check: the first ``steps`` rows (the steps since the last
+        :meth:`spill`), with the spilled blocks of the interval in front; resets the buffer."""
+        r = self._read(steps)
+        carry, self._carry = self._carry, []
+        if not carry:
+            return r
+        parts = carry + [r]
+        losses = np.concatenate([p.losses if p.losses is not None else p.rows[:, LOSS_COLUMN] for p in parts])
+        seen = np.concatenate([p.loss_seen for p in parts])
+        rows = np.stack([fold_rows(p.rows) for p in parts])
+        counts = {k: sum(p.counts[k] for p in parts) for k in KINDS}
+        ts = [p.target for p in parts if p.target is not None]
+        target = (min(t[0] for t in ts), max(t[1] for t in ts), all(t[2] for t in ts)) if ts else None
+        return Readout(rows, counts, seen, target, losses)
+
+    def spill(self, steps: int) -> None:
+        """Move the first ``steps`` rows to the host (one transfer), folded into one row with their
+        per-step losses kept, and reset the device rows: an interval longer than the buffer (a
+        ``check_every_n_steps`` above :data:`ROW_CAP`) costs one transfer per block instead of a buffer
+        and a per-step write that grow with it."""
+        r = self._read(steps)
+        self._carry.append(Readout(fold_rows(r.rows)[None], r.counts, r.loss_seen, r.target,
+                                   r.rows[:, LOSS_COLUMN].copy()))
+
+    def _read(self, steps: int) -> Readout:
         full = self.strategy.read()
         rows = full[: max(1, min(int(steps), full.shape[0]))]
         counts = {k: int(round(float(rows[:, _INDEX[f"{k}.n"]].sum()))) for k in KINDS}
@@ -375,6 +405,7 @@ class DeviceBuffer:
 
     def reset(self) -> None:
         self.strategy.reset()
+        self._carry = []
 
     def probe_values(self) -> np.ndarray:
         """``(2, PROBE_K)``: the flattened z and y_pred rows kept by :meth:`store_probe`."""

@@ -13,12 +13,12 @@ from boundguard.integrations.keras.activations import (
     BoundActivation, apply_bounds, remove_leftovers, retrace_step, set_activation, unwatch_activation, unwrap,
     watch_activation,
 )
-from boundguard.integrations.keras.buffer import DeviceBuffer, Wants
+from boundguard.integrations.keras.buffer import ROW_CAP, DeviceBuffer, Wants
 from boundguard.integrations.keras.graph import (
     Head, attr_of, classify, drop_compute_loss_tap, find_head, flat_layers, activation_attr, layer_name,
     loss_info, tap_compute_loss, units,
 )
-from boundguard.integrations.keras.probe import Trace, model_facts, notes, pick, resolve_head
+from boundguard.integrations.keras.probe import Trace, input_scaler, model_facts, notes, pick, resolve_head
 from boundguard.model_facts import LossInfo, ModelFacts, classify_loss
 from boundguard.monitor import Monitor
 from boundguard.rules import TAIL_THRESHOLD
@@ -95,6 +95,9 @@ class BoundGuard(SessionViews, keras.callbacks.Callback):
         self._last_batch = -1
         self._epoch_stats = EpochStats()
         self._log_keys: set[str] = set()
+        self._block = ROW_CAP  # device rows of an interval before a spill (set per fit)
+        self._spilled = 0  # steps of this interval already moved to the host
+        self._trip_armed = True
 
     # -------------------------------------------------------------- read-only views
     @property
@@ -155,8 +158,25 @@ class BoundGuard(SessionViews, keras.callbacks.Callback):
         if isinstance(steps, int) and steps > 0:
             batch = min(batch, steps - 1)  # Keras reports a full last execution with steps_per_execution > 1
         done, self._last_batch = batch - self._last_batch, batch
-        if self._session.count_steps(done, self._epoch):
+        s = self._session
+        if s.count_steps(done, self._epoch) or self._tripped(logs):
             self._check()
+            return
+        buffered = s.step - s.interval_start + 1 - self._spilled
+        if buffered >= self._block:  # the next execution could overrun the device rows
+            self._buf.spill(buffered)
+            self._spilled += buffered
+
+    def _tripped(self, logs: Optional[dict]) -> bool:
+        """The NaN tripwire: Keras hands every batch-end hook the epoch's running loss as a host number
+        (it converts the logs itself for any callback with a batch-end hook), and once a step's loss is
+        NaN/Inf that mean is too, so a non-finite loss is checked at the step it appears, not at the next
+        interval. Once per run of non-finite steps: a check that finds none re-arms it."""
+        loss = (logs or {}).get("loss")
+        if not self._trip_armed or not isinstance(loss, (int, float)) or math.isfinite(loss):
+            return False
+        self._trip_armed = False
+        return True
 
     @guarded
     def on_epoch_end(self, epoch: int, logs: Optional[dict] = None) -> None:
@@ -221,7 +241,9 @@ class BoundGuard(SessionViews, keras.callbacks.Callback):
 
     def _setup_buffer(self, model: Any) -> None:
         spe = getattr(model, "steps_per_execution", 1)
-        rows = self._session.config.check_every_n_steps + (spe if isinstance(spe, int) and spe > 0 else 1)
+        self._block = min(self._session.config.check_every_n_steps, ROW_CAP)
+        self._spilled = 0
+        rows = self._block + (spe if isinstance(spe, int) and spe > 0 else 1)
         if self._buffer is not None and self._buffer.rows == rows:
             self._buffer.reset()
         else:
@@ -300,14 +322,19 @@ class BoundGuard(SessionViews, keras.callbacks.Callback):
     # -------------------------------------------------------------- checks
     def _check(self) -> None:
         s = self._session
-        r = self._buf.read(s.step - s.interval_start + 1)
+        r = self._buf.read(s.step - s.interval_start + 1 - self._spilled)
+        self._spilled = 0
         if not self._facts_ready:
             self._finalize_facts()
             for key, message, fix in notes(self._trace, self._owner, self._act[0], r.counts):
                 s.note(key, message, fix)
         if r.target is not None:
             s.observe_targets(r.target[0], r.target[1], onehot=r.target[2])
-        s.check(r.rows, r.counts, r.loss_seen)
+        try:
+            s.check(r.rows, r.counts, r.loss_seen, r.losses)
+        finally:
+            if s.last_snapshot is not None and not s.last_snapshot.has_nonfinite():
+                self._trip_armed = True
         self._sync_plan()
         if s.last_snapshot is not None:
             self._epoch_stats.add(s.last_snapshot)
@@ -324,7 +351,9 @@ class BoundGuard(SessionViews, keras.callbacks.Callback):
                 if layer is not self._owner:
                     unwatch_activation(layer, w)
             self._wrapped = keep
-        self._session.set_facts(model_facts(head, self._trace, self._owner, self._act, self._loss, self._loss_name))
+        facts = model_facts(head, self._trace, self._owner, self._act, self._loss, self._loss_name)
+        facts.input_scaled_by = input_scaler(self.model)
+        self._session.set_facts(facts)
         self._facts_ready = True
 
     def _sync_plan(self) -> None:

@@ -127,6 +127,30 @@ def model_facts(head: Head, trace: Trace, owner: Any, act: tuple[str, dict], los
     )
 
 
+#: Layers that, first in a model, scale the inputs before any weighted layer sees them.
+_SCALERS = ("Normalization", "Rescaling", "BatchNormalization", "LayerNormalization", "GroupNormalization",
+            "UnitNormalization")
+
+
+def input_scaler(model: Any) -> Optional[str]:
+    """The name of the layer that scales the model's inputs (an adapted ``Normalization``, ``Rescaling``,
+    a normalisation layer) when one comes first, before any layer with weights; else None."""
+    layers = list(getattr(model, "layers", []) or [])
+    while layers and type(layers[0]).__name__ in ("Sequential", "Functional") and len(layers) == 1:
+        layers = list(layers[0].layers)
+    for layer in layers:
+        kind = type(layer).__name__
+        if kind == "InputLayer":
+            continue
+        if kind in _SCALERS:
+            return str(layer.name)
+        if kind in ("Sequential", "Functional"):  # a sub-model first: look inside it
+            return input_scaler(layer)
+        if getattr(layer, "weights", None) or getattr(layer, "trainable_weights", None):
+            return None  # a weighted layer sees the raw inputs
+    return None
+
+
 def notes(trace: Trace, owner: Any, activation: str, counts: dict[str, int]) -> list[tuple[str, str, str]]:
     """``(key, message, fix)`` for each thing the first check could not see."""
     if not trace.loss_called:

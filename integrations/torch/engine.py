@@ -209,21 +209,36 @@ class TorchEngine:
             self._finish_probe(None)
         self.armed = False
         due = self.session.count_steps(epoch=epoch)
-        if self.reducer is None:
+        red = self.reducer
+        if red is None:
             return []
-        if due:
+        red.next_row()
+        if due or self._tripped():
             return self._check()
-        self.reducer.next_row()
         return []
+
+    def _tripped(self) -> bool:
+        """The NaN tripwire: this step (or on a GPU the one before, once its mirror has landed) showed a
+        NaN/Inf, so check now rather than at the next interval. Once per run of non-finite steps: a check
+        that finds none re-arms it. Off under DDP, where the ranks' checks must stay matched."""
+        red = self.reducer
+        if red is None or not red.tripped or self.distributed:
+            return False
+        red.trip_armed = False
+        return True
 
     def _check(self) -> list[Decision]:
         red = self.reducer
         assert red is not None
-        red.next_row()
         if self.distributed:
             red.all_reduce()
-        rows, counts, seen = red.read()
-        decisions = self.session.check(rows, counts, seen)  # raises for on_violation="raise"
+        rows, counts, seen, losses = red.read()
+        try:
+            decisions = self.session.check(rows, counts, seen, losses)  # raises for on_violation="raise"
+        finally:
+            snap = self.session.last_snapshot
+            if snap is not None and not red.trip_armed and not snap.has_nonfinite():
+                red.trip_armed = True
         if len(self.session.records) != self._hooked_bounds:
             self._install_hooks()  # a bound was inserted: watch the bounded output
         self._sync_plan()
@@ -248,9 +263,9 @@ class TorchEngine:
         self.session.count_steps()
         red = self.reducer
         red.next_row()
-        rows, counts, seen = red.read()
+        rows, counts, seen, losses = red.read()
         snap = Snapshot.from_rows(rows, counts, step=self.step, first_step=self.session.interval_start,
-                                  epoch=self.session.epoch, loss_seen=seen)
+                                  epoch=self.session.epoch, loss_seen=seen, losses=losses)
         self.session.interval_start = self.step + 1
         decisions = self.monitor.judge(snap)
         for d in decisions:  # recorded and warned about; nothing else is done while the run unwinds

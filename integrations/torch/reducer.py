@@ -6,6 +6,7 @@ neutral values and the cross-process reduce ops are the declared ones.
 """
 from __future__ import annotations
 
+import bisect
 import math
 from typing import Any, Optional
 
@@ -14,7 +15,7 @@ import torch
 from torch import Tensor
 
 from boundguard.session import CountingPlan
-from boundguard.stats import COLUMNS, KINDS, LOSS_COLUMN, neutral_row, row_stats
+from boundguard.stats import COLUMNS, KINDS, neutral_row, row_stats
 
 __all__ = ["Reducer"]
 
@@ -22,14 +23,23 @@ __all__ = ["Reducer"]
 class Reducer:
     """Per-step statistics reduced on the device into one preallocated buffer.
 
-    Layout (one device allocation, typed views into its bytes): ``rows`` (fp32) — one row per step
-    with each watched tensor's min / max / sum of squares (and the row-sum error of a distribution)
-    and the loss, written in place with ``out=``; ``bins`` (int64) — per watched tensor, counts of
-    values between a few edges (the bounds, clamp points, 0 and 1 for targets, ±inf), accumulated
-    over the interval with ``bucketize`` + ``index_add_``. Four small kernels per tensor per step and
-    no host synchronisation: only shapes (host metadata) are read between checks. :meth:`read` moves
-    the whole buffer to the host in one transfer and turns it into the core's rows
+    Layout (one device allocation, typed views into its bytes): ``rows`` (fp32) — a block of at most
+    :attr:`ROW_CAP` rows, one per step, with each watched tensor's min / max / sum of squares (and the
+    row-sum error of a distribution), written in place with ``out=``, plus one ``carry`` row that a
+    full block is folded into on the device (so the buffer's size and the per-step cost do not grow
+    with ``check_every_n_steps``); ``losses`` (fp32) — the loss of every step of the interval (4 bytes
+    a step); ``bins`` (int64) — per watched tensor, counts of values between a few edges (the bounds,
+    clamp points, 0 and 1 for targets, ±inf), accumulated over the interval. A few small kernels per
+    tensor per step and no host synchronisation: only shapes (host metadata) are read between checks.
+    :meth:`read` moves the whole buffer to the host in one transfer and turns it into the core's rows
     (:data:`boundguard.stats.COLUMNS`).
+
+    Large tensors (:attr:`FAST_COUNT_MIN` elements and more) are binned lazily: the step's min and max
+    are mirrored to host memory without blocking (:meth:`next_row`; on a GPU a non-blocking copy into
+    pinned memory, read once its event has completed), and when they fall between the same two edges
+    every element is in that bin, so the count is one scalar add instead of a pass over the tensor;
+    only a tensor that straddles an edge (a value out of bounds, a NaN, a clamp point reached) is binned
+    element by element. The same mirror is the NaN tripwire (:attr:`tripped`).
     """
 
     #: Per kind, the declared ``row`` statistics (:func:`boundguard.stats.row_stats`), in column order.
@@ -41,41 +51,71 @@ class Reducer:
     #: per step) and reduced in one batch at the check; larger tensors are reduced every step.
     STAGE_ELEMENTS = 1 << 18
     STAGE_ROW_CAP = 4096
-    #: Tensors this large count finite values without bucketize when no bound or threshold applies.
-    FAST_COUNT_MIN = 1 << 14
+    #: Tensors this large are binned lazily (see above); smaller ones are staged or binned at once.
+    FAST_COUNT_MIN = 1 << 12
+    #: A large tensor whose bins wait for its mirrored min/max is held at most this large (elements);
+    #: a larger one is binned at once. (On the CPU nothing is held: the mirror is plain memory.)
+    HOLD_MAX = 1 << 24
+    #: Rows of one block; a longer interval folds full blocks into the carry row on the device.
+    ROW_CAP = 256
 
     def __init__(self, rows: int, device: torch.device, stage_elements: Optional[int] = None) -> None:
         self.device = device
-        self.n_rows = rows
+        self.n_steps = max(1, int(rows))  # the longest interval: one loss cell per step
+        block = min(self.n_steps, self.ROW_CAP)
+        self.n_rows = block
         offs, o = {}, 0
         for kind, fs in self.ROW.items():
             offs[kind] = o
             o += len(fs)
-        self.loss_col = o
-        self.width = o + 1
-        row_bytes = -(-rows * self.width * 4 // 8) * 8  # int64 bins start 8-byte aligned
+        self.width = o
+        row_bytes = (block + 1) * self.width * 4
+        loss_bytes = -(-(row_bytes + (self.n_steps + 1) * 4) // 8) * 8 - row_bytes  # bins 8-byte aligned
         nbins = self.MAX_BINS * len(self.ROW)
-        self.raw = torch.zeros(row_bytes + nbins * 8, dtype=torch.uint8, device=device)
-        self.rows = self.raw[: rows * self.width * 4].view(torch.float32).view(rows, self.width)
-        bins = self.raw[row_bytes:].view(torch.int64)
-        self._row_bytes = row_bytes
+        self.raw = torch.zeros(row_bytes + loss_bytes + nbins * 8, dtype=torch.uint8, device=device)
+        self.block = self.raw[:row_bytes].view(torch.float32).view(block + 1, self.width)
+        self.rows = self.block[:block]
+        self.carry = self.block[block]
+        self.losses = self.raw[row_bytes: row_bytes + (self.n_steps + 1) * 4].view(torch.float32)
+        self._bins_at = row_bytes + loss_bytes
+        bins = self.raw[self._bins_at:].view(torch.int64)
         self.bins = {k: bins[i * self.MAX_BINS: (i + 1) * self.MAX_BINS] for i, k in enumerate(self.ROW)}
-        self.bin_cells = {k: (b[2], b[3]) for k, b in self.bins.items()}  # [-MAX, inf) and +inf/NaN
-        neutral = [s.neutral for k in KINDS for s in row_stats(k)] + [row_stats("loss")[0].neutral]
-        self.neutral_row = torch.tensor(neutral, dtype=torch.float32, device=device)
+        self.bin_cells = {k: [b[i] for i in range(self.MAX_BINS)] for k, b in self.bins.items()}
+        self.neutral_row = torch.tensor([s.neutral for k in KINDS for s in row_stats(k)], dtype=torch.float32,
+                                        device=device)
+        self._ops_cols = {op: torch.tensor([offs[k] + j for k, fs in self.ROW.items()
+                                            for j, f in enumerate(fs) if self.OPS[k][f] == op],
+                                           dtype=torch.long, device=device) for op in ("min", "max", "sum")}
         # per row and kind, the 0-d views the kernels write into with out=
         self.cells = [{k: [self.rows[i, offs[k] + j] for j in range(len(fs))] for k, fs in self.ROW.items()}
-                      for i in range(rows)]
-        self.loss_cells = [self.rows[i, self.loss_col] for i in range(rows)]
+                      for i in range(block)]
         self.offs = offs
         self.one = torch.ones((), dtype=torch.int64, device=device)
         self._ones: dict[int, Tensor] = {}
         self.edges: dict[str, torch.Tensor] = {}
         self.edge_values: dict[str, list[float]] = {}
-        self.row = 0
+        self.row = 0  # the row of the block this step writes
+        self.i = 0  # the step of the interval this step is (its loss cell)
+        self.folded = False  # the carry row holds folded blocks
         self.counts = {k: 0 for k in self.ROW}
-        self.loss_seen = [False] * rows
+        self.loss_seen = [False] * (self.n_steps + 1)
         self._written: set[str] = set()
+        # the host mirror of the latest rows (lazy bins, the tripwire); on a GPU pinned memory + events
+        self._cuda = device.type == "cuda"
+        self._mirror = torch.empty((2, self.width + 1), dtype=torch.float32, pin_memory=self._cuda)
+        self._mirror_np = self._mirror.numpy()
+        self._mirror_src = torch.empty(self.width + 1, dtype=torch.float32, device=device) if self._cuda else None
+        self._mirror_seen = [False, False]
+        self._events: list[Any] = [None, None]
+        self._slot = 0
+        self._rows_np = self.rows.numpy() if not self._cuda else self._mirror_np
+        self._losses_np = self.losses.numpy() if not self._cuda else self._mirror_np[0]  # (GPU: unused)
+        self._min_idx = np.array([offs[k] for k in self.ROW])
+        self._max_idx = self._min_idx + 1
+        self._held: list[tuple[int, str, str, Tensor, int]] = []  # (slot, kind, bins kind, tensor, n)
+        #: a mirrored step showed a NaN/Inf (the loss, a large tensor): the adapter checks at once
+        self.tripped = False
+        self.trip_armed = True
         # what pred/pre statistics count; set before configure()
         self.lo: Optional[float] = None
         self.hi: Optional[float] = None
@@ -85,11 +125,11 @@ class Reducer:
         self.tail: Optional[float] = None
         self.shared = False  # pred is the pre-activation tensor itself (identity head)
         budget = self.STAGE_ELEMENTS if stage_elements is None else stage_elements
-        self.cap = min(self.STAGE_ROW_CAP, budget // rows)
-        self.stage = {k: torch.empty((rows, self.cap), dtype=torch.float32, device=device) for k in self.ROW} \
+        self.cap = min(self.STAGE_ROW_CAP, budget // block)
+        self.stage = {k: torch.empty((block, self.cap), dtype=torch.float32, device=device) for k in self.ROW} \
             if self.cap > 0 else {}
-        self.stage_rows = {k: [b[i] for i in range(rows)] for k, b in self.stage.items()}
-        self.staged = {k: [0] * rows for k in self.stage}  # elements staged per row (host ints)
+        self.stage_rows = {k: [b[i] for i in range(block)] for k, b in self.stage.items()}
+        self.staged = {k: [0] * block for k in self.stage}  # elements staged per row (host ints)
         self.configure()
         self._reset()
 
@@ -118,16 +158,24 @@ class Reducer:
 
     def discard(self) -> None:
         """Forget the rows of the current interval (no transfer): the next row is row 0."""
-        self.flush()
+        self._held.clear()
+        for lens in self.staged.values():
+            for i in range(len(lens)):
+                lens[i] = 0
         self._reset()
-        self.row = 0
-        self._written = set()
-        self.counts = {k: 0 for k in self.counts}
-        self.loss_seen = [False] * self.n_rows
 
     def _reset(self) -> None:
-        self.rows.copy_(self.neutral_row.expand(self.n_rows, -1))
-        self.raw[self._row_bytes:].zero_()
+        self.block.copy_(self.neutral_row.expand(self.n_rows + 1, -1))
+        self.losses.fill_(math.nan)
+        self.raw[self._bins_at:].zero_()
+        self.row = 0
+        self.i = 0
+        self.folded = False
+        self._written = set()
+        self.counts = {k: 0 for k in self.counts}
+        self.loss_seen = [False] * (self.n_steps + 1)
+        self.tripped = False
+        self._events = [None, None]
 
     def _flat(self, t: Tensor) -> Tensor:
         t = t.detach()
@@ -168,8 +216,10 @@ class Reducer:
         return True
 
     def flush(self) -> None:
-        """Reduce the staged values of the interval into the rows and bins (a few kernels per run of
-        equal-sized steps); called at the check, before the buffer is merged across processes or read."""
+        """Reduce what is still pending into the rows and bins: the staged values of the block (a few
+        kernels per run of equal-sized steps) and the large tensors whose lazy bins are undecided. Called
+        at a fold and at the check, before the buffer is merged across processes or read."""
+        self._resolve(wait=True)
         used = max(self.row, 1)
         for kind, lens in self.staged.items():
             if not any(lens[:used]):
@@ -196,19 +246,9 @@ class Reducer:
         if "sumsq" in self.ROW[kind]:
             j = off + self.ROW[kind].index("sumsq")
             cols[:, j].add_((block * block).sum(1))
-        idx = torch.bucketize(block.contiguous(), self.edges[bins_kind], right=True).reshape(-1)
-        self.bins[bins_kind].index_add_(0, idx, self.one.expand(idx.shape[0]))
+        self._bucketize(bins_kind, block.contiguous().reshape(-1))
 
-    def _bin(self, kind: str, f: Tensor) -> None:
-        n = f.shape[0]
-        if n >= self.FAST_COUNT_MIN and len(self.edge_values[kind]) == 3:
-            # no interior edges: only finite vs not counts. (f - f) is 0 where f is finite and NaN
-            # elsewhere: two light passes instead of a binary search and a scatter over every element.
-            finite_bin, other_bin = self.bin_cells[kind]
-            bad = torch.count_nonzero(f - f)
-            other_bin.add_(bad)
-            finite_bin.add_(n).sub_(bad)
-            return
+    def _bucketize(self, kind: str, f: Tensor) -> None:
         idx = torch.bucketize(f, self.edges[kind], right=True)
         n = idx.shape[0]
         ones = self._ones.get(n)
@@ -217,6 +257,77 @@ class Reducer:
                 self._ones.clear()
             ones = self._ones[n] = self.one.expand(n)  # batch sizes repeat: one view per size
         self.bins[kind].index_add_(0, idx, ones)
+
+    def _bin(self, kind: str, bins_kind: str, f: Tensor) -> None:
+        """Count ``f`` (whose min/max this step's row of ``kind`` already holds) into ``bins_kind``: small
+        tensors at once, large ones lazily (:meth:`_resolve`)."""
+        n = f.shape[0]
+        if n < self.FAST_COUNT_MIN or (self._cuda and n > self.HOLD_MAX):
+            self._bucketize(bins_kind, f)
+            return
+        self._held.append((self._slot, kind, bins_kind, f, n))
+
+    def _resolve(self, wait: bool = False) -> None:
+        """Decide the lazy bins whose step's min/max are on the host: one scalar add when the whole
+        tensor lies between two edges, else bucketize it. On a GPU the step's mirror may not have landed
+        yet: a hold of this step waits for the next one; an older one is bucketized (never a host
+        synchronisation between checks), and ``wait`` (at a check, which transfers the buffer anyway)
+        waits for the copy."""
+        if not self._held:
+            return
+        keep = []
+        for slot, kind, bins_kind, f, n in self._held:
+            if self._cuda:
+                ev = self._events[slot]
+                if ev is None:
+                    self._bucketize(bins_kind, f)
+                    continue
+                if wait:
+                    ev.synchronize()
+                elif not ev.query():
+                    if slot == self._slot:
+                        keep.append((slot, kind, bins_kind, f, n))
+                    else:
+                        self._bucketize(bins_kind, f)
+                    continue
+                row = self._mirror_np[slot]
+            else:
+                row = self._rows_np[self.row]
+            off = self.offs[kind]
+            b = _same_bin(self.edge_values[bins_kind], float(row[off]), float(row[off + 1]))
+            if b is not None:
+                self.bin_cells[bins_kind][b].add_(n)
+            else:
+                self._bucketize(bins_kind, f)
+        self._held = keep
+
+    def _copy_mirror(self) -> None:
+        """On a GPU: this step's row (and loss) into pinned host memory, non-blocking, with an event
+        recorded after it (on the CPU the rows are host memory already)."""
+        if not self._cuda:
+            return
+        src = self._mirror_src
+        assert src is not None
+        src[: self.width].copy_(self.rows[self.row])
+        src[self.width].copy_(self.losses[self.i])
+        self._mirror[self._slot].copy_(src, non_blocking=True)
+        ev = self._events[self._slot] = torch.cuda.Event()
+        ev.record()
+        self._mirror_seen[self._slot] = self.loss_seen[self.i]
+
+    def _trip(self, slot: int) -> None:
+        """Look at one mirrored step for a NaN/Inf: the loss, or a min/max reduced that step."""
+        if self._cuda:
+            ev = self._events[slot]
+            if ev is None or not ev.query():
+                return
+            self._events[slot] = None
+            row = self._mirror_np[slot]
+            loss, seen = float(row[self.width]), self._mirror_seen[slot]
+        else:
+            row, loss, seen = self._rows_np[self.row], float(self._losses_np[self.i]), self.loss_seen[self.i]
+        if _nonfinite(row, self._min_idx, self._max_idx, loss, seen):
+            self.tripped = True
 
     def _observe(self, kind: str, t: Tensor, bins_kind: Optional[str] = None) -> None:
         """One step's statistics of a watched tensor: staged when small, else reduced now."""
@@ -235,8 +346,8 @@ class Reducer:
             if kind == "pred" and self.distribution and t.dim() >= 1:
                 dim = self.class_dim if t.dim() > self.class_dim else -1
                 torch.amax((f.view(t.shape).sum(dim) - 1).abs(), out=c[2])
-            self._bin(bins_kind, f)
             self._merge(kind, c, merge)
+            self._bin(kind, bins_kind, f)
         self.counts[kind] += n
         if bins_kind != kind:
             self.counts[bins_kind] += n
@@ -260,12 +371,45 @@ class Reducer:
             if l.numel() == 0:
                 return
             l = l.float().mean()
-        self.loss_cells[self.row].copy_(l.reshape(()))
-        self.loss_seen[self.row] = True
+        self.losses[self.i].copy_(l.reshape(()))
+        self.loss_seen[self.i] = True
 
     def next_row(self) -> None:
+        """End of a step: mirror its row (lazy bins, the tripwire), then move to the next row; a full
+        block is folded into the carry row."""
+        prev = self._slot ^ 1
+        self._copy_mirror()
+        self._resolve()
+        if self.trip_armed:
+            self._trip(self._slot)
+            if self._cuda:
+                self._trip(prev)  # the previous step, once its copy has landed
+        self._slot = prev
         self.row += 1
+        self.i = min(self.i + 1, self.n_steps)
         self._written = set()
+        if self.row == self.n_rows:
+            self._fold()
+
+    def _fold(self) -> None:
+        """Fold the full block into the carry row (min/max/sum by each column's op; a few kernels every
+        :attr:`ROW_CAP` steps) and start the block again."""
+        self.flush()
+        block = self.block
+        for op, cols in self._ops_cols.items():
+            if cols.numel() == 0:
+                continue
+            both = block.index_select(1, cols)
+            if op == "min":
+                v = both.amin(0)
+            elif op == "max":
+                v = both.amax(0)
+            else:
+                v = both.sum(0)
+            block[self.n_rows].index_copy_(0, cols, v)
+        self.rows.copy_(self.neutral_row.expand(self.n_rows, -1))
+        self.folded = True
+        self.row = 0
 
     def all_reduce(self) -> None:
         """Merge every process's buffer in place by each column's declared op (losses averaged: a NaN on
@@ -275,42 +419,45 @@ class Reducer:
 
         self.flush()
         world = dist.get_world_size()
-        kinds: dict[str, list[int]] = {"min": [], "max": [], "sum": []}
-        for kind, fs in self.ROW.items():
-            for j, f in enumerate(fs):
-                kinds[self.OPS[kind][f]].append(self.offs[kind] + j)
-        rows = self.rows
-        for op, cols in (("min", kinds["min"]), ("max", kinds["max"])):
-            t = rows[:, cols].contiguous()
+        block = self.block
+        for op in ("min", "max"):
+            cols = self._ops_cols[op]
+            t = block.index_select(1, cols)
             dist.all_reduce(t, op=dist.ReduceOp.MIN if op == "min" else dist.ReduceOp.MAX)
-            rows[:, cols] = t
-        sums = rows[:, kinds["sum"] + [self.loss_col]].contiguous()
+            block.index_copy_(1, cols, t)
+        cols = self._ops_cols["sum"]
+        sums = block.index_select(1, cols)
         counts = torch.tensor([self.counts[k] for k in self.ROW], dtype=torch.float32, device=self.device)
-        packed = torch.cat([sums.reshape(-1), counts])
+        packed = torch.cat([sums.reshape(-1), self.losses, counts])
         dist.all_reduce(packed, op=dist.ReduceOp.SUM)
-        sums = packed[: sums.numel()].view_as(sums)
-        rows[:, kinds["sum"]] = sums[:, :-1]
-        rows[:, self.loss_col] = sums[:, -1] / world
-        bins = self.raw[self._row_bytes:].view(torch.int64)
+        k = sums.numel()
+        block.index_copy_(1, cols, packed[:k].view_as(sums))
+        self.losses.copy_(packed[k: k + self.losses.numel()] / world)
+        bins = self.raw[self._bins_at:].view(torch.int64)
         dist.all_reduce(bins, op=dist.ReduceOp.SUM)
-        for k, v in zip(self.ROW, packed[sums.numel():].tolist()):
-            self.counts[k] = int(v)
+        for name, v in zip(self.ROW, packed[k + self.losses.numel():].tolist()):
+            self.counts[name] = int(v)
 
-    def read(self) -> tuple[np.ndarray, dict[str, int], list[bool]]:
-        """One device→host transfer; returns the interval as core rows and resets the buffer."""
+    def read(self) -> tuple[np.ndarray, dict[str, int], list[bool], np.ndarray]:
+        """One device→host transfer; returns the interval as core rows (one per step of the last block,
+        plus the folded carry row), the element counts, which steps recorded a loss and the per-step
+        losses; resets the buffer."""
         self.flush()
-        n = max(self.row, 1)
+        n_rows, steps = self.row, max(self.i, 1)
         host = self.raw.to("cpu", copy=True).numpy()
-        self._reset()
-        dev_rows = host[: self.n_rows * self.width * 4].view(np.float32).reshape(self.n_rows, self.width)[:n]
-        bins = host[self._row_bytes:].view(np.int64)
-        counts, seen = dict(self.counts), self.loss_seen[:n]
-        out = np.tile(neutral_row(), (n, 1))
+        block = host[: self._bins_at].view(np.float32)
+        dev = block[: (self.n_rows + 1) * self.width].reshape(self.n_rows + 1, self.width)
+        pick = ([self.n_rows] if self.folded else []) + list(range(n_rows))
+        dev_rows = dev[pick] if pick else dev[[0]]  # no step: one neutral row
+        losses = block[(self.n_rows + 1) * self.width:][:steps].astype(np.float64)
+        bins = host[self._bins_at:].view(np.int64)
+        steps = min(steps, self.n_steps)
+        counts, seen = dict(self.counts), self.loss_seen[:steps]
+        out = np.tile(neutral_row(), (dev_rows.shape[0], 1))
         col = {c: i for i, c in enumerate(COLUMNS)}
         for kind, fs in self.ROW.items():
             for j, f in enumerate(fs):
                 out[:, col[f"{kind}.{f}"]] = dev_rows[:, self.offs[kind] + j]
-        out[:, LOSS_COLUMN] = dev_rows[:, self.loss_col]
         if self.shared:  # identity head: the prediction's min/max are the pre-activation's
             for f in ("min", "max"):
                 out[:, col[f"pred.{f}"]] = out[:, col[f"pre.{f}"]]
@@ -320,11 +467,8 @@ class Reducer:
                 out[0, col[f"{kind}.{name}"]] = v
         if self.shared:
             out[0, col["pre.finite"]] = out[0, col["pred.finite"]]
-        self.row = 0
-        self._written = set()
-        self.counts = {k: 0 for k in self.counts}
-        self.loss_seen = [False] * self.n_rows
-        return out, counts, seen
+        self._reset()
+        return out, counts, seen, losses
 
     def _points(self, kind: str) -> dict[str, Any]:
         if kind == "pred":
@@ -342,6 +486,24 @@ _NEUTRAL = {"min": math.inf, "max": -math.inf, "sum": 0.0}
 
 def _next32(x: float) -> float:
     return float(np.nextafter(np.float32(x), np.float32(np.inf)))
+
+
+def _nonfinite(row: np.ndarray, mins: np.ndarray, maxs: np.ndarray, loss: float, loss_seen: bool) -> bool:
+    """A NaN/Inf in a mirrored row: a NaN min/max, a min of -inf or a max of +inf (a kind not written
+    this step holds +inf/-inf, the other way round), or a recorded loss that is not finite."""
+    lo, hi = row[mins], row[maxs]
+    if np.isnan(lo).any() or np.isnan(hi).any() or (lo == -np.inf).any() or (hi == np.inf).any():
+        return True
+    return loss_seen and not math.isfinite(loss)
+
+
+def _same_bin(edges: list[float], lo: float, hi: float) -> Optional[int]:
+    """The bucketize bin (``right=True``) that holds every value in ``[lo, hi]``, or None when the
+    range straddles an edge or is NaN (then the values must be counted one by one)."""
+    if not (lo <= hi):  # NaN, or nothing written (+inf, -inf)
+        return None
+    a, b = bisect.bisect_right(edges, lo), bisect.bisect_right(edges, hi)
+    return a if a == b else None
 
 
 def _bin_counts(edges: list[float], bins: np.ndarray, points: dict[str, Any]) -> dict[str, float]:

@@ -33,7 +33,7 @@ def test_per_code_action_override(tmp_path):
     g = BoundGuard(bounds=(0, 1), on_violation="log", actions={"nonfinite_loss": "halt"}, check_every_n_steps=10,
                    alerts_path=tmp_path / "a.jsonl")
     t = fit(Tiny(script=script), x, y, g, max_steps=100)
-    assert t.global_step == 30
+    assert t.global_step == 24  # the NaN loss of step 24 trips a check there (the NaN tripwire)
     assert any(a.code == "nonfinite_loss" and a.action == "halt" for a in g.alerts)
     assert any(a.code == "missing_output_activation" and a.action == "log" for a in g.alerts)
 

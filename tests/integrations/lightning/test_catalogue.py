@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from boundguard import BoundGuardError
 from boundguard.catalogue import CATALOGUE
 from boundguard.integrations.lightning import BoundGuard
 
@@ -78,7 +79,7 @@ def test_code_fires(tmp_path, code):
         fired = {a.code for a in g.alerts}
         assert code in fired, fired
         a = next(a for a in g.alerts if a.code == code)
-        assert a.severity == "critical" and a.step == 10  # batch 4 (steps 2-10 interval) holds row 100
+        assert a.severity == "critical" and a.step == 4  # batch 4 holds row 100: the NaN tripwire checks there
         return
     factory, kind, opts = FIRING[code]
     opts = dict(opts)
@@ -160,15 +161,32 @@ def test_functional_activation_and_loss_are_found(tmp_path):
     assert "activation_loss_mismatch" in severe(g.alerts)
 
 
-def test_statistics_accumulate_between_checks(tmp_path):
-    """A NaN loss in one batch between checks is seen at the next check, though later batches are clean."""
+def test_nan_loss_between_checks_trips_at_its_step(tmp_path):
+    """A NaN loss in one batch between checks (step 5 of a 20-step interval): the NaN tripwire judges it at
+    step 5, not at the next check."""
     torch.manual_seed(0)
     x, y = data(kind="binary")
     g = guard(tmp_path, check_every_n_steps=20)
     fit(Tiny(head=nn.Sigmoid(), script=lambda s, l: l * (math.nan if s == 4 else 1.0)),
         x, y, g, max_steps=20)
     a = next(a for a in g.alerts if a.code == "nonfinite_loss")
-    assert a.step == 20 and a.details["first_step"] == 5
+    assert a.step == 5 and a.details["first_step"] == 5
+
+
+@pytest.mark.parametrize("action", ["halt", "raise"])
+def test_nan_tripwire_acts_within_one_step(tmp_path, action):
+    """A NaN loss from step 8 on with checks every 50 steps: reported and acted on at step 8."""
+    torch.manual_seed(0)
+    x, y = data(kind="binary")
+    g = guard(tmp_path, check_every_n_steps=50, on_violation=action)
+    model = Tiny(head=nn.Sigmoid(), script=lambda s, l: l * (math.nan if s >= 7 else 1.0))
+    if action == "raise":
+        with pytest.raises(BoundGuardError):
+            fit(model, x, y, g, max_steps=40)
+    else:
+        assert fit(model, x, y, g, max_steps=40).global_step == 8
+    a = next(a for a in g.alerts if a.code == "nonfinite_loss")
+    assert a.step == 8
 
 
 def test_crash_mid_step_is_explained(tmp_path):

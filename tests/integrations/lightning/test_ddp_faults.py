@@ -42,6 +42,8 @@ SCRIPT = textwrap.dedent('''
             if case == "internal" and self.global_rank == 1 and self.global_step == 3:
                 guard._engine.reducer = None  # an internal failure on rank 1 only (next statistics write)
                 guard._engine.record_loss = None
+            if case == "raise" and self.global_rank == 1 and self.global_step == 3:
+                raise RuntimeError("user error on rank 1")
             return nn.functional.mse_loss(self(x), y)
         def configure_optimizers(self):
             return torch.optim.SGD(self.parameters(), lr=0.01)
@@ -83,3 +85,21 @@ def test_auto_bounds_are_inferred_from_every_ranks_targets(tmp_path):
     assert ranks[0]["bounds"] == ranks[1]["bounds"] is None, ranks
     assert ranks[0]["codes"] == ranks[1]["codes"], ranks
     assert "nonfinite_output" not in ranks[0]["codes"]
+
+
+def test_training_step_raising_on_one_rank_ends_both_with_python_errors(tmp_path):
+    """The user's ``training_step`` raises on rank 1 only: the partial check of ``on_exception`` runs no
+    collective, so rank 1 reports the user's error and rank 0 a gloo connection error (a Python exception,
+    not a SIGABRT from mismatched collectives), well within the deadline; the alerts file stays readable."""
+    script = tmp_path / "ddp_faults.py"
+    script.write_text(SCRIPT)
+    try:
+        proc = subprocess.run([sys.executable, str(script), str(tmp_path), "raise"], capture_output=True, text=True,
+                              timeout=180, cwd=tmp_path)
+    except subprocess.TimeoutExpired:
+        pytest.fail("DDP run 'raise' hung (no exit within 180 s)")
+    assert proc.returncode > 0, (proc.returncode, proc.stderr[-2000:])  # an exit status, not a signal
+    assert "RuntimeError: user error on rank 1" in proc.stderr
+    assert "mismatch" not in proc.stderr.lower() and "SIGABRT" not in proc.stderr
+    lines = (tmp_path / "alerts.jsonl").read_text().splitlines()
+    assert lines and all(json.loads(x)["schema"] for x in lines)

@@ -9,15 +9,19 @@ import torch
 from conftest import Tiny, data, fit
 
 
-def test_nan_inputs_in_the_last_batches_are_seen_at_the_end_of_training(tmp_path):
-    """Batches 61-64 of 64 hold NaN inputs; checks are at steps 1 and 50: the final check sees them."""
-    x, y = data(n=64 * 32, kind="binary")
-    x[60 * 32:, 0] = np.nan
-    g = BoundGuard(bounds=(0, 1), on_violation="log", alerts_path=tmp_path / "alerts.jsonl")
-    model = Tiny(head=torch.nn.Sigmoid())
-    fit(model, x, y, g, max_steps=64)
-    (alert,) = [a for a in g.alerts if a.code == "nonfinite_input"]
-    assert alert.step == 64 and alert.severity == "critical"
+def test_the_last_batches_are_judged_at_the_end_of_training(tmp_path):
+    """Batches 61-64 of 64 hold targets outside the bounds; checks are at steps 1 and 50: the final check
+    sees them. (NaN inputs there trip a check at step 61 itself: the NaN tripwire.)"""
+    for fault, code, step in (("targets", "target_out_of_range", 64), ("nan", "nonfinite_input", 61)):
+        x, y = data(n=64 * 32, kind="binary")
+        if fault == "nan":
+            x[60 * 32:, 0] = np.nan
+        else:
+            y[60 * 32:] = 3.0
+        g = BoundGuard(bounds=(0, 1), on_violation="log", alerts_path=tmp_path / fault / "alerts.jsonl")
+        fit(Tiny(head=torch.nn.Sigmoid()), x, y, g, max_steps=64)
+        (alert,) = [a for a in g.alerts if a.code == code]
+        assert alert.step == step, fault
 
 
 def test_options_reach_the_config_by_name(tmp_path):

@@ -84,8 +84,8 @@ def run_interval(red: Reducer, steps: list[dict], dtype: torch.dtype, first_step
         if s["loss"] is not None:
             red.loss(torch.as_tensor(s["loss"]).to(dtype))
         red.next_row()
-    rows, counts, seen = red.read()
-    return Snapshot.from_rows(rows, counts, step=first_step + len(steps) - 1, first_step=first_step, loss_seen=seen)
+    rows, counts, seen, losses = red.read()
+    return Snapshot.from_rows(rows, counts, step=first_step + len(steps) - 1, first_step=first_step, loss_seen=seen, losses=losses)
 
 
 def assert_matches(snap: Snapshot, ref: dict) -> None:
@@ -101,13 +101,18 @@ def assert_matches(snap: Snapshot, ref: dict) -> None:
     np.testing.assert_allclose(snap.losses, ref["losses"], rtol=1e-6, equal_nan=True)
 
 
-@pytest.fixture(autouse=True, params=["staged", "per-step"])
+@pytest.fixture(autouse=True, params=["staged", "per-step", "folded"])
 def reduction_path(request, monkeypatch):
-    """Every test runs twice: small tensors staged and reduced at the check, and reduced every step
-    (with the large-tensor finite count)."""
+    """Every test runs three times: small tensors staged and reduced at the check; reduced every step
+    with the large-tensor (lazy) bins; and with blocks of 2 rows folded into the carry row on the
+    device, staged and lazily binned tensors mixed."""
     if request.param == "per-step":
         monkeypatch.setattr(Reducer, "STAGE_ELEMENTS", 0)
         monkeypatch.setattr(Reducer, "FAST_COUNT_MIN", 0)  # the large-tensor counting path too
+    if request.param == "folded":
+        monkeypatch.setattr(Reducer, "ROW_CAP", 2)
+        monkeypatch.setattr(Reducer, "STAGE_ELEMENTS", 8)  # tensors up to 4 elements staged
+        monkeypatch.setattr(Reducer, "FAST_COUNT_MIN", 0)
     return request.param
 
 
@@ -176,8 +181,8 @@ def test_integer_and_bool_targets(dtype):
     red = make_reducer()
     red.target(y)
     red.next_row()
-    rows, counts, seen = red.read()
-    snap = Snapshot.from_rows(rows, counts, step=1, first_step=1, loss_seen=seen)
+    rows, counts, seen, losses = red.read()
+    snap = Snapshot.from_rows(rows, counts, step=1, first_step=1, loss_seen=seen, losses=losses)
     ref = y.float().numpy()
     assert snap.counts["target"] == y.numel()
     assert (snap.values["target.min"], snap.values["target.max"]) == (ref.min(), ref.max())
@@ -193,8 +198,8 @@ def test_low_precision_extremes(dtype):
     red.pred(big)
     red.pred(big * 2)  # overflows to +-inf in fp16, stays finite in bf16; and exercises the merge path
     red.next_row()
-    rows, counts, seen = red.read()
-    snap = Snapshot.from_rows(rows, counts, step=1, first_step=1, loss_seen=seen)
+    rows, counts, seen, losses = red.read()
+    snap = Snapshot.from_rows(rows, counts, step=1, first_step=1, loss_seen=seen, losses=losses)
     ref = torch.cat([big, big * 2]).float().numpy()
     assert snap.values["pred.max"] == ref.max() and snap.values["pred.min"] == ref.min()
     assert snap.values["pred.finite"] == np.isfinite(ref).sum()
@@ -213,8 +218,8 @@ def test_distribution_rowsum_error_along_the_class_dim():
     red.pred(bad)
     red.pred(p)  # merge path: the row keeps the worse of the two
     red.next_row()
-    rows, counts, seen = red.read()
-    snap = Snapshot.from_rows(rows, counts, step=2, first_step=1, loss_seen=seen)
+    rows, counts, seen, losses = red.read()
+    snap = Snapshot.from_rows(rows, counts, step=2, first_step=1, loss_seen=seen, losses=losses)
     want = float(np.max(np.abs(bad.numpy().sum(1) - 1)))
     assert snap.values["pred.rowsum_err"] == pytest.approx(want, rel=1e-5)
     assert snap.values["pred.rowsum_err"] > 0.2
@@ -226,8 +231,8 @@ def test_merge_path_does_not_invent_a_rowsum_error():
     red.pred(torch.tensor([0.2, 0.4]))
     red.pred(torch.tensor([0.6, 0.8]))
     red.next_row()
-    rows, counts, seen = red.read()
-    snap = Snapshot.from_rows(rows, counts, step=1, first_step=1, loss_seen=seen)
+    rows, counts, seen, losses = red.read()
+    snap = Snapshot.from_rows(rows, counts, step=1, first_step=1, loss_seen=seen, losses=losses)
     assert snap.values["pred.rowsum_err"] == -INF
     assert (snap.values["pred.min"], snap.values["pred.max"]) == (_f32(0.2), _f32(0.8))
 
@@ -239,8 +244,8 @@ def test_shared_identity_head():
     red.shared = True
     red.pre(z, also_pred=True)
     red.next_row()
-    rows, counts, seen = red.read()
-    snap = Snapshot.from_rows(rows, counts, step=1, first_step=1, loss_seen=seen)
+    rows, counts, seen, losses = red.read()
+    snap = Snapshot.from_rows(rows, counts, step=1, first_step=1, loss_seen=seen, losses=losses)
     assert snap.counts["pred"] == snap.counts["pre"] == 4
     for f in ("min", "max", "finite"):
         v_pred, v_pre = snap.values[f"pred.{f}"], snap.values[f"pre.{f}"]
@@ -258,8 +263,8 @@ def test_loss_per_step():
     red.next_row()
     red.loss(torch.tensor(NAN))
     red.next_row()
-    rows, counts, seen = red.read()
-    snap = Snapshot.from_rows(rows, counts, step=14, first_step=11, loss_seen=seen)
+    rows, counts, seen, losses = red.read()
+    snap = Snapshot.from_rows(rows, counts, step=14, first_step=11, loss_seen=seen, losses=losses)
     np.testing.assert_array_equal(snap.losses, [0.5, 2.0, NAN])
     np.testing.assert_array_equal(snap.loss_steps, [11, 13, 14])
 
@@ -273,7 +278,7 @@ def test_bounds_that_fp32_cannot_represent():
     red.pred(p)
     red.pred(torch.clamp(torch.tensor([-3.0, 3.0]), 0.1, 0.9))
     red.next_row()
-    rows, counts, seen = red.read()
-    snap = Snapshot.from_rows(rows, counts, step=1, first_step=1, loss_seen=seen)
+    rows, counts, seen, losses = red.read()
+    snap = Snapshot.from_rows(rows, counts, step=1, first_step=1, loss_seen=seen, losses=losses)
     assert (snap.values["pred.below"], snap.values["pred.above"]) == (1, 1)
     assert snap.values["pred.pinned"] == 4  # f32(0.1) and f32(0.9), once each from p and from the clamp

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from boundguard.integrations.torch import BoundHook, apply_bounds, watch
 from torch import nn
 
-from boundguard import BoundGuardWarning
+from boundguard import BoundGuardError, BoundGuardWarning
 
 
 @pytest.fixture(autouse=True)
@@ -28,18 +28,23 @@ def raw_head() -> nn.Module:
     return m
 
 
-def fit(model, guard, steps, nan_at=()):
+def fit(model, guard, steps, nan_at=(), wide_targets_at=()):
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     g = torch.Generator().manual_seed(1)
     for i in range(1, steps + 1):
         x, y = torch.randn(16, 4, generator=g), torch.rand(16, 1, generator=g)
         if i in nan_at:
             x[0, 0] = float("nan")
+        if i in wide_targets_at:
+            y = y * 3
         loss = F.mse_loss(model(x), y)
         opt.zero_grad()
         loss.backward()
         opt.step()
         guard.step(loss=loss, inputs=x, targets=y)
+        if guard.should_stop:
+            return i
+    return steps
 
 
 def test_unknown_option_names_watch_and_the_valid_options():
@@ -105,16 +110,53 @@ def test_warnings_point_at_the_training_loop(tmp_path):
 
 
 def test_the_end_of_a_run_is_judged(tmp_path):
-    """NaN inputs only in batches 58-60, with checks every 50 steps: seen at close()."""
+    """Targets outside the bounds only in batches 58-60, with checks every 50 steps: seen at close()."""
     model = nn.Sequential(nn.Linear(4, 1), nn.Sigmoid())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         guard = watch(model, bounds=(0, 1), alerts_path=tmp_path / "a.jsonl")
-        fit(model, guard, 60, nan_at=(58, 59, 60))
-        assert not [a for a in guard.alerts if a.code == "nonfinite_input"]
+        fit(model, guard, 60, wide_targets_at=(58, 59, 60))
+        assert not [a for a in guard.alerts if a.code == "target_out_of_range"]
         guard.close()
-    (alert,) = [a for a in guard.alerts if a.code == "nonfinite_input"]
-    assert alert.step == 60 and alert.severity == "critical"
+    (alert,) = [a for a in guard.alerts if a.code == "target_out_of_range"]
+    assert alert.step == 60
+
+
+@pytest.mark.parametrize("action", ["halt", "raise"])
+def test_nan_tripwire_acts_at_the_step_of_the_nan(tmp_path, action):
+    """A NaN at step 8 with checks every 50 steps: reported, and acted on, at step 8 (the loss's row is
+    mirrored to the host at the end of each step; on the CPU that is plain memory)."""
+    model = nn.Sequential(nn.Linear(4, 1), nn.Sigmoid())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        guard = watch(model, bounds=(0, 1), on_violation=action, alerts_path=tmp_path / "a.jsonl")
+        if action == "raise":
+            with pytest.raises(BoundGuardError) as info:
+                fit(model, guard, 40, nan_at=(8,))
+            assert info.value.alert.step == 8
+        else:
+            assert fit(model, guard, 40, nan_at=(8,)) == 8
+    codes = {a.code: a.step for a in guard.alerts}
+    assert codes["nonfinite_input"] == 8 and codes["nonfinite_loss"] == 8
+
+
+def test_nan_tripwire_checks_once_per_run_of_nan_steps(tmp_path):
+    """With on_violation="warn", NaN at steps 8-20 makes one early check (step 8); the NaN seen again is
+    counted at the regular check (step 50), not a check per step."""
+    model = nn.Sequential(nn.Linear(4, 1), nn.Sigmoid())
+    checks = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        guard = watch(model, bounds=(0, 1), check_every_n_steps=50, alerts_path=tmp_path / "a.jsonl")
+        session_check = guard.engine.session.check
+
+        def counting_check(*a, **k):
+            checks.append(guard.engine.session.step)
+            return session_check(*a, **k)
+
+        guard.engine.session.check = counting_check
+        fit(model, guard, 60, nan_at=tuple(range(8, 21)))
+    assert checks == [1, 8, 50]
 
 
 def test_warnings_work_when_the_training_script_runs_as_a_module(tmp_path):

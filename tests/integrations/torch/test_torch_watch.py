@@ -141,20 +141,66 @@ def test_watch_validates_its_arguments(tmp_path):
 
 
 def test_statistics_accumulate_between_checks(tmp_path):
-    """A NaN input at step 3 alone is reported at the next check (step 5), not lost."""
+    """Targets outside the bounds at step 3 alone are reported at the next check (step 5), not lost; a NaN
+    input at step 3 trips the NaN tripwire and is reported at step 3 itself."""
+    for fault, code, at in (("target", "target_out_of_range", 5), ("nan", "nonfinite_input", 3)):
+        model = Head(nn.Sigmoid())
+        guard = watch(model, **opts(tmp_path / fault, check_every_n_steps=5))
+        for step in range(1, 7):
+            x, y = unit_data(8)
+            if step == 3 and fault == "nan":
+                x[0, 0] = math.nan
+            if step == 3 and fault == "target":
+                y[0, 0] = 2.0
+            with torch.no_grad():
+                loss = F.mse_loss(model(x), y)
+            guard.step(loss=loss, inputs=x, targets=y)
+        guard.close()
+        by_code = {a.code: a for a in guard.alerts}
+        assert by_code[code].step == at, (fault, guard.alerts)
+        if fault == "nan":
+            assert by_code["nonfinite_input"].value == 1 and by_code["nonfinite_loss"].details["first_step"] == 3
+
+
+def test_a_long_interval_costs_a_fixed_buffer(tmp_path):
+    """check_every_n_steps=200000: the rows stay one block of ROW_CAP (folded on the device), the only part
+    that grows is one fp32 loss cell per step (0.8 MB), and the first steps cost what they cost at 50."""
+    from boundguard.integrations.torch import Reducer
+
+    model = Head(nn.Sigmoid())
+    guard = watch(model, **opts(tmp_path, check_every_n_steps=200_000))
+    for _ in range(3):
+        x, y = unit_data(8)
+        with torch.no_grad():
+            loss = F.mse_loss(model(x), y)
+        guard.step(loss=loss, inputs=x, targets=y)
+    red = guard.engine.reducer
+    assert red.n_rows == Reducer.ROW_CAP and len(red.cells) == Reducer.ROW_CAP
+    assert red.raw.numel() < 1_000_000  # bytes, all of it
+    guard.close()
+    snap = guard.engine.session.last_snapshot
+    assert snap.steps == 2 and len(snap.losses) == 2
+
+
+def test_nan_tripwire_rearms_after_a_clean_check(tmp_path):
+    """NaN inputs at steps 3 and 7 of a model that does not train (no NaN reaches the weights): each trips a
+    check at its own step, because the clean check at step 5 re-armed the tripwire."""
     model = Head(nn.Sigmoid())
     guard = watch(model, **opts(tmp_path, check_every_n_steps=5))
-    for step in range(1, 7):
+    checks = []
+    check = guard.engine.session.check
+    guard.engine.session.check = lambda *a, **k: checks.append(guard.engine.session.step) or check(*a, **k)
+    for step in range(1, 9):
         x, y = unit_data(8)
-        if step == 3:
+        if step in (3, 7):
             x[0, 0] = math.nan
         with torch.no_grad():
             loss = F.mse_loss(model(x), y)
         guard.step(loss=loss, inputs=x, targets=y)
     guard.close()
-    by_code = {a.code: a for a in guard.alerts}
-    assert by_code["nonfinite_input"].step == 5 and by_code["nonfinite_input"].value == 1
-    assert by_code["nonfinite_loss"].details["first_step"] == 3
+    assert checks == [1, 3, 5, 7, 8]
+    assert [a.step for a in guard.alerts if a.code == "nonfinite_input"] == [3]  # one alert, seen again at 7
+    assert next(a for a in guard.alerts if a.code == "nonfinite_input").last_step == 7
 
 
 # ----------------------------------------------------------------------------------------- actions

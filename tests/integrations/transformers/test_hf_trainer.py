@@ -73,16 +73,16 @@ class NaNLabelsAt:
         return batch
 
 
-def test_halt_stops_training_at_the_check_step(tmp_path):
+def test_halt_stops_training_at_the_nan_step(tmp_path):
     cb = BoundGuardCallback(bounds=None, on_violation="halt", check_every_n_steps=3, alerts_path=tmp_path / "a.jsonl")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", BoundGuardWarning)
         t = run_trainer(tiny_bert(1, "regression"), Tokens("regression"), cb, tmp_path, max_steps=10,
                         collator=NaNLabelsAt(2))
-    # the NaN of step 2 is seen at the check of step 3, where training stops cleanly
-    assert t.state.global_step == 3
-    assert {"nonfinite_input", "nonfinite_loss"} <= {a.code for a in cb.alerts if a.step == 3}, cb.alerts
-    assert not any(a.step < 3 for a in cb.alerts if a.severity == "critical")
+    # the NaN loss of step 2 trips a check there (checks are due at 1, 3, ...), where training stops cleanly
+    assert t.state.global_step == 2
+    assert {"nonfinite_input", "nonfinite_loss"} <= {a.code for a in cb.alerts if a.step == 2}, cb.alerts
+    assert not any(a.step < 2 for a in cb.alerts if a.severity == "critical")
 
 
 def test_raise_propagates_and_leaves_the_model_and_trainer_clean(tmp_path):

@@ -1,0 +1,89 @@
+"""What a corpus program hands back, and how the corpus reads it: the guard's alerts, the per-step
+losses, and the facts boundguard inferred (the ``run`` record of ``stats.jsonl``, written beside the
+alerts file at the first check). Framework-free, shared by the torch and Keras corpus files."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+SEVERE = ("warning", "error", "critical")
+
+
+@dataclass
+class Run:
+    alerts: list
+    losses: list = field(default_factory=list)
+    alerts_path: Optional[Path] = None
+    extra: dict = field(default_factory=dict)  # program-specific evidence that it learnt (or not)
+
+    @property
+    def codes(self) -> set[str]:
+        return {a.code for a in self.alerts}
+
+    @property
+    def severe(self) -> list:
+        return [a for a in self.alerts if a.severity in SEVERE]
+
+    def describe(self) -> str:
+        return "; ".join(f"[{a.severity}] {a.code} @ {a.step} ({a.where}): {a.message}" for a in self.alerts) or "none"
+
+    @property
+    def run_record(self) -> Optional[dict[str, Any]]:
+        """The first ``{"type": "run"}`` record of the stats file beside the alerts file."""
+        if self.alerts_path is None:
+            return None
+        stats = Path(self.alerts_path).with_name("stats.jsonl")
+        if not stats.exists():
+            return None
+        for line in stats.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if rec.get("type") == "run":
+                return rec
+        return None
+
+    def facts(self) -> dict[str, Any]:
+        """Flat view of the inferred facts: pred_where, activation, loss (name), family, ..."""
+        rec = self.run_record
+        if rec is None:
+            return {}
+        f = dict(rec["facts"])
+        loss = f.pop("loss", None) or {}
+        f["loss"] = loss.get("name")
+        f["family"] = loss.get("family")
+        f["watched"] = rec.get("watched")
+        return f
+
+
+def check_facts(run: Run, expected: dict[str, Any]) -> None:
+    facts = run.facts()
+    assert facts, "no run record was written to stats.jsonl"
+    wrong = {k: (facts.get(k), v) for k, v in expected.items() if facts.get(k) != v}
+    assert not wrong, f"inferred facts differ (seen, expected): {wrong}; {facts.get('watched')}"
+
+
+class ProgramBroken(Exception):
+    """The program itself does not do what the corpus says (a healthy one does not learn, a faulty one
+    does not show its fault): not a boundguard defect, and never an expected failure."""
+
+
+def program_is_valid(run: Run, *, healthy: bool) -> None:
+    """Every boolean in ``run.extra`` must hold; a healthy program without its own evidence must bring a
+    positive loss down (see :func:`learnt`)."""
+    for key, ok in run.extra.items():
+        if isinstance(ok, bool) and not ok:
+            raise ProgramBroken(f"{key} does not hold; losses {run.losses[:5]}...{run.losses[-5:]}")
+    if healthy and not {"learnt", "crossed_zero", "near_zero"} & set(run.extra):
+        if not learnt(run.losses):
+            raise ProgramBroken(f"the loss did not come down: {run.losses[:5]}...{run.losses[-5:]}")
+
+
+def learnt(losses: list, *, ratio: float = 0.7, window: int = 5) -> bool:
+    """The mean of the last ``window`` losses is below ``ratio`` times the mean of the first ``window``."""
+    head = sum(losses[:window]) / window
+    tail = sum(losses[-window:]) / window
+    return tail < ratio * head
