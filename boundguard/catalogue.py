@@ -159,6 +159,50 @@ _ENTRIES = [
         "callbacks=[keras.callbacks.ReduceLROnPlateau()]",
     ),
     Entry(
+        "loss_at_baseline", "warning", "Loss no better than a constant prediction",
+        "After 100 steps the loss is still at 80% or more of what predicting a constant scores on the "
+        "run's targets (MSE: the variance of a batch of them; binary cross-entropy: the entropy of the "
+        "positive rate; multi-class cross-entropy: log K), and never went below 60% of it: the model "
+        "predicts the average and learns nothing beyond it.",
+        "Lower the learning rate (a factor 10: a rate too large settles the output at the mean), check "
+        "that inputs and targets line up (shuffled separately?) and that the prediction and target shapes "
+        "match ((B, 1) against (B,) broadcasts MSE to every pair), and scale the inputs.",
+        "A run stuck at the constant baseline trains for nothing while its loss looks finite and calm.",
+        "torch.optim.Adam(model.parameters(), lr=1e-3); loss = F.mse_loss(pred.squeeze(-1), y)",
+        "keras.optimizers.Adam(1e-3)",
+    ),
+    Entry(
+        "nonfinite_gradient", "critical", "NaN/Inf gradients",
+        "The gradients of the output layer were NaN or Inf while the forward pass and the loss were finite "
+        "(with an fp16 GradScaler: at every step of the interval).",
+        "Look for an operation with an infinite derivative at a finite value (sqrt or log at 0, pow with a "
+        "fractional exponent, division by a value that can be 0), add an epsilon there, and clip gradients.",
+        "The optimiser writes NaN into the weights at the next step; from then on every output is NaN.",
+        "torch.sqrt(x + 1e-12); Trainer(gradient_clip_val=1.0)",
+        "keras.optimizers.Adam(1e-3, clipnorm=1.0)",
+    ),
+    Entry(
+        "gradient_exploding", "error", "Head gradients exploding",
+        "The largest gradient norm of the output layer in a check interval is far above (100x by default) "
+        "its own scale at the start of the run.",
+        "Clip gradients (by norm), lower the learning rate, and look for batches with outliers near the "
+        "step it began; a loss spike or divergence usually follows.",
+        "Exploding gradients throw the weights far in one step; the loss rarely recovers.",
+        "Trainer(gradient_clip_val=1.0, gradient_clip_algorithm='norm')",
+        "keras.optimizers.Adam(1e-3, clipnorm=1.0)",
+    ),
+    Entry(
+        "gradient_vanishing", "warning", "No gradient reaches the head",
+        "The gradients of the output layer are zero (or 1e-4 of their own scale) while the loss is still at "
+        "half of its initial level or more: the output is saturated, clipped or detached, not converged.",
+        "Check the output activation for saturation (a sigmoid/tanh fed huge pre-activations, a clamp, "
+        "a ReLU on the output) and that the loss is computed from the model's output without .detach(); "
+        "scale the inputs, lower the learning rate, or use the logits form of the loss.",
+        "A head that receives no gradient stops learning while the run keeps spending compute.",
+        "loss = F.binary_cross_entropy_with_logits(self.fc(h), y)  # no sigmoid, no clamp before the loss",
+        "keras.layers.Dense(1); loss=keras.losses.BinaryCrossentropy(from_logits=True)",
+    ),
+    Entry(
         "probe_incomplete", "info", "Part of the model could not be watched",
         "boundguard could not locate a tensor it watches (the prediction, its pre-activation, the loss, "
         "the targets or the inputs), so the checks that need it are off for this run.",

@@ -17,7 +17,7 @@ import numpy as np
 from boundguard.stats import Snapshot
 
 __all__ = ["History", "update_loss_history", "LEVEL_STEPS", "LEVEL_MIN", "WINDOW", "NOISE_BLOCK",
-           "MIN_REFERENCE", "TOP_RISES"]
+           "MIN_REFERENCE", "TOP_RISES", "GRAD_WARMUP"]
 
 # The loss rules' memory (see History and update_loss_history).
 #: A level is the median of the last LEVEL_STEPS losses (at least LEVEL_MIN of them).
@@ -26,6 +26,8 @@ LEVEL_STEPS, LEVEL_MIN = 20, 5
 WINDOW = NOISE_BLOCK = 50
 #: A step's rise counts towards the run's tail once MIN_REFERENCE losses precede it; TOP_RISES kept.
 MIN_REFERENCE, TOP_RISES = 10, 5
+#: The first GRAD_WARMUP checks with gradients set the head's own gradient scale.
+GRAD_WARMUP = 3
 #: q90 of |x_t - x_(t-1)| of Gaussian noise of sd 1 (1.645 sqrt 2).
 _DIFF_Q90 = 2.3262
 
@@ -43,6 +45,10 @@ class History:
     target_max: float = -math.inf
     target_nonbinary: float = 0.0
     target_seen: int = 0
+    #: The finite targets' sum, sum of squares and count over the run (a constant predictor's loss).
+    target_sum: float = 0.0
+    target_sumsq: float = 0.0
+    target_moments_n: int = 0
     steps_seen: int = 0
     #: The loss's step-to-step noise: the largest seen in any block of NOISE_BLOCK consecutive losses,
     #: as a standard deviation (0 until the first block is complete); ``loss_diverging`` judges the
@@ -52,6 +58,19 @@ class History:
     #: The TOP_RISES largest rises of a single step above the median of the WINDOW losses before it
     #: (largest first); ``loss_spike`` judges a rise against the last of them (:attr:`tail`).
     top_rises: list = field(default_factory=list)
+    #: The largest per-step norm of the head's gradients in each of the first GRAD_WARMUP checks that
+    #: saw finite, non-zero gradients: their median is the run's own gradient scale (:attr:`grad_ref`).
+    grad_norms: list = field(default_factory=list)
+
+    @property
+    def grad_ref(self) -> Optional[float]:
+        """The head's own gradient scale (None until GRAD_WARMUP checks saw gradients)."""
+        return float(np.median(self.grad_norms)) if len(self.grad_norms) >= GRAD_WARMUP else None
+
+    @property
+    def level(self) -> Optional[float]:
+        """The loss level now: the median of the last LEVEL_STEPS losses."""
+        return _level(self)
 
     @property
     def tail(self) -> float:
@@ -65,6 +84,10 @@ class History:
             self.target_max = max(self.target_max, snap.values["target.max"])
             self.target_nonbinary += snap.values["target.nonbinary"]
             self.target_seen += snap.counts["target"]
+            if not snap.nonfinite("target") and math.isfinite(snap.values["target.sumsq"]):
+                self.target_sum += snap.values["target.sum"]
+                self.target_sumsq += snap.values["target.sumsq"]
+                self.target_moments_n += snap.counts["target"]
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -72,7 +95,10 @@ class History:
             "best_step": self.best_step, "pre_absmax": list(self.pre_absmax), "target_min": self.target_min,
             "target_max": self.target_max, "target_nonbinary": self.target_nonbinary,
             "target_seen": self.target_seen, "steps_seen": self.steps_seen, "noise": self.noise,
+            "target_sum": self.target_sum, "target_sumsq": self.target_sumsq,
+            "target_moments_n": self.target_moments_n,
             "noise_pending": self.noise_pending, "top_rises": list(self.top_rises),
+            "grad_norms": list(self.grad_norms),
         }
 
     def copy(self) -> "History":
@@ -83,6 +109,10 @@ class History:
         self.update_targets(snap)
         if snap.seen("pre") and not snap.nonfinite("pre"):
             self.pre_absmax.append(snap.absmax("pre"))
+        if len(self.grad_norms) < GRAD_WARMUP and snap.seen("grad") and not snap.nonfinite("grad"):
+            peak = math.sqrt(max(snap.values["grad.normsq_max"], 0.0))
+            if peak > 0:
+                self.grad_norms.append(peak)
         update_loss_history(self, snap, min_improvement)
 
     @classmethod
@@ -91,10 +121,12 @@ class History:
         h.window.extend(d.get("window", []))
         h.pre_absmax.extend(d.get("pre_absmax", []))
         for k in ("initial_level", "best_level", "best_step", "target_min", "target_max", "target_nonbinary",
-                  "target_seen", "steps_seen", "noise", "noise_pending"):
+                  "target_seen", "steps_seen", "noise", "noise_pending", "target_sum", "target_sumsq",
+                  "target_moments_n"):
             if k in d:
                 setattr(h, k, d[k])
         h.top_rises = sorted((float(x) for x in d.get("top_rises", [])), reverse=True)[:TOP_RISES]
+        h.grad_norms = [float(x) for x in d.get("grad_norms", [])][:GRAD_WARMUP]
         return h
 
 

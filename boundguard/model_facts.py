@@ -127,6 +127,13 @@ class ModelFacts:
     #: a layer at the model's input that scales what the first weighted layer sees (an adapted
     #: ``Normalization``, ``Rescaling(1/255)``, a normalisation layer): the raw inputs' scale is not judged
     input_scaled_by: Optional[str] = None
+    #: the parameters whose gradients are watched (the output layer), and whether a loss scaler (fp16
+    #: ``GradScaler``) may make a step's gradients overflow on purpose (it then skips that step)
+    #: the training loss is that loss alone, averaged over the batch (no auxiliary terms, no sum
+    #: reduction): its value can be compared with a constant predictor's loss
+    loss_plain: bool = False
+    grad_where: Optional[str] = None
+    grad_scaled: bool = False
     classes: Optional[int] = None  # size of the class dimension of the prediction, when > 1
     pre_dtype: Optional[str] = None  # e.g. "float16" under fp16 autocast
     notes: list = field(default_factory=list)  # (what could not be located, option that fixes it)

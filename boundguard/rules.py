@@ -71,6 +71,7 @@ class Context:
             "target": f.target_where or "targets",
             "input": f.input_where or "inputs",
             "loss": f.loss_where or "loss",
+            "grad": f.grad_where or f.pre_where or f.pred_where or "output layer",
         }[kind]
 
 
@@ -98,8 +99,9 @@ class Rule:
 
 #: Threshold names that are shares (in [0, 1]), counts (whole numbers >= the minimum), ratios (>= 1)
 #: and margins (>= 0, where 0 switches that test off); all others are positive finite numbers.
-_SHARES = ("pinned_share", "tail_share", "fp16_share", "min_improvement")
-_COUNTS = {"growth_checks": 2, "min_history": 1, "patience": 1}
+_SHARES = ("pinned_share", "tail_share", "fp16_share", "min_improvement", "loss_share", "ratio", "share",
+           "best_share")
+_COUNTS = {"growth_checks": 2, "min_history": 1, "patience": 1, "warmup_steps": 1}
 _RATIOS = ("factor", "growth")
 _MARGINS = ("mad_sigmas", "min_rise", "growth_floor", "noise_sigmas", "tail_factor")
 
@@ -521,10 +523,126 @@ class LossPlateau(Rule):
         return []
 
 
+class LossAtBaseline(Rule):
+    """After ``warmup_steps`` steps, the loss level is still ``share`` or more of what a constant
+    predictor scores on a batch of the run's targets (and its best level ``best_share`` or more): for MSE
+    their variance (the loss of predicting their mean; a batch's variance is (1 - 1/B) of it), for a
+    binary cross-entropy the entropy of the positive rate, for a multi-class cross-entropy on class
+    indices log(K). The model has learnt nothing beyond the targets' average. Judged only when the
+    training loss is that loss alone, averaged over the batch (:attr:`ModelFacts.loss_plain`)."""
+
+    code = "loss_at_baseline"
+    params = {"share": 0.8, "best_share": 0.6, "warmup_steps": 100}
+
+    def evaluate(self, ctx):
+        f, h = ctx.facts, ctx.history
+        if f.loss is None or not f.loss_plain or h.steps_seen < self.p["warmup_steps"] or h.best_level is None:
+            return []
+        base, what = _constant_loss(f, h)
+        if base is None or not base > 0:
+            return []
+        level, best = h.level, h.best_level
+        if level is None or best < self.p["best_share"] * base or level < self.p["share"] * base:
+            return []
+        return [Finding(self.code, ctx.where("loss"),
+                        f"after {h.steps_seen} steps the loss ({_g(level)} now, {_g(best)} at best) has never gone "
+                        f"below what a constant prediction scores: {what} {_g(base)}. The model predicts the "
+                        f"targets' average and learns nothing beyond it.", best / base, self.p["share"],
+                        details={"baseline": base, "level": level, "best": best})]
+
+
+def _constant_loss(f: ModelFacts, h: History) -> tuple[Optional[float], str]:
+    """The loss of the best constant prediction on the run's targets, and what it is, for the losses
+    where it is known; (None, "") otherwise."""
+    loss, n = f.loss, h.target_moments_n
+    assert loss is not None
+    name = loss.name.lower()
+    if n and loss.family == "regression" and name in ("mse_loss", "mean_squared_error", "mse"):
+        mean = h.target_sum / n
+        per_step = n / max(h.steps_seen, 1)  # targets per step: a batch's variance is (1 - 1/B) of theirs
+        shrink = 1.0 - 1.0 / per_step if per_step > 1 else 1.0
+        return max(h.target_sumsq / n - mean * mean, 0.0) * shrink, "the variance of a batch of targets"
+    binary = loss.family in ("probability", "logits") and not loss.multiclass
+    if n and binary and h.target_min >= 0 and h.target_max <= 1:
+        p = min(max(h.target_sum / n, 1e-12), 1 - 1e-12)
+        return -(p * math.log(p) + (1 - p) * math.log(1 - p)), f"the entropy of the positive rate {_g(p)}"
+    if loss.multiclass and f.target_integer and f.classes and f.classes > 1:
+        return math.log(f.classes), f"log of the {f.classes} classes"
+    return None, ""
+
+
+# ------------------------------------------------------------------------------------------ gradients
+class NonfiniteGradient(Rule):
+    """NaN/Inf gradients of the output layer while the forward pass and the loss were finite (a NaN loss
+    or output explains its own NaN gradients, under its own code). With a loss scaler (fp16
+    ``GradScaler``) overflowing steps are skipped on purpose: only an interval with no finite step fires."""
+
+    code = "nonfinite_gradient"
+
+    def evaluate(self, ctx):
+        s, f = ctx.snap, ctx.facts
+        bad = s.nonfinite("grad") if s.seen("grad") else 0
+        if not bad or any(s.nonfinite(k) for k in ("pred", "pre", "input", "target")) \
+                or not np.isfinite(s.losses).all():
+            return []
+        n = s.counts["grad"]
+        if f.grad_scaled and bad < n:
+            return []
+        return [Finding(self.code, ctx.where("grad"),
+                        f"the gradients of {ctx.where('grad')} were NaN/Inf at {bad} of {n} steps in {ctx.span}, "
+                        f"while the loss was finite.", bad, 0)]
+
+
+class GradientExploding(Rule):
+    """The output layer's largest per-step gradient norm in the interval is ``growth`` times the run's own
+    scale (the median of the first checks' largest norms)."""
+
+    code = "gradient_exploding"
+    params = {"growth": 100.0}
+
+    def evaluate(self, ctx):
+        s, ref = ctx.snap, ctx.past.grad_ref
+        if not s.seen("grad") or s.nonfinite("grad") or ref is None:
+            return []
+        peak = math.sqrt(max(s.values["grad.normsq_max"], 0.0))
+        if peak <= self.p["growth"] * ref:
+            return []
+        return [Finding(self.code, ctx.where("grad"),
+                        f"the gradient norm of {ctx.where('grad')} reached {_g(peak)} in {ctx.span}, {_g(peak / ref)}x "
+                        f"its own scale at the start of the run ({_g(ref)}).", peak, self.p["growth"] * ref)]
+
+
+class GradientVanishing(Rule):
+    """No gradient (or ``ratio`` of the run's own scale) reaches the output layer while the loss is still
+    at ``loss_share`` of its initial level or more: the head is saturated, clipped or cut off, not
+    converged (a converging loss shrinks its gradients too, so it is not judged)."""
+
+    code = "gradient_vanishing"
+    params = {"ratio": 1e-4, "loss_share": 0.5}
+
+    def evaluate(self, ctx):
+        s, h = ctx.snap, ctx.history
+        if not s.seen("grad") or s.nonfinite("grad"):
+            return []
+        peak = math.sqrt(max(s.values["grad.normsq_max"], 0.0))
+        ref = ctx.past.grad_ref
+        if not (peak == 0.0 or (ref is not None and peak < self.p["ratio"] * ref)):
+            return []
+        level, start = h.level, h.initial_level
+        if level is None or start is None or not (start > 0 and level >= self.p["loss_share"] * start):
+            return []
+        what = "exactly zero" if peak == 0.0 else f"{_g(peak)}, {_g(peak / ref)}x its own scale ({_g(ref)})"
+        return [Finding(self.code, ctx.where("grad"),
+                        f"the gradient norm of {ctx.where('grad')} was {what} in {ctx.span}, while the loss is "
+                        f"still {_g(level)} ({_pct(level / start)} of its initial level).", peak,
+                        self.p["ratio"] * (ref or 0.0))]
+
+
 RULES: tuple[type[Rule], ...] = (
     NonfiniteInput, NonfiniteOutput, NonfiniteLoss, OutputOutOfRange, MissingOutputActivation,
     ActivationLossMismatch, TargetOutOfRange, OutputSaturated, PreactivationExploding,
     RegressionLossOnProbabilities, InputsNotScaled, LossSpike, LossDiverging, LossPlateau,
+    LossAtBaseline, NonfiniteGradient, GradientExploding, GradientVanishing,
 )
 
 

@@ -52,23 +52,33 @@ class Stat:
         return "mean" if self.reduce == "step" else self.reduce
 
 
+#: The element counts (reduce ``sum``, accumulated over an interval); every other statistic is a row value.
+_COUNT_FIELDS = ("finite", "below", "above", "pinned", "tail", "nonbinary")
+
+
 def _declare(kind: str, *fields: tuple[str, str]) -> list[Stat]:
-    """Statistics of one kind; counts (reduce ``sum`` over elements, not a sum of squares) are ``count``."""
-    return [Stat(kind, f, r, "row" if r != "sum" or f == "sumsq" else "count") for f, r in fields]
+    """Statistics of one kind; element counts (:data:`_COUNT_FIELDS`) are ``count``, the rest ``row``."""
+    return [Stat(kind, f, r, "count" if f in _COUNT_FIELDS else "row") for f, r in fields]
 
 
 #: Per watched tensor: min/max over all elements (NaN if any element was NaN), count of finite
-#: elements, and kind-specific counts. ``n`` (elements seen) is counted on the host from shapes.
+#: elements, and kind-specific counts. ``n`` (elements seen) is counted on the host from shapes; for
+#: ``grad`` it is the number of steps whose gradients were recorded.
 STATS: tuple[Stat, ...] = tuple(
     _declare("pred", ("min", "min"), ("max", "max"), ("finite", "sum"), ("below", "sum"), ("above", "sum"),
              ("pinned", "sum"), ("rowsum_err", "max"))
     + _declare("pre", ("min", "min"), ("max", "max"), ("finite", "sum"), ("sumsq", "sum"), ("tail", "sum"))
-    + _declare("target", ("min", "min"), ("max", "max"), ("finite", "sum"), ("nonbinary", "sum"))
+    + _declare("target", ("min", "min"), ("max", "max"), ("finite", "sum"), ("nonbinary", "sum"), ("sum", "sum"),
+               ("sumsq", "sum"))
     + _declare("input", ("min", "min"), ("max", "max"), ("finite", "sum"), ("sumsq", "sum"))
+    # the head's gradients, one value per step (not per element): the squared norm of the output layer's
+    # parameter gradients (summed over the interval, its largest and smallest step) and whether it was finite
+    + [Stat("grad", "sumsq", "sum"), Stat("grad", "normsq_max", "max"), Stat("grad", "normsq_min", "min"),
+       Stat("grad", "finite", "sum")]
     + _declare("loss", ("value", "step"))
 )
 COLUMNS: tuple[str, ...] = tuple(s.name for s in STATS)
-KINDS = ("pred", "pre", "target", "input")
+KINDS = ("pred", "pre", "target", "input", "grad")
 LOSS_COLUMN = COLUMNS.index("loss.value")
 _OPS = np.array([s.reduce for s in STATS])
 
@@ -249,6 +259,8 @@ class Snapshot:
             m["boundguard/preact_rms"] = self.rms("pre")
         if self.seen("input"):
             m["boundguard/input_rms"] = self.rms("input")
+        if self.seen("grad") and not self.nonfinite("grad"):
+            m["boundguard/head_grad_norm_max"] = math.sqrt(max(self.values["grad.normsq_max"], 0.0))
         loss = self.loss_summary()
         if loss["mean"] is not None:
             m["boundguard/loss_mean"] = loss["mean"]

@@ -104,6 +104,7 @@ class LightningGuard(SessionViews):
                 default = run_dir / "alerts.jsonl"
         self._engine.attach(pl_module, default, write=trainer.is_global_zero)
         self._engine.distributed = trainer.world_size > 1
+        self._engine.grad_scaled = getattr(trainer.precision_plugin, "scaler", None) is not None
 
     @guarded
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
@@ -119,6 +120,10 @@ class LightningGuard(SessionViews):
     @guarded
     def on_before_backward(self, trainer: Any, pl_module: Any, loss: Any) -> None:
         self._engine.record_loss(loss)
+
+    @guarded
+    def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
+        self._engine.record_grads()  # unscaled by now under AMP; once per optimizer step
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         self._batches = self._session.step  # after a restore: the ranks' check schedule resumes with it

@@ -214,8 +214,15 @@ class BoundGuardCallback(SessionViews, TrainerCallback, ExportableState):
         self._restore(state)
         self._engine.distributed = int(getattr(args, "world_size", 1)) > 1
         self._engine.attach(model, None, write=int(getattr(args, "process_index", 0)) == 0)
+        accelerator = getattr(self._trainer, "accelerator", None)
+        self._engine.grad_scaled = getattr(accelerator, "scaler", None) is not None
         self._install(model)
         self._training = True
+
+    @guarded
+    def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """After the step's backward passes (gradients accumulated, clipped), before the optimiser."""
+        self._engine.record_grads()
 
     def on_epoch_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._epoch = int(state.epoch or 0)

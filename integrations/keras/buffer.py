@@ -463,6 +463,8 @@ class DeviceBuffer:
         f = ops.reshape(t, (-1,))
         v = self._basic("target", f)
         v["target.nonbinary"] = _count(ops.not_equal(ops.multiply(f, ops.subtract(c["one"], f)), c["zero"]))
+        v["target.sum"] = ops.sum(f)
+        v["target.sumsq"] = ops.sum(ops.multiply(f, f))
         if len(t.shape) >= 2 and t.shape[-1] is not None and t.shape[-1] > 1:
             binary = ops.all(ops.logical_or(ops.equal(t, c["zero"]), ops.equal(t, c["one"])))
             rows1 = ops.all(ops.equal(ops.sum(t, axis=-1), c["one"]))

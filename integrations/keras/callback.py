@@ -353,6 +353,9 @@ class BoundGuard(SessionViews, keras.callbacks.Callback):
             self._wrapped = keep
         facts = model_facts(head, self._trace, self._owner, self._act, self._loss, self._loss_name)
         facts.input_scaled_by = input_scaler(self.model)
+        model = self.model
+        facts.loss_plain = (not isinstance(getattr(model, "loss", None), (dict, list, tuple))
+                            and len(getattr(model, "outputs", None) or [None]) == 1 and not model.losses)
         self._session.set_facts(facts)
         self._facts_ready = True
 

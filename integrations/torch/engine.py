@@ -62,6 +62,9 @@ class TorchEngine:
         self._logits = False
         self._plan: Optional[CountingPlan] = None
         self._off_everywhere = False  # DDP: the ranks agreed to switch the monitor off (see agreed())
+        self._grad_params: list[nn.Parameter] = []  # the output layer's (see record_grads)
+        #: a loss scaler (fp16 GradScaler) may overflow a step's gradients on purpose (set by the adapter)
+        self.grad_scaled = False
 
     # ------------------------------------------------------------------ views
     @property
@@ -198,6 +201,16 @@ class TorchEngine:
         elif isinstance(x, Tensor) and x.is_floating_point():
             self.reducer.input(x)
 
+    def record_grads(self) -> None:
+        """The gradients of the output layer's parameters, reduced on the device (after ``backward``,
+        before the optimiser step: Lightning's ``on_before_optimizer_step``; in a plain loop at
+        ``guard.step``, before ``zero_grad``). Parameters without a gradient are skipped."""
+        if self.disabled or self.reducer is None or not self._grad_params or not self.armed:
+            return
+        grads = [p.grad for p in self._grad_params if p.grad is not None]
+        if grads:
+            self.reducer.grads(grads)
+
     def is_check_step(self, step: int) -> bool:
         return self.session.is_check_step(step)
 
@@ -331,6 +344,9 @@ class TorchEngine:
         if r.pred is not None and r.pred.dim() >= 2:
             facts.classes = int(r.pred.shape[1 if facts.loss and facts.loss.multiclass else -1])
         self._locate_batch_tensors(r, facts)
+        facts.grad_where, self._grad_params = self._find_grad_params(r)
+        facts.grad_scaled = self.grad_scaled
+        facts.loss_plain = r.loss_plain
         self.session.set_facts(facts)
         if r.target is not None or self.distributed:
             self._observe_probe_targets(r.target.detach() if r.target is not None else None)
@@ -340,6 +356,23 @@ class TorchEngine:
         self._reduce_outputs(r.pre, r.pred)
         if r.target is not None and self._target_path is None:
             self.reducer.target(r.target)
+
+    def _find_grad_params(self, r: ProbeResult) -> tuple[Optional[str], list[nn.Parameter]]:
+        """The output layer whose gradients are watched: the module that produces the pre-activation (or
+        the prediction), or, when that module has no parameters of its own (an ``nn.Sigmoid``), the last
+        module before it (in ``named_modules`` order) that has."""
+        site = r.pre_site or r.pred_site
+        if site is None or self.model is None:
+            return None, []
+        modules = list(self.model.named_modules())
+        names = [n for n, _ in modules]
+        if site[0] not in names:
+            return None, []
+        for name, m in reversed(modules[: names.index(site[0]) + 1]):
+            params = [p for p in m.parameters(recurse=False) if p.requires_grad]
+            if params:
+                return (name or type(m).__name__), params
+        return None, []
 
     def _observe_probe_targets(self, t: Optional[Tensor]) -> None:
         """The first step's targets decide ``"auto"`` bounds (and so the bins every rank counts with): under

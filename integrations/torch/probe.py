@@ -7,6 +7,7 @@ module that produced it.
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Optional
 
 import numpy as np
@@ -51,6 +52,19 @@ class _Call:
         if name in self.kwargs:
             return self.kwargs[name]
         return self.args[pos] if len(self.args) > pos else default
+
+
+def _plain(call: _Call, loss: Optional[Tensor], n_calls: int) -> bool:
+    """The training loss is this one loss call's value, averaged over the batch (no auxiliary terms,
+    no sum reduction; a trainer's division by 1 is fine). Probe step only: one small read."""
+    out = call.out
+    if n_calls != 1 or loss is None or not isinstance(out, Tensor) or out.numel() != 1 or loss.numel() != 1:
+        return False
+    if call.kwargs.get("reduction", "mean") != "mean" or any(a in ("sum", "none") for a in call.args
+                                                               if isinstance(a, str)):
+        return False
+    a, b = float(out.detach()), float(loss.detach())
+    return math.isfinite(a) and abs(a - b) <= 1e-6 * max(1.0, abs(a))
 
 
 class _Recorder(TorchFunctionMode):
@@ -200,6 +214,7 @@ class Probe:
                                 "the main loss alone."))
         if chosen is not None:
             r.loss_name = chosen.name
+            r.loss_plain = _plain(chosen, loss, len(calls))
             pred = chosen.tensor_arg(0, "input")
             r.target = chosen.tensor_arg(1, "target")
         else:
@@ -346,6 +361,7 @@ def _classify_chain(chain: list[_Call], z: Tensor, p: Tensor) -> tuple[str, dict
 class ProbeResult:
     def __init__(self) -> None:
         self.loss_name: Optional[str] = None
+        self.loss_plain = False
         self.pred: Optional[Tensor] = None
         self.pre: Optional[Tensor] = None
         self.target: Optional[Tensor] = None

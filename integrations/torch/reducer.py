@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from boundguard.session import CountingPlan
-from boundguard.stats import COLUMNS, KINDS, neutral_row, row_stats
+from boundguard.stats import COLUMNS, KINDS, count_stats, neutral_row, row_stats
 
 __all__ = ["Reducer"]
 
@@ -46,6 +46,8 @@ class Reducer:
     ROW = {k: tuple(s.field for s in row_stats(k)) for k in KINDS}
     #: Per kind and row field, the declared reduce op (min | max | sum): merge, neutral value, all-reduce.
     OPS = {k: {s.field: s.reduce for s in row_stats(k)} for k in KINDS}
+    #: Per kind, each row field's position among the kind's columns.
+    _col = {k: {f: j for j, f in enumerate(fs)} for k, fs in ROW.items()}
     MAX_BINS = 16
     #: Per watched tensor, up to this many elements per interval are staged as raw values (one copy
     #: per step) and reduced in one batch at the check; larger tensors are reduced every step.
@@ -146,6 +148,7 @@ class Reducer:
             "pre": [-self.tail, self.tail] if self.tail is not None else [],
             "target": [0.0, 1.0],
             "input": [],
+            "grad": [],
         }
         for kind, ps in points.items():
             e = [-math.inf, -_F32_MAX]
@@ -243,9 +246,11 @@ class Reducer:
         cols = self.rows[a:b]
         cols[:, off].copy_(torch.minimum(cols[:, off], mn))
         cols[:, off + 1].copy_(torch.maximum(cols[:, off + 1], mx))
-        if "sumsq" in self.ROW[kind]:
-            j = off + self.ROW[kind].index("sumsq")
-            cols[:, j].add_((block * block).sum(1))
+        col = self._col[kind]
+        if "sum" in col:
+            cols[:, off + col["sum"]].add_(block.sum(1))
+        if "sumsq" in col:
+            cols[:, off + col["sumsq"]].add_((block * block).sum(1))
         self._bucketize(bins_kind, block.contiguous().reshape(-1))
 
     def _bucketize(self, kind: str, f: Tensor) -> None:
@@ -340,12 +345,15 @@ class Reducer:
         if not (stageable and self._stage(kind, t, n)):
             f = self._flat(t)
             c, merge = self._cells(kind)
+            col = self._col[kind]
             torch.aminmax(f, out=(c[0], c[1]))
-            if "sumsq" in self.ROW[kind]:
-                torch.dot(f, f, out=c[2])
+            if "sum" in col:
+                torch.sum(f, dim=0, out=c[col["sum"]])
+            if "sumsq" in col:
+                torch.dot(f, f, out=c[col["sumsq"]])
             if kind == "pred" and self.distribution and t.dim() >= 1:
                 dim = self.class_dim if t.dim() > self.class_dim else -1
-                torch.amax((f.view(t.shape).sum(dim) - 1).abs(), out=c[2])
+                torch.amax((f.view(t.shape).sum(dim) - 1).abs(), out=c[col["rowsum_err"]])
             self._merge(kind, c, merge)
             self._bin(kind, bins_kind, f)
         self.counts[kind] += n
@@ -364,6 +372,27 @@ class Reducer:
 
     def input(self, x: Tensor) -> None:
         self._observe("input", x)
+
+    def grads(self, grads: list[Tensor]) -> None:
+        """The step's gradients of the watched parameters: their squared norm (one fused norm per
+        parameter, a stack and a sum: a few kernels, no host read) into this step's ``grad`` cells."""
+        if not grads:
+            return
+        norms = torch._foreach_norm([g.detach() for g in grads])
+        sq = torch.stack([n.float() for n in norms]).square().sum() if len(norms) > 1 else norms[0].float().square()
+        if sq.device != self.device:
+            sq = sq.to(self.device, non_blocking=True)
+        first = "grad" not in self._written
+        c = self.cells[self.row]["grad"]  # this step's cells: sumsq, normsq_max, normsq_min, finite
+        if first:
+            self._written.add("grad")
+            c[0].copy_(sq)
+            self.counts["grad"] += 1
+        else:  # a second record in one step (several optimizers): the step's norm covers both
+            c[0].add_(sq)
+        c[1].copy_(c[0])
+        c[2].copy_(c[0])
+        c[3].copy_(torch.isfinite(c[0]))
 
     def loss(self, loss: Tensor) -> None:
         l = loss.detach()
@@ -462,6 +491,8 @@ class Reducer:
             for f in ("min", "max"):
                 out[:, col[f"pred.{f}"]] = out[:, col[f"pre.{f}"]]
         for i, kind in enumerate(self.ROW):
+            if not count_stats(kind):
+                continue
             b = bins[i * self.MAX_BINS: (i + 1) * self.MAX_BINS]
             for name, v in _bin_counts(self.edge_values[kind], b, self._points(kind)).items():
                 out[0, col[f"{kind}.{name}"]] = v

@@ -73,6 +73,7 @@ class Guard(SessionViews):
         elif e.probe is not None and e.probe.active:
             e._finish_probe(None)
         e.record_batch(None, inputs=inputs, targets=targets)
+        e.record_grads()
         return [d.alert for d in e.end_step()]
 
     def state_dict(self) -> dict[str, Any]:

@@ -73,6 +73,15 @@ def ctx(snap=None, f=None, bounds=None, h=None) -> Context:
     return Context(snap, f or facts(), bounds, h, before)
 
 
+def _stuck(level: float, var: float, *, mean: float = 0.0, binary: bool = False, steps: int = 300) -> History:
+    """A run whose loss sits at ``level`` (its best too) after ``steps`` steps, on 1000 targets of the
+    given mean and variance."""
+    n = 1000
+    return history(window=[level] * 20, initial_level=level * 1.1, best_level=level, steps_seen=steps,
+                   target_sum=mean * n, target_sumsq=(var + mean * mean) * n, target_moments_n=n, target_seen=n,
+                   target_min=0.0 if binary else -3.0, target_max=1.0 if binary else 3.0)
+
+
 P = Bounds.probability()
 DIST = Bounds.distribution()
 NOISY = [1.0 + 0.01 * math.sin(i) for i in range(30)]
@@ -154,6 +163,29 @@ FIRING: dict[str, list[tuple[str, Callable[[], Context]]]] = {
         ("stalled", lambda: ctx(make_snap(step=2000, first_step=1951),
                                 h=history(window=[1.0] * 20, best_level=1.0, best_step=10, steps_seen=2000))),
     ],
+    "loss_at_baseline": [
+        ("mse-at-target-variance", lambda: ctx(f=facts("identity", "mse_loss", loss_plain=True), h=_stuck(1.0, 1.0))),
+        ("bce-at-label-entropy", lambda: ctx(f=facts("sigmoid", "binary_cross_entropy", loss_plain=True),
+                                             h=_stuck(0.69, 0.25, mean=0.5, binary=True))),
+        ("ce-at-log-k", lambda: ctx(f=facts("identity", "cross_entropy", loss_plain=True, target_integer=True,
+                                            classes=4), h=_stuck(1.38, 1.0))),
+    ],
+    "nonfinite_gradient": [
+        ("nan-grads-finite-loss", lambda: ctx(make_snap({"grad": 10}, {"grad.finite": 7.0, "grad.normsq_max": math.nan},
+                                                        losses=(0.5, 0.4)))),
+        ("scaler-skipped-every-step", lambda: ctx(make_snap({"grad": 10}, {"grad.finite": 0.0}),
+                                                  facts(grad_scaled=True))),
+    ],
+    "gradient_exploding": [
+        ("x1000-own-scale", lambda: ctx(make_snap({"grad": 10}, {"grad.normsq_max": 1e6}),
+                                        h=history(grad_norms=[1.0, 2.0, 1.0]))),
+    ],
+    "gradient_vanishing": [
+        ("zero-while-loss-high", lambda: ctx(make_snap({"grad": 10}, {"grad.normsq_max": 0.0}),
+                                             h=history(window=[0.9] * 20, initial_level=1.0))),
+        ("tiny-vs-own-scale", lambda: ctx(make_snap({"grad": 10}, {"grad.normsq_max": 1e-12}),
+                                          h=history(window=[0.9] * 20, initial_level=1.0, grad_norms=[1.0] * 3))),
+    ],
 }
 
 HEALTHY: dict[str, list[tuple[str, Callable[[], Context]]]] = {
@@ -228,6 +260,35 @@ HEALTHY: dict[str, list[tuple[str, Callable[[], Context]]]] = {
         # a loss whose steps swing by +-3 wanders by more than its improvement: not divergence
         ("level-within-the-noise", lambda: ctx(h=history(window=[0.5] * 20, initial_level=1.0, best_level=-1.0,
                                                          best_step=100, noise=3.0))),
+    ],
+    "loss_at_baseline": [
+        ("learnt", lambda: ctx(f=facts("identity", "mse_loss", loss_plain=True), h=_stuck(0.1, 1.0))),
+        ("still-warming-up", lambda: ctx(f=facts("identity", "mse_loss", loss_plain=True),
+                                         h=_stuck(1.0, 1.0, steps=50))),
+        # a loss with auxiliary terms or a sum reduction cannot be compared with the baseline
+        ("not-a-plain-loss", lambda: ctx(f=facts("identity", "mse_loss"), h=_stuck(1.0, 1.0))),
+        ("bce-below-label-entropy", lambda: ctx(f=facts("sigmoid", "binary_cross_entropy", loss_plain=True),
+                                                h=_stuck(0.3, 0.25, mean=0.5, binary=True))),
+    ],
+    "nonfinite_gradient": [
+        ("finite", lambda: ctx(make_snap({"grad": 10}, {"grad.normsq_max": 1.0}))),
+        # a GradScaler skipped a few overflowing steps: its job, not a fault
+        ("scaler-skipped-some-steps", lambda: ctx(make_snap({"grad": 10}, {"grad.finite": 7.0}),
+                                                  facts(grad_scaled=True))),
+        # a NaN loss explains its NaN gradients (nonfinite_loss says so)
+        ("nan-loss", lambda: ctx(make_snap({"grad": 10}, {"grad.finite": 7.0}, losses=(math.nan,)))),
+    ],
+    "gradient_exploding": [
+        ("within-own-scale", lambda: ctx(make_snap({"grad": 10}, {"grad.normsq_max": 100.0}),
+                                         h=history(grad_norms=[1.0, 2.0, 1.0]))),
+        ("no-scale-yet", lambda: ctx(make_snap({"grad": 10}, {"grad.normsq_max": 1e6}))),
+    ],
+    "gradient_vanishing": [
+        # a converged loss has tiny gradients too
+        ("converged", lambda: ctx(make_snap({"grad": 10}, {"grad.normsq_max": 0.0}),
+                                  h=history(window=[0.01] * 20, initial_level=1.0, grad_norms=[1.0] * 3))),
+        ("healthy", lambda: ctx(make_snap({"grad": 10}, {"grad.normsq_max": 0.25}),
+                                h=history(window=[0.9] * 20, initial_level=1.0, grad_norms=[1.0] * 3))),
     ],
     "loss_plateau": [
         ("improving-recently", lambda: ctx(make_snap(step=2000, first_step=1951),

@@ -49,7 +49,9 @@ def test_declaration_is_consistent():
     for kind in KINDS:
         sl = columns_of(kind)
         assert all(c.startswith(kind + ".") for c in COLUMNS[sl])
-        assert {f"{kind}.min", f"{kind}.max", f"{kind}.finite"} <= set(COLUMNS[sl])
+        # element statistics of each watched tensor; the gradients' are per step (a norm per step)
+        want = {"sumsq", "normsq_max", "normsq_min", "finite"} if kind == "grad" else {"min", "max", "finite"}
+        assert {f"{kind}.{f}" for f in want} <= set(COLUMNS[sl])
     with pytest.raises(KeyError, match="kinds?"):
         columns_of("nope")
     row = neutral_row()
@@ -151,7 +153,7 @@ def test_snapshot_from_rows_losses_and_derived_numbers():
     np.testing.assert_array_equal(snap.losses, [0.5, np.nan, 0.3])
     np.testing.assert_array_equal(snap.loss_steps, [10, 11, 12])
     assert snap.steps == 4
-    assert snap.counts == {"pred": 10, "pre": 0, "target": 0, "input": 10}
+    assert snap.counts == {"pred": 10, "pre": 0, "target": 0, "input": 10, "grad": 0}
     assert (snap.values["pred.min"], snap.values["pred.max"]) == (-0.1, 1.5)
     assert snap.nonfinite("pred") == 2
     assert snap.out_of_bounds() == 3

@@ -756,7 +756,7 @@ FAULTY = [
     pytest.param(f_lightning_relu_on_logits, "activation_loss_mismatch", id="lightning-relu-on-logits"),
     pytest.param(f_torch_learning_rate_too_large, "loss_diverging", id="torch-learning-rate-too-large"),
     pytest.param(f_lightning_nan_in_inputs, "nonfinite_input", id="lightning-nan-in-inputs"),
-    pytest.param(f_torch_predicts_the_mean_forever, "loss_plateau", id="torch-predicts-the-mean-forever"),
+    pytest.param(f_torch_predicts_the_mean_forever, "loss_at_baseline", id="torch-predicts-the-mean-forever"),
     pytest.param(f_lightning_labels_1_to_k, "target_out_of_range", id="lightning-labels-1-to-k", marks=xfail(
         "target_out_of_range missed (no alert at all, no alerts file): CrossEntropyLoss raises 'Target 4 is out "
         "of bounds' at step 1 for labels 1..4 with 4 logits; integer targets with a multi-class loss are never "

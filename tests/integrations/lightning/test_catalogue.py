@@ -47,6 +47,20 @@ def _nan_loss(step, loss):
     return loss * (float("nan") if step == 12 else 1.0)
 
 
+class WhereSqrt(nn.Module):
+    """``torch.where(z > 100, sqrt(z - 1000), z)``: the forward pass takes z (finite), but the branch not
+    taken is NaN and its gradient is 0 * NaN: the classic NaN gradient through ``torch.where``."""
+
+    def forward(self, z):
+        return torch.where(z > 100, torch.sqrt(z - 1000), z)
+
+
+def _dead_relu_head():
+    m = Tiny(head=nn.ReLU())
+    nn.init.constant_(m.fc.bias, -20.0)  # every pre-activation negative: no gradient reaches the head
+    return m
+
+
 # code → (model factory, data kind, guard options, extra)
 FIRING = {
     "output_out_of_range": (lambda: Tiny(), "binary", dict(bounds=(0, 1))),
@@ -63,6 +77,9 @@ FIRING = {
     "loss_spike": (lambda: Tiny(head=nn.Sigmoid(), loss_fn=nn.BCELoss(), script=_spike), "binary", {}),
     "loss_plateau": (lambda: Tiny(head=nn.Sigmoid(), loss_fn=nn.BCELoss(), lr=0.0), "binary",
                      dict(thresholds={"loss_plateau": {"patience": 30}})),
+    "nonfinite_gradient": (lambda: Tiny(head=WhereSqrt()), "regression", {}),
+    "gradient_exploding": (lambda: Tiny(lr=0.6), "regression", {}),
+    "gradient_vanishing": (_dead_relu_head, "unit", {}),
 }
 
 

@@ -73,6 +73,8 @@ def reference(steps: list[dict], dtype: torch.dtype, *, lo=None, hi=None, pin=No
             out["pre.tail"] = float(np.sum(np.abs(fin) > tail)) if tail is not None else 0.0
         if kind == "target":
             out["target.nonbinary"] = float(np.sum((fin != 0) & (fin != 1)))
+            out["target.sum"] = float(np.sum(x.astype(np.float64))) if x.size else 0.0
+            out["target.sumsq"] = float(np.sum(x.astype(np.float64) ** 2)) if x.size else 0.0
     return {"values": out, "counts": counts, "losses": np.array(losses, dtype=np.float64)}
 
 
@@ -94,7 +96,7 @@ def assert_matches(snap: Snapshot, ref: dict) -> None:
         got = snap.values[name]
         if math.isnan(want) or math.isinf(want):
             assert (math.isnan(got) and math.isnan(want)) or got == want, (name, got, want)
-        elif name.endswith(".sumsq"):
+        elif name.endswith((".sumsq", ".sum")):
             assert got == pytest.approx(want, rel=1e-4, abs=1e-6), name
         else:
             assert got == want, (name, got, want)
