@@ -16,7 +16,8 @@ look at the mirrored row dropped); ``no_mirror`` (``next_row`` as before the laz
 no mirror copy, no lazy-bin resolve, no tripwire); ``trip_tolist`` (the tripwire reading the row with one
 ``tolist()`` and Python float compares instead of numpy fancy indexing, ``isnan`` and ``any``);
 ``loss_cells`` (``loss`` writing into precomputed 0-d views of the loss cells instead of indexing
-``losses[i]`` every step). These are measurement patches, not library changes.
+``losses[i]`` every step); ``no_grad`` (the gradient-health reduction of the output layer's gradients,
+``TorchEngine.record_grads``, dropped). These are measurement patches, not library changes.
 
 The last stdout line is ``result: <json>``: instructions per step per variant and each one's difference
 to ``default``.
@@ -53,6 +54,7 @@ VARIANTS = {
     "no_mirror": "Reducer.next_row without mirror copy, lazy-bin resolve and tripwire (the old next_row)",
     "trip_tolist": "Reducer._trip on the CPU: row.tolist() + Python float compares",
     "loss_cells": "Reducer.loss into precomputed 0-d loss cells (no losses[i] view per step)",
+    "no_grad": "TorchEngine.record_grads a no-op (no gradient-health reduction per step)",
 }
 
 
@@ -60,7 +62,11 @@ def patch(variant: str) -> None:
     from boundguard.integrations.torch import reducer as rmod
 
     R = rmod.Reducer
-    if variant == "no_trip":
+    if variant == "no_grad":
+        from boundguard.integrations.torch import engine
+
+        engine.TorchEngine.record_grads = lambda self: None
+    elif variant == "no_trip":
         R._trip = lambda self, slot: None
     elif variant == "no_mirror":
         def next_row(self):
@@ -171,7 +177,7 @@ def inclusive(cg_file: str) -> dict[str, int]:
             continue
         name = m.group(2).split("(")[0].strip()
         name = re.sub(r"^torch::autograd::", "", name)
-        if not ENTRY_POINTS.search(name):
+        if re.search(r"'\d+$", name) or not ENTRY_POINTS.search(name):  # recursion levels: the outer one has them
             continue
         key = f"{name} [{os.path.basename(m.group(3))}]"
         out[key] = out.get(key, 0) + int(m.group(1).replace(",", ""))

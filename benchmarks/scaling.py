@@ -154,7 +154,11 @@ def identify() -> dict:
     import boundguard.integrations.torch.reducer as reducer
     import torch
 
-    return {"boundguard": str(Path(boundguard.__file__).resolve()), "reducer": str(Path(reducer.__file__).resolve()),
+    import hashlib
+
+    src = Path(reducer.__file__).resolve()
+    return {"boundguard": str(Path(boundguard.__file__).resolve()), "reducer": str(src),
+            "reducer_sha256": hashlib.sha256(src.read_bytes()).hexdigest()[:12],
             "fast_count_min": getattr(reducer.Reducer, "FAST_COUNT_MIN", None),
             "lazy_bins": hasattr(reducer.Reducer, "_resolve"), "torch": torch.__version__,
             "torch_threads": torch.get_num_threads()}
@@ -389,8 +393,9 @@ def markdown(r: dict) -> str:
     m = r["meta"]
     lines = [f"# boundguard torch Reducer: per-step cost against tensor size — {m['date']}", "",
              f"Machine: {m['machine']}  ", f"Versions: {m['versions']}  ",
-             f"Library (new): `{r['new']['who'][0]['reducer']}`"
-             + (f"; baseline (old): `{r['old']['who'][0]['reducer']}`" if r.get("old") else "") + "  ",
+             f"Library (new): `{r['new']['who'][0]['reducer']}` (sha256 {', '.join(r['new']['reducer_sha256'])})"
+             + (f"; baseline (old): `{r['old']['who'][0]['reducer']}` (sha256 {', '.join(r['old']['reducer_sha256'])})"
+                if r.get("old") else "") + "  ",
              f"Command: `{m['command']}` ({m['seconds']:.0f} s)  ",
              f"Method: `benchmarks/scaling.py`: one Reducer, one watched fp32 output tensor on the CPU, 1 torch "
              f"thread; per step `pred(t)` + `next_row()`, and `read()` at the end of each {m['interval']}-step "
@@ -464,8 +469,11 @@ def main(argv=None) -> int:
             print(f"repeat {rep + 1}/{args.repeats} {label}: {time.time() - started:.0f} s", flush=True)
     result: dict = {}
     for label, reps in runs.items():
+        shas = sorted({r["who"]["reducer_sha256"] for r in reps})
+        if len(shas) > 1:  # the tree was edited between repeats: say so, the repeats mix versions
+            print(f"warning: {label} repeats imported different reducer sources {shas}", file=sys.stderr)
         if reps:
-            result[label] = {"who": [r["who"] for r in reps][:1], "summary": summarize([r["cells"] for r in reps]),
+            result[label] = {"who": [r["who"] for r in reps][:1], "reducer_sha256": shas, "summary": summarize([r["cells"] for r in reps]),
                              "repeats": [r["cells"] for r in reps]}
     if args.callgrind:
         cg_sizes = [int(float(s)) for s in args.callgrind.split(",") if s.strip()]

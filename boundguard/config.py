@@ -33,6 +33,7 @@ class Config:
     thresholds: Optional[dict[str, dict[str, float]]] = None
     input_key: Union[int, str, None] = None
     target_key: Union[int, str, None] = None
+    output_key: Union[int, str, None] = None
     strict: bool = False
     extra: dict = field(default_factory=dict)
 
@@ -47,7 +48,7 @@ class Config:
             >>> Config.from_options("watch()", {"check_every": 10})
             Traceback (most recent call last):
             ...
-            TypeError: watch() got an unknown option 'check_every' (did you mean 'check_every_n_steps'?); valid options: bounds, on_violation, actions, check_every_n_steps, alerts_path, thresholds, input_key, target_key, strict
+            TypeError: watch() got an unknown option 'check_every' (did you mean 'check_every_n_steps'?); valid options: bounds, on_violation, actions, check_every_n_steps, alerts_path, thresholds, input_key, target_key, output_key, strict
         """
         valid = accepted or OPTIONS
         for name in options:
@@ -93,10 +94,12 @@ class Config:
         if self.thresholds is not None and not isinstance(self.thresholds, dict):
             raise TypeError(f"thresholds must be a dict like {{'loss_spike': {{'factor': 5}}}} or None, got {self.thresholds!r}")
         default_rules(self.thresholds)  # validates codes and keys
-        for name in ("input_key", "target_key"):
+        for name in ("input_key", "target_key", "output_key"):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, (int, str))):
-                raise TypeError(f"{name} must be a batch index (int), a dict key (str) or None, got {v!r}")
+                what = "an output index (int), an output name or dict key (str)" if name == "output_key" \
+                    else "a batch index (int), a dict key (str)"
+                raise TypeError(f"{name} must be {what} or None, got {v!r}")
         if not isinstance(self.strict, bool):
             raise TypeError(f"strict must be a bool, got {self.strict!r}")
 

@@ -38,6 +38,8 @@ class LightningGuard(SessionViews):
         thresholds: per-code rule thresholds, e.g. ``{"loss_spike": {"factor": 6}}``.
         input_key: where the inputs are in the batch (index or dict key) when not found automatically.
         target_key: where the targets are in the batch, likewise.
+        output_key: which element of what ``forward`` returns (tuple index or dict key) is the prediction,
+            for a model with several heads (default: the input of the loss that weighs most).
         log_stats: log ``boundguard/<stat>`` metrics through the trainer's loggers at each check.
         strict: re-raise internal errors instead of switching the monitor off (for tests).
 
@@ -62,6 +64,7 @@ class LightningGuard(SessionViews):
         thresholds: Optional[dict[str, dict[str, float]]] = None,
         input_key: Union[int, str, None] = None,
         target_key: Union[int, str, None] = None,
+        output_key: Union[int, str, None] = None,
         log_stats: bool = True,
         strict: bool = False,
     ) -> None:
@@ -70,7 +73,8 @@ class LightningGuard(SessionViews):
             raise TypeError(f"log_stats must be a bool, got {log_stats!r}")
         self._config = Config(bounds=bounds, on_violation=on_violation, actions=actions,
                               check_every_n_steps=check_every_n_steps, alerts_path=alerts_path,
-                              thresholds=thresholds, input_key=input_key, target_key=target_key, strict=strict)
+                              thresholds=thresholds, input_key=input_key, target_key=target_key,
+                              output_key=output_key, strict=strict)
         self._engine = TorchEngine(self._config)
         self._session = self._engine.session
         self._log_stats = log_stats

@@ -78,6 +78,8 @@ class BoundGuardCallback(SessionViews, TrainerCallback, ExportableState):
         thresholds: per-code rule thresholds, e.g. ``{"loss_spike": {"factor": 6}}``.
         input_key: where the inputs are in the batch dict when not found automatically.
         target_key: where the targets are in the batch dict (default: ``labels``, as the loss shows it).
+        output_key: which element of the model's output (index or key, e.g. ``"logits"``) is the
+            prediction (default: the input of the loss that weighs most).
         log_stats: log ``boundguard/<stat>`` through ``Trainer.log`` at each check.
         strict: re-raise internal errors instead of switching the monitor off (for tests).
 
@@ -106,7 +108,7 @@ class BoundGuardCallback(SessionViews, TrainerCallback, ExportableState):
         >>> BoundGuardCallback(check_every=10)
         Traceback (most recent call last):
         ...
-        TypeError: BoundGuardCallback() got an unknown option 'check_every' (did you mean 'check_every_n_steps'?); valid options: bounds, on_violation, actions, check_every_n_steps, alerts_path, thresholds, input_key, target_key, strict, log_stats
+        TypeError: BoundGuardCallback() got an unknown option 'check_every' (did you mean 'check_every_n_steps'?); valid options: bounds, on_violation, actions, check_every_n_steps, alerts_path, thresholds, input_key, target_key, output_key, strict, log_stats
     """
 
     def __init__(
@@ -120,6 +122,7 @@ class BoundGuardCallback(SessionViews, TrainerCallback, ExportableState):
         thresholds: Optional[dict] = None,
         input_key: Any = None,
         target_key: Any = None,
+        output_key: Any = None,
         log_stats: bool = True,
         strict: bool = False,
         **unknown: Any,
@@ -130,7 +133,8 @@ class BoundGuardCallback(SessionViews, TrainerCallback, ExportableState):
             raise TypeError(f"log_stats must be a bool, got {log_stats!r}")
         self._config = Config(bounds=bounds, on_violation=on_violation, actions=actions,
                               check_every_n_steps=check_every_n_steps, alerts_path=alerts_path,
-                              thresholds=thresholds, input_key=input_key, target_key=target_key, strict=strict)
+                              thresholds=thresholds, input_key=input_key, target_key=target_key,
+                              output_key=output_key, strict=strict)
         self._engine = TorchEngine(self._config)
         self._session = self._engine.session
         self._log_stats = log_stats
@@ -180,6 +184,7 @@ class BoundGuardCallback(SessionViews, TrainerCallback, ExportableState):
             "check_every_n_steps": c.check_every_n_steps,
             "alerts_path": str(c.alerts_path) if c.alerts_path is not None else None,
             "thresholds": c.thresholds, "input_key": c.input_key, "target_key": c.target_key,
+            "output_key": c.output_key,
             "log_stats": self._log_stats, "strict": c.strict,
         })
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 import keras
 import numpy as np
@@ -16,7 +16,7 @@ from boundguard.integrations.keras.activations import (
 from boundguard.integrations.keras.buffer import ROW_CAP, DeviceBuffer, Wants
 from boundguard.integrations.keras.graph import (
     Head, attr_of, classify, drop_compute_loss_tap, find_head, flat_layers, activation_attr, layer_name,
-    loss_info, tap_compute_loss, units,
+    loss_info, output_index, output_names, tap_compute_loss, units,
 )
 from boundguard.integrations.keras.probe import Trace, input_scaler, model_facts, notes, pick, resolve_head
 from boundguard.model_facts import LossInfo, ModelFacts, classify_loss
@@ -69,11 +69,12 @@ class BoundGuard(SessionViews, keras.callbacks.Callback):
 
     def __init__(self, bounds: Any = "auto", on_violation: str = "warn", actions: Optional[dict] = None,
                  check_every_n_steps: int = 50, alerts_path: Any = None, *, thresholds: Optional[dict] = None,
-                 strict: bool = False) -> None:
+                 output_key: Union[int, str, None] = None, strict: bool = False) -> None:
         super().__init__()
         config = Config(bounds=bounds, on_violation=on_violation, actions=actions,
                         check_every_n_steps=check_every_n_steps, alerts_path=alerts_path,
-                        thresholds=thresholds, strict=strict)
+                        thresholds=thresholds, output_key=output_key, strict=strict)
+        self._out: tuple[int, Optional[str]] = (0, None)  # the watched output: its index and name
         self._session = Session(config, adapter=self)
         self._buffer: Optional[DeviceBuffer] = None
         self._wmodel: Any = None
@@ -208,12 +209,20 @@ class BoundGuard(SessionViews, keras.callbacks.Callback):
     def _install(self, model: Any) -> None:
         remove_leftovers(model)
         drop_compute_loss_tap(model)
-        self._loss_name, from_logits = loss_info(model)
+        key, names = self._session.config.output_key, output_names(model)
+        index = output_index(model, key)
+        if index is None:
+            self._session.note("output", f"output_key={key!r} names none of the model's outputs {names}; the "
+                               "first output is watched.", "Pass output_key= as an output's name or index.")
+            index = 0
+        self._out = (index, names[index] if index < len(names) else None)
+        self._loss_name, from_logits = loss_info(model, index)
         self._loss = classify_loss(self._loss_name, from_logits)
         self._logits = bool(self._loss and self._loss.link_applied)
-        head = self._head = find_head(model)
+        head = self._head = find_head(model, index=index)
         self._owner = head.owner if head.static else None
         self._trace, self._facts_ready = Trace(), False
+        self._trace.watched_output = repr(self._out[1]) if self._out[1] is not None else f"output {index}"
         self._setup_buffer(model)
         self._buf.attach(model)  # JAX: the stateless step carries the buffer as model state
         layers = [head.owner] if head.owner is not None else []
@@ -307,7 +316,7 @@ class BoundGuard(SessionViews, keras.callbacks.Callback):
 
     def _write_row(self, x: Any, y: Any, y_pred: Any, loss: Any, stash: dict) -> None:
         head, buf = self._head, self._buf
-        tensors, probe = pick(head, stash, x, y, y_pred, loss, self._trace, self._logits)
+        tensors, probe = pick(head, stash, x, y, y_pred, loss, self._trace, self._logits, *self._out)
         # statistics that cannot be non-neutral for this model are not computed (decided at trace time;
         # a bound insertion retraces the step)
         act = (self._session.facts.activation if self._facts_ready else self._act[0]) if head.static else None

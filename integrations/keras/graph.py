@@ -83,15 +83,37 @@ class Head:
         return all(type(op).__name__ in SHAPE_ONLY for op in self.trailing)
 
 
-def find_head(model: Any, depth: int = 0) -> Head:
-    """The output layer of a Sequential or functional model (``static``); subclassed models: found at trace."""
+def output_names(model: Any) -> list[str]:
+    """The names of the model's outputs, in order (empty when Keras does not know them yet)."""
+    try:
+        return [str(n) for n in (getattr(model, "output_names", None) or [])]
+    except Exception:
+        return []
+
+
+def output_index(model: Any, key: Any) -> Optional[int]:
+    """The position of the output ``key`` names (an index or an output name) among the model's outputs;
+    0 for ``None``; None when ``key`` names no output."""
+    if key is None:
+        return 0
+    names = output_names(model)
+    if isinstance(key, str):
+        return names.index(key) if key in names else None
+    n = len(names) or 1
+    return key if 0 <= key < n else None
+
+
+def find_head(model: Any, depth: int = 0, index: int = 0) -> Head:
+    """The output layer of a Sequential or functional model (``static``); subclassed models: found at trace.
+    ``index``: which output of a multi-output model."""
     if depth > _MAX_DEPTH:
         return Head(static=False)
     if isinstance(model, keras.Sequential):
         return _sequential_head(model, depth)
     outputs = getattr(model, "_outputs", None) if _is_functional(model) else None
     if outputs:
-        return _functional_head(keras.tree.flatten(outputs)[0], depth)
+        flat = keras.tree.flatten(outputs)
+        return _functional_head(flat[index if index < len(flat) else 0], depth)
     return Head(static=False)
 
 
@@ -180,14 +202,15 @@ def units(model: Any, owner: Any) -> int:
     return 1
 
 
-def loss_info(model: Any) -> tuple[Optional[str], bool]:
-    """The compiled loss's name and ``from_logits`` (first output's loss for multi-output models)."""
+def loss_info(model: Any, index: int = 0) -> tuple[Optional[str], bool]:
+    """The compiled loss's name and ``from_logits`` (for a multi-output model: output ``index``'s loss)."""
     loss = getattr(model, "loss", None)
     if isinstance(loss, dict):
-        names = list(getattr(model, "output_names", None) or [])
-        loss = loss.get(names[0]) if names and names[0] in loss else next(iter(loss.values()), None)
+        names = output_names(model)
+        name = names[index] if index < len(names) else None
+        loss = loss.get(name) if name in loss else next(iter(loss.values()), None)
     if isinstance(loss, (list, tuple)):
-        loss = loss[0] if loss else None
+        loss = loss[index] if index < len(loss) else (loss[0] if loss else None)
     if loss is None:
         return None, False
     if isinstance(loss, str):

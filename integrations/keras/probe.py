@@ -34,6 +34,7 @@ class Trace:
     owner: Any = None  # the layer whose activation fed the prediction
     direct: bool = False  # its output is y_pred itself
     multi: bool = False  # the model has several outputs
+    watched_output: str = "the first"  # which one is watched
     pred_shape: Optional[tuple] = None
     target_dtype: Optional[str] = None
     input_dtype: Optional[str] = None
@@ -43,14 +44,30 @@ class Trace:
     probe_shape: Optional[tuple] = None  # rows of (z, y_pred) kept to infer the activation
 
 
+def select(struct: Any, index: int, name: Optional[str]) -> Any:
+    """Output ``index`` (named ``name``) of a model's predictions or targets: by name in a dict (a
+    flattened dict is in key order, not the model's), by position in a list or tuple."""
+    if struct is None:
+        return None
+    if isinstance(struct, dict):
+        if name is not None and name in struct:
+            return struct[name]
+        values = list(struct.values())
+        return values[index] if index < len(values) else None
+    if isinstance(struct, (list, tuple)):
+        flat = [t for t in struct if t is not None]
+        return flat[index] if index < len(flat) else None
+    return struct if index == 0 else None
+
+
 def pick(head: Head, stash: dict[int, Entry], x: Any, y: Any, y_pred: Any, loss: Any, trace: Trace,
-         logits: bool) -> tuple[StepTensors, Any]:
+         logits: bool, index: int = 0, name: Optional[str] = None) -> tuple[StepTensors, Any]:
     """The step's tensors; updates ``trace``. Returns the tensors and, when the activation must be
-    identified from data (applied outside any layer), the prediction to probe against the pre-activation."""
+    identified from data (applied outside any layer), the prediction to probe against the pre-activation.
+    ``index`` / ``name``: which output of a multi-output model is watched (its own targets with it)."""
     preds = [t for t in keras.tree.flatten(y_pred) if t is not None] if y_pred is not None else []
-    yp = preds[0] if preds else None
-    ys = [t for t in keras.tree.flatten(y) if t is not None] if y is not None else []
-    yt = ys[0] if ys else None
+    yp = select(y_pred, index, name)
+    yt = select(y, index, name)
     xs = [(i, t) for i, t in enumerate(keras.tree.flatten(x)) if t is not None and hasattr(t, "dtype")] \
         if x is not None else []
     xf = next(((i, t) for i, t in xs if _is_float(t)), None)
@@ -167,8 +184,9 @@ def notes(trace: Trace, owner: Any, activation: str, counts: dict[str, int]) -> 
         out.append(("activation", "the output activation could not be identified, so activation checks are off.",
                     "Apply the output activation as activation= of the output layer."))
     if trace.multi:
-        out.append(("outputs", "the model has several outputs; only the first is watched.",
-                    "Watch one output per run, or compile the output you care about first."))
+        out.append(("outputs", f"the model has several outputs; only {trace.watched_output} is watched (with "
+                    "its own targets and loss).",
+                    "Name the output to watch with output_key= (its name or index)."))
     if not counts.get("target") and trace.target_dtype is None:
         out.append(("targets", "fit() got no targets, so target checks and bounds inference are off.",
                     "Pass y to fit(), or bounds= explicitly."))

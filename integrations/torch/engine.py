@@ -324,7 +324,7 @@ class TorchEngine:
         self.probe = None
         self.probed = True
         try:
-            r = probe.analyse(loss)
+            r = probe.analyse(loss, self.config.output_key)
         finally:
             probe.recorder.calls.clear()
             probe.recorder.producer.clear()

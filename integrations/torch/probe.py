@@ -14,7 +14,7 @@ import numpy as np
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from boundguard.integrations.torch.paths import INPUT, flatten
+from boundguard.integrations.torch.paths import INPUT, flatten, get_path
 from boundguard.model_facts import infer_activation
 
 __all__ = ["Probe", "ProbeResult", "same_storage"]
@@ -166,6 +166,26 @@ class Probe:
             cur = nxt
         return None, chain
 
+    def _fed_by_output(self, calls: list[_Call], key: Any) -> Optional[_Call]:
+        """The first loss call whose input is (computed from) the model's output element ``key``."""
+        root = next((out for _name, module, out in reversed(self.order) if module is self.model), None)
+        target = get_path(root, (key,)) if root is not None else None
+        if target is None:
+            return None
+        for c in calls:
+            stack, seen = [c.tensor_arg(0, "input")], 0
+            while stack and seen < 64:
+                t = stack.pop()
+                seen += 1
+                if t is None:
+                    continue
+                if t is target or (t.numel() == target.numel() and same_storage(t, target)):
+                    return c
+                call = self.recorder.producer.get(id(t))
+                if call is not None:
+                    stack.extend(a for a in call.args if isinstance(a, Tensor))
+        return None
+
     def _main_loss_call(self, loss: Optional[Tensor], calls: list[_Call]) -> _Call:
         """The loss call that weighs most in the training loss: ``CE(logits) + 0.4 * CE(aux)`` → the
         first. Walks back from the loss through sums and scalar scalings; ties and unknown graphs fall
@@ -200,13 +220,24 @@ class Probe:
 
         return max(reversed(calls), key=contribution)
 
-    def analyse(self, loss: Optional[Tensor]) -> "ProbeResult":
+    def analyse(self, loss: Optional[Tensor], output_key: Any = None) -> "ProbeResult":
+        """What the step showed. ``output_key``: the element of the model's output (tuple index or dict
+        key) that is the prediction; the loss call it feeds is watched (default: the heaviest loss)."""
         r = ProbeResult()
         calls = [c for c in self.recorder.calls if c.name in _LOSS_FUNCS]
         chosen = None
         if calls:
             chosen = self._main_loss_call(loss, calls)
-            if len(calls) > 1:
+            if output_key is not None:
+                named = self._fed_by_output(calls, output_key)
+                if named is None:
+                    r.notes.append(("output", f"output_key={output_key!r} does not name an element of the model's "
+                                    f"output that reaches a loss call; watching the input of {chosen.name}.",
+                                    "Pass output_key= as the index (tuple output) or key (dict output) of the "
+                                    "prediction in what forward() returns."))
+                else:
+                    chosen = named
+            if len(calls) > 1 and (output_key is None or chosen is not named):
                 r.notes.append(("loss", f"{len(calls)} loss calls were seen in one step "
                                 f"({', '.join(c.name for c in calls)}); watching the input of {chosen.name}, "
                                 "the one that weighs most in the training loss (auxiliary heads are not watched).",

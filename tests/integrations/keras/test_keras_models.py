@@ -189,6 +189,38 @@ def test_several_outputs_watch_the_first(tmp_path):
     assert any(a.code == "probe_incomplete" and a.where == "outputs" for a in g.alerts)
 
 
+@pytest.mark.parametrize("form", ["dict", "list"])
+def test_output_key_watches_the_named_output_with_its_own_targets(tmp_path, form):
+    """Outputs reg (linear, targets in [2, 8]) and cls (sigmoid, binary targets), with a loss dict
+    (output_key="cls") or a loss list (output_key=1): the classifier is watched against its own binary
+    targets, never the regression's."""
+    x, y = data("binary")
+    y_reg = (5 + 3 * np.tanh(x[:, :1])).astype("float32")
+    inp = keras.Input((4,))
+    h = keras.layers.Dense(8, activation="tanh")(inp)
+    reg = keras.layers.Dense(1, name="reg")(h)
+    cls = keras.layers.Dense(1, activation="sigmoid", name="cls")(h)
+    if form == "dict":
+        model, key = keras.Model(inp, {"reg": reg, "cls": cls}), "cls"
+        ys, loss = {"reg": y_reg, "cls": y}, {"reg": "mse", "cls": "binary_crossentropy"}
+    else:
+        model, key, ys, loss = keras.Model(inp, [reg, cls]), 1, [y_reg, y], ["mse", "binary_crossentropy"]
+    g = guard(tmp_path, output_key=key)
+    fit(model, x, ys, g, loss=loss, epochs=1)
+    assert facts(g)[0] == "sigmoid" and g.monitor.facts.loss.name == "binary_crossentropy"
+    assert g.monitor.bounds is not None and (g.monitor.bounds.lo, g.monitor.bounds.hi) == (0.0, 1.0)
+    assert not [a for a in g.alerts if a.severity != "info"], [(a.code, a.message) for a in g.alerts]
+    (note,) = [a for a in g.alerts if a.code == "probe_incomplete" and a.where == "outputs"]
+    assert "'cls'" in note.message
+
+
+def test_an_output_key_that_names_no_output_is_a_note(tmp_path):
+    x, y = data("binary")
+    g = guard(tmp_path, output_key="nope")
+    fit(dense(activation="sigmoid"), x, y, g, loss="binary_crossentropy", epochs=1)
+    assert any(a.code == "probe_incomplete" and "output_key='nope'" in a.message for a in g.alerts)
+
+
 def test_convolutional_head(tmp_path):
     rng = np.random.default_rng(0)
     x = rng.standard_normal((64, 6, 6, 2)).astype("float32")
