@@ -74,8 +74,7 @@ class Monitor:
         if self.write:
             failures: list = []  # the run's files warn once between them when they cannot be written
             self._alerts_file = JsonLinesWriter(self.alerts_path, failures=failures)
-            self._stats_file = JsonLinesWriter(self.alerts_path.with_name(_stats_name(self.alerts_path)),
-                                               failures=failures)
+            self._stats_file = JsonLinesWriter(_stats_path(self.alerts_path), failures=failures)
 
     def close(self) -> None:
         for f in (self._alerts_file, self._stats_file):
@@ -289,6 +288,17 @@ class Monitor:
         where = f"boundguard report {self.alerts_path}" if self._alerts_file is not None else "callback.alerts"
         rows.append(f"  details and fixes: {where}  |  boundguard explain <code>")
         return "\n".join(rows)
+
+
+def _stats_path(alerts_path: Path) -> Path:
+    """``stats.jsonl`` beside the alerts file; a device such as ``/dev/null`` (not a regular file, not
+    in a writable folder of files) gets the statistics too, never a new ``/dev/null.stats.jsonl``."""
+    try:
+        if alerts_path.exists() and not alerts_path.is_file() and not alerts_path.is_dir():
+            return alerts_path
+    except OSError:
+        pass
+    return alerts_path.with_name(_stats_name(alerts_path))
 
 
 def _stats_name(alerts_path: Path) -> str:

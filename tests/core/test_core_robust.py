@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -111,3 +112,14 @@ def test_rms_of_huge_inputs_is_not_lost_to_overflow():
         m = Monitor(Config(on_violation="log"), write=False)
         codes = {d.alert.code for d in m.check(snap)}
     assert "inputs_not_scaled" in codes
+
+
+def test_alerts_to_dev_null_writes_no_stats_file_beside_it(tmp_path):
+    """``alerts_path="/dev/null"``: both logs go to the device; no ``/dev/null.stats.jsonl`` appears."""
+    import os
+
+    from boundguard.monitor import _stats_path
+
+    assert _stats_path(Path(os.devnull)) == Path(os.devnull)
+    assert _stats_path(tmp_path / "alerts.jsonl") == tmp_path / "stats.jsonl"
+    assert _stats_path(tmp_path / "run.jsonl") == tmp_path / "run.stats.jsonl"

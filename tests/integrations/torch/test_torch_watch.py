@@ -509,3 +509,19 @@ def test_bound_to_a_distribution_inserts_softmax(tmp_path):
         out = model(30 * torch.randn(64, 4))
     assert out.min() >= 0 and out.max() <= 1
     torch.testing.assert_close(out.sum(1), torch.ones(64))
+
+
+def test_list_of_input_tensors_is_watched(tmp_path):
+    """``guard.step(inputs=[a, b])``: every float tensor of the list is watched (a NaN in the second too)."""
+    model = Head(nn.Sigmoid())
+    guard = watch(model, **opts(tmp_path, check_every_n_steps=1))
+    x, y = unit_data(8)
+    extra = torch.randn(8, 3)
+    extra[2, 1] = math.nan
+    with torch.no_grad():
+        loss = F.mse_loss(model(x), y)
+    guard.step(loss=loss, inputs=[x, extra, torch.arange(8)], targets=y)
+    guard.close()
+    snap = guard.engine.session.last_snapshot
+    assert snap.counts["input"] == x.numel() + extra.numel()  # the integer tensor is not a feature
+    assert any(a.code == "nonfinite_input" for a in guard.alerts)
