@@ -118,9 +118,14 @@ def reduce_rows(rows: np.ndarray) -> dict[str, float]:
     ``loss`` column is not reduced here (see :meth:`Snapshot.from_rows`).
     """
     rows = np.asarray(rows, dtype=np.float64).reshape(-1, len(COLUMNS))
-    out: dict[str, float] = {}
     if rows.shape[0] == 0:
         rows = neutral_row()[None]
+    with np.errstate(invalid="ignore", over="ignore"):  # inf + -inf is NaN, as on the device: no warning
+        return _reduce_columns(rows)
+
+
+def _reduce_columns(rows: np.ndarray) -> dict[str, float]:
+    out: dict[str, float] = {}
     for i, s in enumerate(STATS):
         col = rows[:, i]
         if s.reduce == "min":
@@ -139,8 +144,8 @@ def fold_rows(rows: np.ndarray) -> np.ndarray:
     rows = np.asarray(rows, dtype=np.float64).reshape(-1, len(COLUMNS))
     if rows.shape[0] == 0:
         return neutral_row()
-    out = np.array([reduce_rows(rows).get(s.name, math.nan) for s in STATS], dtype=np.float64)
-    return out
+    values = reduce_rows(rows)
+    return np.array([values.get(s.name, math.nan) for s in STATS], dtype=np.float64)
 
 
 def merge_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -60,6 +60,8 @@ class Reducer:
     HOLD_MAX = 1 << 24
     #: Rows of one block; a longer interval folds full blocks into the carry row on the device.
     ROW_CAP = 256
+    #: Per-parameter gradient norms staged per step (a head with more parameters is reduced at once).
+    GRAD_SLOTS = 8
 
     def __init__(self, rows: int, device: torch.device, stage_elements: Optional[int] = None) -> None:
         self.device = device
@@ -132,6 +134,9 @@ class Reducer:
             if self.cap > 0 else {}
         self.stage_rows = {k: [b[i] for i in range(block)] for k, b in self.stage.items()}
         self.staged = {k: [0] * block for k in self.stage}  # elements staged per row (host ints)
+        self._gstage = torch.empty((block, self.GRAD_SLOTS), dtype=torch.float32, device=device)
+        self._gstage_rows = [self._gstage[i] for i in range(block)]
+        self._glen = [0] * block  # gradient norms staged per row
         self.configure()
         self._reset()
 
@@ -162,7 +167,7 @@ class Reducer:
     def discard(self) -> None:
         """Forget the rows of the current interval (no transfer): the next row is row 0."""
         self._held.clear()
-        for lens in self.staged.values():
+        for lens in list(self.staged.values()) + [self._glen]:
             for i in range(len(lens)):
                 lens[i] = 0
         self._reset()
@@ -224,6 +229,7 @@ class Reducer:
         at a fold and at the check, before the buffer is merged across processes or read."""
         self._resolve(wait=True)
         used = max(self.row, 1)
+        self._flush_grads(used)
         for kind, lens in self.staged.items():
             if not any(lens[:used]):
                 continue
@@ -374,25 +380,47 @@ class Reducer:
         self._observe("input", x)
 
     def grads(self, grads: list[Tensor]) -> None:
-        """The step's gradients of the watched parameters: their squared norm (one fused norm per
-        parameter, a stack and a sum: a few kernels, no host read) into this step's ``grad`` cells."""
-        if not grads:
+        """The step's gradients of the watched parameters (once per step: a second optimizer's step sees
+        the same head): one fused norm per parameter, stacked into this step's staging row (two kernels,
+        no host read); their squared sum becomes the step's ``grad`` cells at the flush."""
+        if not grads or "grad" in self._written:
             return
+        self._written.add("grad")
+        self.counts["grad"] += 1
         norms = torch._foreach_norm([g.detach() for g in grads])
-        sq = torch.stack([n.float() for n in norms]).square().sum() if len(norms) > 1 else norms[0].float().square()
-        if sq.device != self.device:
-            sq = sq.to(self.device, non_blocking=True)
-        first = "grad" not in self._written
+        k = len(norms)
+        if k <= self.GRAD_SLOTS and all(n.dtype == torch.float32 and n.device == self.device for n in norms):
+            torch.stack(norms, out=self._gstage_rows[self.row][:k])
+            self._glen[self.row] = k
+            return
+        sq = torch.stack([n.float().to(self.device) for n in norms]).square().sum()
         c = self.cells[self.row]["grad"]  # this step's cells: sumsq, normsq_max, normsq_min, finite
-        if first:
-            self._written.add("grad")
-            c[0].copy_(sq)
-            self.counts["grad"] += 1
-        else:  # a second record in one step (several optimizers): the step's norm covers both
-            c[0].add_(sq)
-        c[1].copy_(c[0])
-        c[2].copy_(c[0])
-        c[3].copy_(torch.isfinite(c[0]))
+        for cell in c[:3]:
+            cell.copy_(sq)
+        c[3].copy_(torch.isfinite(sq))
+
+    def _flush_grads(self, used: int) -> None:
+        """The staged per-parameter norms of the block's steps into their ``grad`` cells (a few kernels
+        per run of steps with the same number of parameters)."""
+        lens = self._glen
+        if not any(lens[:used]):
+            return
+        off, col = self.offs["grad"], self._col["grad"]
+        start = 0
+        while start < used:
+            k, end = lens[start], start + 1
+            while end < used and lens[end] == k:
+                end += 1
+            if k:
+                g = self._gstage[start:end, :k]
+                sq = (g * g).sum(1)
+                rows = self.rows[start:end]
+                for f in ("sumsq", "normsq_max", "normsq_min"):
+                    rows[:, off + col[f]].copy_(sq)
+                rows[:, off + col["finite"]].copy_(torch.isfinite(sq))
+            start = end
+        for i in range(used):
+            lens[i] = 0
 
     def loss(self, loss: Tensor) -> None:
         l = loss.detach()

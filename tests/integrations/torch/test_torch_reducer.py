@@ -13,8 +13,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from boundguard.stats import KINDS, Snapshot
+from boundguard.stats import KINDS as ALL_KINDS
+from boundguard.stats import Snapshot
 
+#: the watched tensors (the gradients' per-step norms are tested in test_grads_are_staged_per_step)
+KINDS = tuple(k for k in ALL_KINDS if k != "grad")
 FAST = settings(max_examples=50, deadline=None)
 NAN, INF = math.nan, math.inf
 
@@ -73,8 +76,10 @@ def reference(steps: list[dict], dtype: torch.dtype, *, lo=None, hi=None, pin=No
             out["pre.tail"] = float(np.sum(np.abs(fin) > tail)) if tail is not None else 0.0
         if kind == "target":
             out["target.nonbinary"] = float(np.sum((fin != 0) & (fin != 1)))
-            out["target.sum"] = float(np.sum(x.astype(np.float64))) if x.size else 0.0
-            out["target.sumsq"] = float(np.sum(x.astype(np.float64) ** 2)) if x.size else 0.0
+            with np.errstate(invalid="ignore"):  # inf + -inf is NaN, as on the device
+                out["target.sum"] = float(np.sum(x.astype(np.float64))) if x.size else 0.0
+                out["target.sumsq"] = float(np.sum(x.astype(np.float64) ** 2)) if x.size else 0.0
+    counts["grad"] = 0
     return {"values": out, "counts": counts, "losses": np.array(losses, dtype=np.float64)}
 
 
@@ -284,3 +289,30 @@ def test_bounds_that_fp32_cannot_represent():
     snap = Snapshot.from_rows(rows, counts, step=1, first_step=1, loss_seen=seen, losses=losses)
     assert (snap.values["pred.below"], snap.values["pred.above"]) == (1, 1)
     assert snap.values["pred.pinned"] == 4  # f32(0.1) and f32(0.9), once each from p and from the clamp
+
+
+def test_grads_are_staged_per_step_and_reduced_at_the_check():
+    """Per step the squared norm of the head's gradients (several parameters; a NaN in one step; a
+    second record in one step ignored): the interval's sum, largest and smallest step and finite steps."""
+    red = make_reducer(rows=4)
+    steps = [[torch.tensor([3.0, 4.0]), torch.tensor([12.0])],  # |g|^2 = 25 + 144
+             [torch.tensor([1.0, 0.0]), torch.tensor([0.0])],
+             [torch.tensor([math.nan, 1.0]), torch.tensor([1.0])]]
+    for gs in steps:
+        red.grads(gs)
+        red.grads([torch.tensor([100.0])])  # a second optimizer's step: the head was recorded already
+        red.next_row()
+    rows, counts, seen, losses = red.read()
+    snap = Snapshot.from_rows(rows, counts, step=3, first_step=1, loss_seen=seen, losses=losses)
+    assert snap.counts["grad"] == 3 and snap.nonfinite("grad") == 1
+    assert math.isnan(snap.values["grad.sumsq"]) and math.isnan(snap.values["grad.normsq_max"])
+    red.grads(steps[0])
+    red.grads([torch.tensor([2.0], dtype=torch.float64)])  # ignored: once per step
+    red.next_row()
+    red.grads([torch.tensor([2.0], dtype=torch.float64)])  # not fp32: reduced at once
+    red.next_row()
+    rows, counts, seen, losses = red.read()
+    snap = Snapshot.from_rows(rows, counts, step=5, first_step=4, loss_seen=seen, losses=losses)
+    assert snap.values["grad.sumsq"] == pytest.approx(169.0 + 4.0)
+    assert snap.values["grad.normsq_max"] == pytest.approx(169.0)
+    assert snap.values["grad.normsq_min"] == pytest.approx(4.0) and snap.nonfinite("grad") == 0
