@@ -80,6 +80,9 @@ FIRING = {
     "nonfinite_gradient": (lambda: Tiny(head=WhereSqrt()), "regression", {}),
     "gradient_exploding": (lambda: Tiny(lr=0.6), "regression", {}),
     "gradient_vanishing": (_dead_relu_head, "unit", {}),
+    # (B, 1) predictions against (B,) targets: MSE broadcasts to every pair, only the mean can be learnt
+    "loss_at_baseline": (lambda: Tiny(loss_fn=lambda p, y: F.mse_loss(p, y.squeeze(-1)), lr=0.05), "regression",
+                         dict(thresholds={"loss_at_baseline": {"warmup_steps": 30}})),
 }
 
 
