@@ -211,6 +211,7 @@ def _facts_section(run: RunReport) -> str:
         ("loss", _loss(facts)),
         ("targets", _where(facts, "target_where", _integer(facts, "target_integer"))),
         ("inputs", _where(facts, "input_where", _integer(facts, "input_integer"))),
+        ("gradients", _where(facts, "grad_where", "(output layer's parameters)" if facts.get("grad_where") else "")),
         ("bounds in force", _bounds_in_force(run, rec)),
     ]
     classes = facts.get("classes")
