@@ -21,6 +21,8 @@ def _nan_rows(x):
     return x
 
 
+_EARLY_BASELINE = {"loss_at_baseline": {"warmup_steps": 10}}
+
 # code → (model, data(kind), loss, guard options, fit options)
 FIRING = {
     "output_out_of_range": lambda: (dense(bias=3.0), data("binary"), "mse", dict(bounds=(0, 1)), {}),
@@ -39,6 +41,9 @@ FIRING = {
     "nonfinite_input": lambda: (dense(activation="sigmoid"), (_nan_rows(data("binary")[0]), data("binary")[1]),
                                 "mse", {}, dict(shuffle=False)),
     "nonfinite_output": lambda: (dense(kernel=math.nan), data("linear"), "mse", dict(bounds=None), {}),
+    # a learning rate of 0: the loss stays at the constant predictor's (the targets' variance) or above
+    "loss_at_baseline": lambda: (dense(), data("linear"), "mse", dict(bounds=None, thresholds=_EARLY_BASELINE),
+                                 dict(optimizer=keras.optimizers.SGD(0.0))),
 }
 
 HEALTHY = {
@@ -56,6 +61,10 @@ HEALTHY = {
     "inputs_not_scaled": lambda: (dense(activation="sigmoid"), data("binary"), "binary_crossentropy", {}, {}),
     "nonfinite_input": lambda: (dense(activation="sigmoid"), data("binary"), "binary_crossentropy", {}, {}),
     "nonfinite_output": lambda: (dense(), data("linear"), "mse", dict(bounds=None), {}),
+    # the same model learning: below the baseline once warmed up (30 steps here)
+    "loss_at_baseline": lambda: (dense(), data("linear"), "mse",
+                                 dict(bounds=None, thresholds={"loss_at_baseline": {"warmup_steps": 30}}),
+                                 dict(epochs=6, optimizer=keras.optimizers.Adam(5e-2))),
 }
 
 
@@ -245,5 +254,7 @@ def test_seed_example_1_sigmoid_bce_is_clean(tmp_path):
 
 def test_every_applicable_code_has_a_scenario():
     dynamics = {"loss_spike", "loss_diverging", "loss_plateau", "nonfinite_loss"}
-    assert set(FIRING) | dynamics == set(CATALOGUE) - {"probe_incomplete"}
+    # a Keras callback does not see the gradients (they live inside the train step): not watched there
+    gradients = {"nonfinite_gradient", "gradient_exploding", "gradient_vanishing"}
+    assert set(FIRING) | dynamics | gradients == set(CATALOGUE) - {"probe_incomplete"}
     assert set(HEALTHY) == set(FIRING)
