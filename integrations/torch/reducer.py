@@ -114,8 +114,7 @@ class Reducer:
         self._slot = 0
         self._rows_np = self.rows.numpy() if not self._cuda else self._mirror_np
         self._losses_np = self.losses.numpy() if not self._cuda else self._mirror_np[0]  # (GPU: unused)
-        self._min_idx = np.array([offs[k] for k in self.ROW])
-        self._max_idx = self._min_idx + 1
+        self._minmax = [(offs[k], offs[k] + 1) for k in self.ROW]  # each kind's first two row columns
         self._held: list[tuple[int, str, str, Tensor, int]] = []  # (slot, kind, bins kind, tensor, n)
         #: a mirrored step showed a NaN/Inf (the loss, a large tensor): the adapter checks at once
         self.tripped = False
@@ -137,6 +136,8 @@ class Reducer:
         self._gstage = torch.empty((block, self.GRAD_SLOTS), dtype=torch.float32, device=device)
         self._gstage_rows = [self._gstage[i] for i in range(block)]
         self._glen = [0] * block  # gradient norms staged per row
+        self._views: dict[tuple, Tensor] = {}  # (kind, row, shape) -> the staging destination
+        self._reduced = False  # a tensor was reduced into this step's row (else the row holds no values)
         self.configure()
         self._reset()
 
@@ -219,7 +220,13 @@ class Reducer:
         if n > self.cap or kind in self._written or (kind == "pred" and self.distribution):
             return False
         self._written.add(kind)
-        self.stage_rows[kind][self.row][:n].copy_(t.detach().reshape(-1))
+        key = (kind, self.row, t.shape)
+        dst = self._views.get(key)
+        if dst is None:  # batch shapes repeat: one view of the staging row per shape
+            if len(self._views) > 4096:
+                self._views.clear()
+            dst = self._views[key] = self.stage_rows[kind][self.row][:n].view(t.shape)
+        dst.copy_(t.detach())
         self.staged[kind][self.row] = n
         return True
 
@@ -336,8 +343,13 @@ class Reducer:
             row = self._mirror_np[slot]
             loss, seen = float(row[self.width]), self._mirror_seen[slot]
         else:
-            row, loss, seen = self._rows_np[self.row], float(self._losses_np[self.i]), self.loss_seen[self.i]
-        if _nonfinite(row, self._min_idx, self._max_idx, loss, seen):
+            seen = self.loss_seen[self.i]
+            if seen and not math.isfinite(float(self._losses_np[self.i])):
+                self.tripped = True
+            elif self._reduced and _nonfinite(self._rows_np[self.row].tolist(), self._minmax):
+                self.tripped = True
+            return
+        if (seen and not math.isfinite(loss)) or _nonfinite(row.tolist(), self._minmax):
             self.tripped = True
 
     def _observe(self, kind: str, t: Tensor, bins_kind: Optional[str] = None) -> None:
@@ -350,6 +362,7 @@ class Reducer:
         stageable = (bins_kind == "pred") == self.shared if kind == "pre" else True
         if not (stageable and self._stage(kind, t, n)):
             f = self._flat(t)
+            self._reduced = True
             c, merge = self._cells(kind)
             col = self._col[kind]
             torch.aminmax(f, out=(c[0], c[1]))
@@ -387,12 +400,16 @@ class Reducer:
             return
         self._written.add("grad")
         self.counts["grad"] += 1
-        norms = torch._foreach_norm([g.detach() for g in grads])
+        norms = torch._foreach_norm(grads)
         k = len(norms)
-        if k <= self.GRAD_SLOTS and all(n.dtype == torch.float32 and n.device == self.device for n in norms):
-            torch.stack(norms, out=self._gstage_rows[self.row][:k])
-            self._glen[self.row] = k
-            return
+        if k <= self.GRAD_SLOTS and norms[0].dtype == torch.float32 and norms[0].device == self.device:
+            try:
+                torch.stack(norms, out=self._gstage_rows[self.row][:k])
+                self._glen[self.row] = k
+                return
+            except (RuntimeError, TypeError):  # parameters of mixed dtypes or devices: reduce at once
+                pass
+        self._reduced = True
         sq = torch.stack([n.float().to(self.device) for n in norms]).square().sum()
         c = self.cells[self.row]["grad"]  # this step's cells: sumsq, normsq_max, normsq_min, finite
         for cell in c[:3]:
@@ -428,7 +445,7 @@ class Reducer:
             if l.numel() == 0:
                 return
             l = l.float().mean()
-        self.losses[self.i].copy_(l.reshape(()))
+        self.losses[self.i].copy_(l if l.dim() == 0 else l.reshape(()))
         self.loss_seen[self.i] = True
 
     def next_row(self) -> None:
@@ -445,6 +462,7 @@ class Reducer:
         self.row += 1
         self.i = min(self.i + 1, self.n_steps)
         self._written = set()
+        self._reduced = False
         if self.row == self.n_rows:
             self._fold()
 
@@ -547,13 +565,15 @@ def _next32(x: float) -> float:
     return float(np.nextafter(np.float32(x), np.float32(np.inf)))
 
 
-def _nonfinite(row: np.ndarray, mins: np.ndarray, maxs: np.ndarray, loss: float, loss_seen: bool) -> bool:
-    """A NaN/Inf in a mirrored row: a NaN min/max, a min of -inf or a max of +inf (a kind not written
-    this step holds +inf/-inf, the other way round), or a recorded loss that is not finite."""
-    lo, hi = row[mins], row[maxs]
-    if np.isnan(lo).any() or np.isnan(hi).any() or (lo == -np.inf).any() or (hi == np.inf).any():
-        return True
-    return loss_seen and not math.isfinite(loss)
+def _nonfinite(row: list, minmax: list[tuple[int, int]]) -> bool:
+    """A NaN/Inf in a mirrored row: in each kind's first two columns (min and max; for the gradients
+    their sum and largest squared norm) a NaN, a -inf first or a +inf second (a kind not written this
+    step holds +inf/-inf or 0/-inf: the other way round)."""
+    for a, b in minmax:
+        lo, hi = row[a], row[b]
+        if lo != lo or hi != hi or lo == -math.inf or hi == math.inf:
+            return True
+    return False
 
 
 def _same_bin(edges: list[float], lo: float, hi: float) -> Optional[int]:
