@@ -156,7 +156,7 @@ class Monitor:
         self.history.fold(snap, self._plateau_min)
         if snap.seen("target"):
             self._infer()
-        ctx = Context(snap, self.facts, self.bounds, self.history, before)
+        ctx = Context(snap, self.facts, self.bounds, self.history, before, onehot=self._onehot)
         findings = [f for rule in self.rules for f in rule.evaluate(ctx)]
         if self._stats_file is not None:
             rec = {"type": "stats", **snap.to_record(),

@@ -53,7 +53,7 @@ class Context:
     bounds: Optional[Bounds]
     history: History
     before: Optional[History] = None
-
+    onehot: bool = False  # the targets were one-hot rows
     @property
     def past(self) -> History:
         return self.before if self.before is not None else self.history
@@ -267,6 +267,15 @@ class ActivationLossMismatch(Rule):
                 fix = (f"Add {'softmax' if loss.multiclass else 'sigmoid'} on the output, or keep the raw output "
                        f"and use the logits form of the loss (BCEWithLogitsLoss, CrossEntropyLoss, from_logits=True).")
                 return [Finding(self.code, where, msg, fix=fix, details={"activation": act, "loss": loss.name})]
+            if act == "sigmoid" and not loss.multiclass and ctx.onehot and (f.classes or 0) > 2:
+                msg = (f"the targets are one-hot rows over {f.classes} classes (one class per example), but "
+                       f"each class gets its own sigmoid and {loss.name}: the classes do not compete, the "
+                       f"rows of predictions are no distribution, and predicting all zeros already scores "
+                       f"{_pct(1 - 1 / f.classes)} per unit.")
+                fix = ("For mutually exclusive classes use softmax + cross-entropy: nn.CrossEntropyLoss on the "
+                       "raw outputs with class indices (targets.argmax(1)), or keras' categorical_crossentropy.")
+                return [Finding(self.code, where, msg, severity="warning", fix=fix,
+                                details={"activation": act, "loss": loss.name, "classes": f.classes})]
             if act == "unknown" and s.seen("pred") and (s.values["pred.min"] < 0 or s.values["pred.max"] > 1):
                 msg = (f"{loss.name} expects probabilities in [0, 1], but received values in "
                        f"[{_g(s.values['pred.min'])}, {_g(s.values['pred.max'])}] in {ctx.span}.")
@@ -279,8 +288,10 @@ class TargetOutOfRange(Rule):
 
     def evaluate(self, ctx):
         s, f, b = ctx.snap, ctx.facts, ctx.bounds
-        if not s.seen("target") or (f.target_integer and f.loss is not None and f.loss.multiclass):
+        if not s.seen("target"):
             return []
+        if f.target_integer and f.loss is not None and f.loss.multiclass:
+            return self._class_indices(ctx)
         if f.loss is not None and f.loss.link_applied:
             rng, what = (0.0, 1.0), f"the {f.loss.link} of {f.loss.name}"
         elif f.output_range is not None:
@@ -302,6 +313,23 @@ class TargetOutOfRange(Rule):
                f"[{_g(lo)}, {_g(hi)}].")
         return [Finding(self.code, ctx.where("target"), msg, value, thr,
                         details={"target_min": tmin, "target_max": tmax, "range": [lo, hi]})]
+
+
+    def _class_indices(self, ctx):
+        """Class-index targets must lie in 0..K-1 for K output classes (labels 1..K from a file, say)."""
+        s, k = ctx.snap, ctx.facts.classes
+        tmin, tmax = s.values["target.min"], s.values["target.max"]
+        if not k or k < 2 or not (math.isfinite(tmin) and math.isfinite(tmax)):
+            return []
+        if tmax <= k - 1 and (tmin >= 0 or tmin == -100):  # -100: the losses' default ignore_index
+            return []
+        value, thr = (tmax, k - 1) if tmax > k - 1 else (tmin, 0)
+        msg = (f"class-index targets span [{_g(tmin)}, {_g(tmax)}] in {ctx.span}, but the output has {k} classes "
+               f"(indices 0..{k - 1}).")
+        fix = ("Make the labels 0-based (labels - 1 for labels 1..K), or give the output layer one unit per "
+               "class (max label + 1).")
+        return [Finding(self.code, ctx.where("target"), msg, value, thr, fix=fix,
+                        details={"target_min": tmin, "target_max": tmax, "classes": k})]
 
 
 class OutputSaturated(Rule):

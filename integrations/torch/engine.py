@@ -31,7 +31,7 @@ from boundguard.integrations.torch.reducer import Reducer
 from boundguard.model_facts import ModelFacts, classify_loss
 from boundguard.monitor import Decision, Monitor
 from boundguard.session import CountingPlan, Session
-from boundguard.stats import Snapshot
+from boundguard.stats import COLUMNS, Snapshot, neutral_row
 from boundguard.surgery import BoundRecord, CannotBound
 
 __all__ = ["TorchEngine"]
@@ -269,8 +269,10 @@ class TorchEngine:
         """After the training loop raised mid-step: judge what the unfinished step already showed
         (a NaN input before the loss crashed, say), so the alerts file explains the crash. Records
         alerts only; takes no action."""
-        if self.disabled or self.reducer is None or not self.armed:
+        if self.disabled or not self.armed:
             return []
+        if self.reducer is None:  # the first step (the probe's) raised
+            return self._explain_probe_crash()
         self.armed = False
         self._stop_probe()
         self.session.count_steps()
@@ -282,6 +284,36 @@ class TorchEngine:
         self.session.interval_start = self.step + 1
         decisions = self.monitor.judge(snap)
         for d in decisions:  # recorded and warned about; nothing else is done while the run unwinds
+            d.alert.details["during_exception"] = True
+            if d.action in ("halt", "raise", "bound"):
+                d.action = d.alert.action = "warn"
+        self.monitor.publish(decisions)
+        return decisions
+
+    def _explain_probe_crash(self) -> list[Decision]:
+        """The first step raised inside a loss call (``CrossEntropyLoss`` refusing a label 4 of 4 classes,
+        say): judge that call's input and targets, so the alerts file says why. Records alerts only."""
+        probe, self.armed = self.probe, False
+        failed = probe.recorder.failed if probe is not None else None
+        self._stop_probe()
+        if failed is None or failed.name not in _CLASS_INDEX_LOSSES:
+            return []
+        x, y = failed.tensor_arg(0, "input"), failed.tensor_arg(1, "target")
+        if x is None or y is None or y.is_floating_point() or x.dim() < 1 or y.numel() == 0:
+            return []
+        self.session.count_steps()
+        facts = ModelFacts(loss=classify_loss(failed.name), loss_where=failed.name, target_integer=True,
+                           classes=int(x.shape[1] if x.dim() > 1 else x.shape[0]), target_where="targets")
+        self.session.set_facts(facts)
+        rows = neutral_row()[None].copy()
+        col = {c: i for i, c in enumerate(COLUMNS)}
+        yf = y.detach().float()
+        rows[0, col["target.min"]], rows[0, col["target.max"]] = float(yf.min()), float(yf.max())
+        rows[0, col["target.finite"]] = float(y.numel())
+        snap = Snapshot.from_rows(rows, {"target": y.numel()}, step=self.step, first_step=self.session.interval_start,
+                                  epoch=self.session.epoch, loss_seen=[False])
+        decisions = self.monitor.judge(snap)
+        for d in decisions:
             d.alert.details["during_exception"] = True
             if d.action in ("halt", "raise", "bound"):
                 d.action = d.alert.action = "warn"
@@ -540,6 +572,9 @@ class TorchEngine:
         apply_bounds(self.model, [placed])
         return placed
 
+
+#: Losses that take class indices as targets (the first step's crash in one of them is explained).
+_CLASS_INDEX_LOSSES = frozenset({"cross_entropy", "nll_loss"})
 
 def _eager(fn: Callable) -> Callable:
     """Run ``fn`` eagerly under torch.compile: statistics writes into the monitor's buffer are

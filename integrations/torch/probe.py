@@ -74,10 +74,15 @@ class _Recorder(TorchFunctionMode):
         super().__init__()
         self.calls: list[_Call] = []
         self.producer: dict[int, _Call] = {}
+        self.failed: Optional[_Call] = None  # the call that raised (a loss refusing its targets, say)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        out = func(*args, **kwargs)
+        try:
+            out = func(*args, **kwargs)
+        except Exception:
+            self.failed = _Call(getattr(func, "__name__", "") or "", func, args, kwargs, None)
+            raise
         name = getattr(func, "__name__", "") or ""
         if name.endswith("_") and not name.startswith("__"):  # in-place variants: treat like the op
             name = name[:-1]

@@ -111,9 +111,14 @@ class Guard(SessionViews):
             self.close()
             return
         try:  # the loop raised: judge what it saw, but never replace the user's exception
+            self._partial_step()
             self._close(final=True)
         except BoundGuardError:
             pass
+
+    @guarded
+    def _partial_step(self) -> None:
+        self.engine.check_partial_step()
 
 
 def watch(model: nn.Module, **options: Any) -> Guard:

@@ -118,6 +118,9 @@ FIRING: dict[str, list[tuple[str, Callable[[], Context]]]] = {
         ("softmax-cross-entropy", lambda: ctx(f=facts("softmax", "cross_entropy"))),
         ("softmax-nll", lambda: ctx(f=facts("softmax", "nll_loss"))),
         ("identity-bce", lambda: ctx(f=facts("identity", "binary_cross_entropy"))),
+        ("sigmoid-bce-on-one-hot-classes", lambda: Context(make_snap(), facts("sigmoid", "binary_cross_entropy",
+                                                                            classes=10), None, History(),
+                                                           onehot=True)),
         ("unknown-bce-out-of-range", lambda: ctx(make_snap({"pred": 10}, {"pred.min": -2.0, "pred.max": 3.0}),
                                                  facts("unknown", "binary_cross_entropy"))),
     ],
@@ -128,6 +131,8 @@ FIRING: dict[str, list[tuple[str, Callable[[], Context]]]] = {
                                                      facts("identity", "binary_cross_entropy_with_logits"))),
         ("declared-bounds", lambda: ctx(make_snap({"target": 10}, {"target.max": 7.0}), facts("identity"),
                                         Bounds(0.0, 5.0))),
+        ("labels-1-to-k", lambda: ctx(make_snap({"target": 10}, {"target.min": 1.0, "target.max": 4.0}),
+                                      facts("identity", "cross_entropy", target_integer=True, classes=4))),
     ],
     "output_saturated": [
         ("clamp-pinned", lambda: ctx(make_snap({"pred": 100}, {"pred.pinned": 50.0}), facts("clamp"))),
@@ -208,6 +213,8 @@ HEALTHY: dict[str, list[tuple[str, Callable[[], Context]]]] = {
         ("identity-bce-with-logits", lambda: ctx(f=facts("identity", "binary_cross_entropy_with_logits"))),
         ("identity-cross-entropy", lambda: ctx(f=facts("identity", "cross_entropy"))),
         ("log-softmax-nll", lambda: ctx(f=facts("log_softmax", "nll_loss"))),
+        # multi-label targets (several 1s a row): a sigmoid per class is right
+        ("sigmoid-bce-multi-label", lambda: ctx(f=facts("sigmoid", "binary_cross_entropy", classes=10))),
         ("sigmoid-bce", lambda: ctx(f=facts("sigmoid", "binary_cross_entropy"))),
         ("unknown-bce-in-range", lambda: ctx(make_snap({"pred": 10}, {"pred.min": 0.0}),
                                              facts("unknown", "binary_cross_entropy"))),
@@ -216,6 +223,10 @@ HEALTHY: dict[str, list[tuple[str, Callable[[], Context]]]] = {
         ("sigmoid-head-unit-targets", lambda: ctx(make_snap({"target": 10}), facts("sigmoid"))),
         ("class-indices", lambda: ctx(make_snap({"target": 10}, {"target.max": 9.0}),
                                       facts("identity", "cross_entropy", target_integer=True))),
+        ("class-indices-in-range", lambda: ctx(make_snap({"target": 10}, {"target.min": 0.0, "target.max": 9.0}),
+                                               facts("identity", "cross_entropy", target_integer=True, classes=10))),
+        ("ignore-index", lambda: ctx(make_snap({"target": 10}, {"target.min": -100.0, "target.max": 3.0}),
+                                     facts("identity", "cross_entropy", target_integer=True, classes=4))),
         ("unbounded-head", lambda: ctx(make_snap({"target": 10}, {"target.max": 10.0}), facts("identity"))),
     ],
     "output_saturated": [

@@ -757,16 +757,10 @@ FAULTY = [
     pytest.param(f_torch_learning_rate_too_large, "loss_diverging", id="torch-learning-rate-too-large"),
     pytest.param(f_lightning_nan_in_inputs, "nonfinite_input", id="lightning-nan-in-inputs"),
     pytest.param(f_torch_predicts_the_mean_forever, "loss_at_baseline", id="torch-predicts-the-mean-forever"),
-    pytest.param(f_lightning_labels_1_to_k, "target_out_of_range", id="lightning-labels-1-to-k", marks=xfail(
-        "target_out_of_range missed (no alert at all, no alerts file): CrossEntropyLoss raises 'Target 4 is out "
-        "of bounds' at step 1 for labels 1..4 with 4 logits; integer targets with a multi-class loss are never "
-        "checked against the number of classes, and the crashed step is not judged")),
+    pytest.param(f_lightning_labels_1_to_k, "target_out_of_range", id="lightning-labels-1-to-k"),
     pytest.param(f_torch_sigmoid_head_percent_targets, "target_out_of_range", id="torch-sigmoid-head-percent-targets"),
-    pytest.param(f_torch_sigmoid_bce_onehot_10_classes, "output_out_of_range",
-                 id="torch-sigmoid-bce-onehot-10-classes", marks=xfail(
-                     "output_out_of_range missed (no alert at all): one-hot targets over 10 classes call for a "
-                     "distribution, but 'auto' infers one only with a multi-class loss; the sigmoid rows do not "
-                     "sum to 1 and nothing says so")),
+    pytest.param(f_torch_sigmoid_bce_onehot_10_classes, "activation_loss_mismatch",
+                 id="torch-sigmoid-bce-onehot-10-classes"),
     pytest.param(f_torch_softmax_over_single_unit, "output_saturated", id="torch-softmax-over-single-unit"),
 ]
 
