@@ -99,6 +99,7 @@ class BoundGuard(SessionViews, keras.callbacks.Callback):
         self._block = ROW_CAP  # device rows of an interval before a spill (set per fit)
         self._spilled = 0  # steps of this interval already moved to the host
         self._trip_armed = True
+        self._logs_finite = True  # the running loss Keras reported last
 
     # -------------------------------------------------------------- read-only views
     @property
@@ -172,9 +173,11 @@ class BoundGuard(SessionViews, keras.callbacks.Callback):
         """The NaN tripwire: Keras hands every batch-end hook the epoch's running loss as a host number
         (it converts the logs itself for any callback with a batch-end hook), and once a step's loss is
         NaN/Inf that mean is too, so a non-finite loss is checked at the step it appears, not at the next
-        interval. Once per run of non-finite steps: a check that finds none re-arms it."""
+        interval. Once per run of non-finite steps: a check that finds none re-arms it, once the running
+        loss is finite again (a new epoch: the mean of a NaN step stays NaN to the epoch's end)."""
         loss = (logs or {}).get("loss")
-        if not self._trip_armed or not isinstance(loss, (int, float)) or math.isfinite(loss):
+        self._logs_finite = not isinstance(loss, (int, float)) or math.isfinite(loss)
+        if not self._trip_armed or self._logs_finite:
             return False
         self._trip_armed = False
         return True
@@ -342,7 +345,7 @@ class BoundGuard(SessionViews, keras.callbacks.Callback):
         try:
             s.check(r.rows, r.counts, r.loss_seen, r.losses)
         finally:
-            if s.last_snapshot is not None and not s.last_snapshot.has_nonfinite():
+            if s.last_snapshot is not None and not s.last_snapshot.has_nonfinite() and self._logs_finite:
                 self._trip_armed = True
         self._sync_plan()
         if s.last_snapshot is not None:

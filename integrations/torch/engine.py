@@ -576,6 +576,7 @@ class TorchEngine:
 #: Losses that take class indices as targets (the first step's crash in one of them is explained).
 _CLASS_INDEX_LOSSES = frozenset({"cross_entropy", "nll_loss"})
 
+
 def _eager(fn: Callable) -> Callable:
     """Run ``fn`` eagerly under torch.compile: statistics writes into the monitor's buffer are
     side effects dynamo must not trace (they would break AOT autograd's view-mutation rules)."""
