@@ -256,12 +256,16 @@ class Probe:
         else:
             pred = None
             r.notes.append(("loss", "no torch loss function (nn.*Loss or torch.nn.functional.*) was seen in the "
-                            "first training step, so the loss family and the prediction it consumes are unknown.",
-                            "Compute the loss with an nn.*Loss module or a torch.nn.functional loss on the "
-                            "model's output; the loss value itself is still watched."))
+                            "first training step (a loss written by hand?), so the loss family is unknown and the "
+                            "prediction is taken from the model's output.",
+                            "Pass output_key= to name the prediction in what forward() returns, and bounds= for its "
+                            "range; or compute the loss with an nn.*Loss module or a torch.nn.functional loss. "
+                            "The loss value itself is still watched."))
             for _name, module, out in reversed(self.order):
                 if module is self.model:
-                    pred = next((t for _, t in flatten(out) if t.is_floating_point()), None)
+                    named = get_path(out, (output_key,)) if output_key is not None else None
+                    pred = named if named is not None and named.is_floating_point() else next(
+                        (t for _, t in flatten(out) if t.is_floating_point()), None)
                     break
         if pred is None:
             r.notes.append(("prediction", "the prediction could not be located.",

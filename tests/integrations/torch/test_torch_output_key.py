@@ -67,3 +67,45 @@ def test_an_output_key_that_names_nothing_is_a_note(tmp_path):
 def test_output_key_is_validated_at_construction(bad):
     with pytest.raises(TypeError, match="output_key"):
         watch(TwoHeads(), output_key=bad)
+
+
+class Quantiles(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(4, 16), nn.Tanh())
+        self.q50 = nn.Linear(16, 1)
+        self.q90 = nn.Linear(16, 1)
+
+    def forward(self, x):
+        h = self.body(x)
+        return {"q50": self.q50(h), "q90": self.q90(h)}
+
+
+def _pinball(pred, y, q):  # a loss written by hand from tensor ops: no torch loss function to find
+    e = y - pred
+    return torch.maximum(q * e, (q - 1) * e).mean()
+
+
+@pytest.mark.parametrize("key", [None, "q90"])
+def test_output_key_names_the_prediction_of_a_hand_written_loss(tmp_path, key):
+    model = Quantiles()
+    g = torch.Generator().manual_seed(0)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        guard = watch(model, check_every_n_steps=5, on_violation="log", alerts_path=tmp_path / "a.jsonl",
+                      output_key=key)
+        for _ in range(6):
+            x = torch.randn(32, 4, generator=g)
+            y = x[:, :1] + 0.3 * torch.randn(32, 1, generator=g)
+            out = model(x)
+            loss = _pinball(out["q50"], y, 0.5) + _pinball(out["q90"], y, 0.9)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            guard.step(loss=loss, inputs=x, targets=y)
+        guard.close()
+    facts = guard.engine.session.facts
+    assert facts.pred_where == ("q90" if key else "q50")
+    (note,) = [a for a in guard.alerts if a.code == "probe_incomplete" and a.where == "loss"]
+    assert "output_key=" in note.fix
