@@ -18,15 +18,17 @@ $(STAMP): pyproject.toml constraints.txt
 demo: install
 	$(PY) -m benchmarks.demo
 
-# Keras fixes its backend once per process, so each backend gets its own pytest run.
+# Keras fixes its backend once per process, so each backend gets its own pytest run. The Keras programs of
+# the real-program corpus run on TensorFlow (on torch and JAX they gave the same alerts, 2026-12-02; the
+# Keras suite covers every backend).
 KERAS_CORPUS = tests/realworld/test_keras_corpus.py
 test: install
 	$(PY) -m ruff check boundguard integrations benchmarks tests
 	$(PY) -m mypy boundguard integrations --ignore-missing-imports
 	$(PY) -m pytest tests -q --ignore=tests/integrations/keras --ignore=$(KERAS_CORPUS)
 	KERAS_BACKEND=tensorflow $(PY) -m pytest tests/integrations/keras $(KERAS_CORPUS) -q
-	KERAS_BACKEND=torch $(PY) -m pytest tests/integrations/keras $(KERAS_CORPUS) -q
-	KERAS_BACKEND=jax $(PY) -m pytest tests/integrations/keras $(KERAS_CORPUS) -q
+	KERAS_BACKEND=torch $(PY) -m pytest tests/integrations/keras -q
+	KERAS_BACKEND=jax $(PY) -m pytest tests/integrations/keras -q
 
 lint: install
 	$(PY) -m ruff check boundguard integrations tests benchmarks

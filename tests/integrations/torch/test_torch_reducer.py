@@ -108,18 +108,15 @@ def assert_matches(snap: Snapshot, ref: dict) -> None:
     np.testing.assert_allclose(snap.losses, ref["losses"], rtol=1e-6, equal_nan=True)
 
 
-@pytest.fixture(autouse=True, params=["staged", "per-step", "folded"])
+@pytest.fixture(autouse=True, params=["staged", "per-step-folded"])
 def reduction_path(request, monkeypatch):
-    """Every test runs three times: small tensors staged and reduced at the check; reduced every step
-    with the large-tensor (lazy) bins; and with blocks of 2 rows folded into the carry row on the
-    device, staged and lazily binned tensors mixed."""
-    if request.param == "per-step":
-        monkeypatch.setattr(Reducer, "STAGE_ELEMENTS", 0)
-        monkeypatch.setattr(Reducer, "FAST_COUNT_MIN", 0)  # the large-tensor counting path too
-    if request.param == "folded":
+    """Every test runs twice: small tensors staged and reduced at the check, in one block; and with
+    blocks of 2 rows folded into the carry row on the device, tensors of up to 4 elements staged and
+    larger ones reduced every step with the large-tensor (lazy) bins."""
+    if request.param == "per-step-folded":
         monkeypatch.setattr(Reducer, "ROW_CAP", 2)
         monkeypatch.setattr(Reducer, "STAGE_ELEMENTS", 8)  # tensors up to 4 elements staged
-        monkeypatch.setattr(Reducer, "FAST_COUNT_MIN", 0)
+        monkeypatch.setattr(Reducer, "FAST_COUNT_MIN", 0)  # the large-tensor counting path for the rest
     return request.param
 
 
