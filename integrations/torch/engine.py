@@ -282,8 +282,13 @@ class TorchEngine:
         snap = Snapshot.from_rows(rows, counts, step=self.step, first_step=self.session.interval_start,
                                   epoch=self.session.epoch, loss_seen=seen, losses=losses)
         self.session.interval_start = self.step + 1
+        return self._judge_during_exception(snap)
+
+    def _judge_during_exception(self, snap: Snapshot) -> list[Decision]:
+        """Judge ``snap`` while the run unwinds: the alerts are recorded and warned about, and no action
+        (halt, raise, bound) is taken."""
         decisions = self.monitor.judge(snap)
-        for d in decisions:  # recorded and warned about; nothing else is done while the run unwinds
+        for d in decisions:
             d.alert.details["during_exception"] = True
             if d.action in ("halt", "raise", "bound"):
                 d.action = d.alert.action = "warn"
@@ -312,13 +317,7 @@ class TorchEngine:
         rows[0, col["target.finite"]] = float(y.numel())
         snap = Snapshot.from_rows(rows, {"target": y.numel()}, step=self.step, first_step=self.session.interval_start,
                                   epoch=self.session.epoch, loss_seen=[False])
-        decisions = self.monitor.judge(snap)
-        for d in decisions:
-            d.alert.details["during_exception"] = True
-            if d.action in ("halt", "raise", "bound"):
-                d.action = d.alert.action = "warn"
-        self.monitor.publish(decisions)
-        return decisions
+        return self._judge_during_exception(snap)
 
     def finish(self) -> None:
         self._stop_probe()

@@ -79,7 +79,6 @@ class Reducer:
         self.raw = torch.zeros(row_bytes + loss_bytes + nbins * 8, dtype=torch.uint8, device=device)
         self.block = self.raw[:row_bytes].view(torch.float32).view(block + 1, self.width)
         self.rows = self.block[:block]
-        self.carry = self.block[block]
         self.losses = self.raw[row_bytes: row_bytes + (self.n_steps + 1) * 4].view(torch.float32)
         self._bins_at = row_bytes + loss_bytes
         bins = self.raw[self._bins_at:].view(torch.int64)
