@@ -17,7 +17,9 @@ MSE, Adam, CPU, 1 torch thread; ``benchmarks.seed.LSTMRegressor`` and the data r
 steps); ``BoundGuard(check_every_n_steps=1)``; and the alternatives: ``EarlyStopping(monitor="train_loss",
 check_finite=True)`` fed by a per-step ``self.log("train_loss", loss, on_step=True)`` (it judges at epoch
 end, so inside the window its cost is the logging), ``Trainer(detect_anomaly=True)``, and a hand-rolled
-``self.log("out_max", out.max(), on_step=True)``. Keras 3 on TensorFlow, seed LSTM as in
+``self.log("out_max", out.max(), on_step=True)``; and the floor of any callback, a ``Callback()`` that
+does nothing (Lightning calls every hook of every callback, so this is what any callback costs before
+it does any work). Keras 3 on TensorFlow, seed LSTM as in
 ``benchmarks/overhead.py`` (LSTM 64 + Dense, MSE, Adam, batch 32): no callback (twice), ``BoundGuard()``,
 ``keras.callbacks.TerminateOnNaN()``. Every ratio is against the no-callback arm of the same framework.
 
@@ -120,6 +122,7 @@ ARMS: dict[str, tuple[str, str]] = {
     "early_stopping": ("lightning", 'EarlyStopping(monitor="train_loss", check_finite=True) + per-step self.log'),
     "detect_anomaly": ("lightning", "Trainer(detect_anomaly=True)"),
     "log_out_max": ("lightning", 'self.log("out_max", out.max(), on_step=True)'),
+    "empty_callback": ("lightning", "a Callback that does nothing (what Lightning charges any callback)"),
     "keras_off": ("keras", "no callback"),
     "keras_off_b": ("keras", "no callback, second process (self-check)"),
     "keras_default": ("keras", "BoundGuard() (check every 50 steps)"),
@@ -286,6 +289,8 @@ def run_lightning(arm: str, warmup: int, steps: int, every: int, toggle: Toggle)
         monitor = BoundGuard(check_every_n_steps=1)
     elif arm == "early_stopping":
         monitor = EarlyStopping(monitor="train_loss", check_finite=True)
+    elif arm == "empty_callback":
+        monitor = L.Callback()
     if monitor is not None:
         callbacks.append(monitor)
     torch.manual_seed(0)

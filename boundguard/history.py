@@ -65,7 +65,7 @@ class History:
     @property
     def grad_ref(self) -> Optional[float]:
         """The head's own gradient scale (None until GRAD_WARMUP checks saw gradients)."""
-        return float(np.median(self.grad_norms)) if len(self.grad_norms) >= GRAD_WARMUP else None
+        return _median(self.grad_norms) if len(self.grad_norms) >= GRAD_WARMUP else None
 
     @property
     def level(self) -> Optional[float]:
@@ -132,7 +132,13 @@ class History:
 
 def _level(h: History) -> Optional[float]:
     w = list(h.window)[-LEVEL_STEPS:]
-    return float(np.median(w)) if len(w) >= LEVEL_MIN else None
+    return _median(w) if len(w) >= LEVEL_MIN else None
+
+
+def _median(xs: list[float]) -> float:
+    """``np.median`` of a short list of floats, in Python (a numpy call costs more than the sort)."""
+    srt, n = sorted(xs), len(xs)
+    return srt[n // 2] if n % 2 else (srt[n // 2 - 1] + srt[n // 2]) / 2
 
 
 def _loss_scale(h: History) -> float:
@@ -143,18 +149,50 @@ def _loss_scale(h: History) -> float:
     return max(abs(h.initial_level), came_down)
 
 
+#: Up to this many positions are reduced one by one in Python, more at once with numpy: the same
+#: numbers (the same sorts and interpolations in float64), at the lower cost for each size.
+_FEW = 8
+
+
+def centre_spread(seq: list[float], pos: list[int], size: int, *,
+                  spread: bool = True) -> tuple[list[float], list[float]]:
+    """For each index ``p`` of ``pos``: the median of the up to ``size`` values of ``seq`` before it, and
+    their step-to-step spread as a standard deviation: the q90 of |x_t - x_(t-1)| over 1.645 sqrt 2
+    (0 with ``spread=False`` or fewer than two values). Differences make the spread blind to a trend (a
+    loss falling fast is not noisy), and the q90 counts a skewed, heavy upper tail (a hard example now
+    and then, a hinge loss that is mostly 0) as noise. Every ``p`` must have at least one value before
+    it."""
+    if len(pos) <= _FEW:
+        meds, sds = [], []
+        for p in pos:
+            m, d = _one_centre_spread(seq[max(0, p - size): p], spread)
+            meds.append(m)
+            sds.append(d)
+        return meds, sds
+    m, d = _centre_spread(_windows(np.asarray(seq, dtype=np.float64), np.asarray(pos), size), spread=spread)
+    return m.tolist(), d.tolist()
+
+
+def _one_centre_spread(w: list[float], spread: bool = True) -> tuple[float, float]:
+    m = _qs(sorted(w), 0.5)
+    if not spread or len(w) < 2:
+        return m, 0.0
+    return m, _qs(sorted(abs(b - a) for a, b in zip(w, w[1:])), 0.9) / _DIFF_Q90
+
+
+def _qs(srt: list[float], q: float) -> float:
+    """:func:`_q` of one sorted list."""
+    at = q * (len(srt) - 1)
+    lo = int(math.floor(at))
+    hi = min(lo + 1, len(srt) - 1)
+    return srt[lo] + (at - lo) * (srt[hi] - srt[lo])
+
+
 def _windows(seq: np.ndarray, pos: np.ndarray, size: int) -> np.ndarray:
     """The up to ``size`` values of ``seq`` before each index of ``pos``, as rows (short ones padded
     with NaN: the statistics below ignore NaN)."""
-    out = np.full((len(pos), size), np.nan)
-    full = pos >= size
-    if full.any():
-        view = np.lib.stride_tricks.sliding_window_view(seq, size)
-        out[full] = view[pos[full] - size]
-    for i in np.flatnonzero(~full):
-        p = int(pos[i])
-        out[i, size - p:] = seq[:p]
-    return out
+    padded = np.concatenate([np.full(size, np.nan), seq])
+    return padded[pos[:, None] + np.arange(size)]
 
 
 def _q(srt: np.ndarray, q: float) -> np.ndarray:
@@ -166,11 +204,8 @@ def _q(srt: np.ndarray, q: float) -> np.ndarray:
 
 
 def _centre_spread(rows: np.ndarray, *, spread: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """Per row of consecutive losses (NaN cells ignored): the median, and the step-to-step spread as a
-    standard deviation: the q90 of |x_t - x_(t-1)| over 1.645 sqrt 2. Differences make the spread
-    blind to a trend (a loss falling fast is not noisy), and the q90 counts a skewed, heavy upper tail
-    (a hard example now and then, a hinge loss that is mostly 0) as noise. Full rows are reduced at
-    once; the few short ones (the start of a run) one by one."""
+    """:func:`centre_spread` of rows of consecutive values (NaN cells ignored): full rows at once, the
+    few short ones (the start of a run) one by one."""
     med, sd = np.empty(len(rows)), np.zeros(len(rows))
     short = np.isnan(rows).any(axis=1)
 
@@ -180,38 +215,36 @@ def _centre_spread(rows: np.ndarray, *, spread: bool = True) -> tuple[np.ndarray
             return m, np.zeros_like(m)
         return m, _q(np.sort(np.abs(np.diff(block, axis=-1)), axis=-1), 0.9) / _DIFF_Q90
 
-    if (~short).any():
+    if not short.all():
         med[~short], sd[~short] = reduce(rows[~short])
     for i in np.flatnonzero(short):
-        row = rows[i][~np.isnan(rows[i])]
-        m, d = reduce(row[None])
-        med[i], sd[i] = m[0], d[0]
+        med[i], sd[i] = _one_centre_spread(rows[i][~np.isnan(rows[i])].tolist(), spread)
     return med, sd
 
 
-def _noise(block: np.ndarray) -> float:
-    """The step-to-step noise of consecutive losses, as a standard deviation (see :func:`_centre_spread`)."""
-    return float(_centre_spread(block[None])[1][0])
+def _noise(block: list[float]) -> float:
+    """The step-to-step noise of consecutive losses, as a standard deviation (see :func:`centre_spread`)."""
+    return _one_centre_spread(block)[1]
 
 
 def update_loss_history(h: History, snap: Snapshot, min_improvement: float) -> None:
     """Fold one interval's losses into the history: the window, the initial and the best level, the
     noise (per complete block of NOISE_BLOCK losses, so the same whatever the check cadence) and the
     TOP_RISES largest rises of a step above the median of the WINDOW losses before it."""
-    fin = np.asarray([x for x in snap.losses if math.isfinite(x)], dtype=np.float64)
+    fin = [x for x in snap.losses.tolist() if math.isfinite(x)]
     h.steps_seen += snap.steps
-    if fin.size:
-        seq = np.concatenate([np.asarray(h.window, dtype=np.float64), fin])
-        n_old = len(seq) - fin.size
-        pos = np.arange(max(n_old, MIN_REFERENCE), len(seq))
-        if pos.size:
-            rises = seq[pos] - _centre_spread(_windows(seq, pos, WINDOW), spread=False)[0]
-            top = np.sort(np.concatenate([np.asarray(h.top_rises, dtype=np.float64), rises[rises > 0]]))[::-1]
-            h.top_rises = [float(x) for x in top[:TOP_RISES]]
+    if fin:
+        seq = list(h.window) + fin
+        n_old = len(seq) - len(fin)
+        pos = list(range(max(n_old, MIN_REFERENCE), len(seq)))
+        if pos:
+            med = centre_spread(seq, pos, WINDOW, spread=False)[0]
+            rises = [r for p, m in zip(pos, med) if (r := seq[p] - m) > 0]
+            h.top_rises = sorted(h.top_rises + rises, reverse=True)[:TOP_RISES]
         for end in range(n_old + NOISE_BLOCK - h.noise_pending, len(seq) + 1, NOISE_BLOCK):
             h.noise = max(h.noise, _noise(seq[end - NOISE_BLOCK: end]))
-        h.noise_pending = (h.noise_pending + fin.size) % NOISE_BLOCK
-        h.window.extend(fin.tolist())
+        h.noise_pending = (h.noise_pending + len(fin)) % NOISE_BLOCK
+        h.window.extend(fin)
     level = _level(h)
     if level is None:
         return

@@ -14,8 +14,8 @@ import numpy as np
 
 from boundguard.bounds import Bounds
 from boundguard.history import (  # noqa: F401  (History is part of this module's interface)
-    _DIFF_Q90, LEVEL_MIN, LEVEL_STEPS, MIN_REFERENCE, NOISE_BLOCK, TOP_RISES, WINDOW, History, _centre_spread,
-    _level, _loss_scale, _noise, _q, _windows, update_loss_history,
+    _DIFF_Q90, LEVEL_MIN, LEVEL_STEPS, MIN_REFERENCE, NOISE_BLOCK, TOP_RISES, WINDOW, History, _level,
+    _loss_scale, _noise, _one_centre_spread, _q, centre_spread, update_loss_history,
 )
 from boundguard.model_facts import ModelFacts
 from boundguard.stats import Snapshot
@@ -462,43 +462,41 @@ class LossSpike(Rule):
 
     def evaluate(self, ctx):
         h, s = ctx.past, ctx.snap
-        past = np.asarray(list(h.window), dtype=np.float64)
-        new = np.asarray(s.losses, dtype=np.float64)
-        ok = np.isfinite(new)
-        if not ok.any():
+        past = list(h.window)
+        new = [(x, st) for x, st in zip(s.losses.tolist(), s.loss_steps.tolist()) if math.isfinite(x)]
+        seq = past + [x for x, _ in new]
+        pos = list(range(max(len(past), self.p["min_history"]), len(seq)))  # the index in ``seq`` of each step judged
+        if not pos:
             return []
-        seq = np.concatenate([past, new[ok]])
-        steps = np.asarray(s.loss_steps)[ok]
-        pos = np.arange(len(past), len(seq))  # index in ``seq`` of each step judged
-        pos = pos[pos >= self.p["min_history"]]
-        if not pos.size:
+        med, spread = centre_spread(seq, pos, WINDOW)
+        k, factor, tail = self.p["mad_sigmas"], self.p["factor"], self.p["tail_factor"] * h.tail
+        own_scale = _loss_scale(h)
+        best = None  # (excess, j)
+        for j, p in enumerate(pos):  # every test must pass; the cheap ones first, so most steps stop at once
+            x, m, sd = seq[p], med[j], spread[j]
+            rise = x - m
+            if not (rise > 0 and rise > k * sd) or (m > 0 and not x > factor * m):
+                continue
+            scale = max(own_scale, abs(m))
+            if not (rise > self.p["min_rise"] * scale and rise > tail):
+                continue
+            ref = seq[max(0, p - WINDOW): p]
+            if x > 0 and min(ref) > 0:  # a positive loss: also a spike in log terms
+                lmed, lspread = _one_centre_spread([math.log(v) for v in ref])
+                if not math.log(x) - lmed > k * lspread:
+                    continue
+            excess = rise / max(sd, 1e-12 * max(1.0, scale))
+            if best is None or excess > best[0]:
+                best = (excess, j)
+        if best is None:
             return []
-        refs = _windows(seq, pos, WINDOW)
-        x = seq[pos]
-        med, spread = _centre_spread(refs)
-        rise = x - med
-        fires = (rise > 0) & (rise > self.p["mad_sigmas"] * spread)
-        fires &= np.where(med > 0, x > self.p["factor"] * med, True)
-        positive = (np.nanmin(refs, axis=1) > 0) & (x > 0)
-        if positive.any():
-            safe = np.where(positive[:, None], refs, 1.0)  # rows that are not positive are not used
-            lmed, lspread = _centre_spread(np.log(safe))
-            lrise = np.log(np.where(positive, x, 1.0)) - lmed
-            fires &= np.where(positive, lrise > self.p["mad_sigmas"] * lspread, True)
-        scale = np.maximum(_loss_scale(h), np.abs(med))
-        fires &= rise > self.p["min_rise"] * scale
-        fires &= rise > self.p["tail_factor"] * h.tail
-        if not fires.any():
-            return []
-        floor = 1e-12 * np.maximum(1.0, scale)
-        excess = np.where(fires, rise / np.maximum(spread, floor), -np.inf)
-        i = int(np.argmax(excess))
-        step, loss, m = int(steps[pos[i] - len(past)]), float(x[i]), float(med[i])
+        j = best[1]
+        step, loss, m = int(new[pos[j] - len(past)][1]), seq[pos[j]], med[j]
         ratio = loss / m if m > 0 else None
         how = (f"{_g(ratio)}x its running median {_g(m)}" if ratio is not None
                else f"{_g(loss - m)} above its running median {_g(m)}")
         return [Finding(self.code, ctx.where("loss"),
-                        f"loss jumped to {_g(loss)} at step {step}, {how} (step-to-step noise {_g(float(spread[i]))}).",
+                        f"loss jumped to {_g(loss)} at step {step}, {how} (step-to-step noise {_g(spread[j])}).",
                         ratio if ratio is not None else loss - m, self.p["factor"] if ratio is not None else None,
                         details={"spike_step": step})]
 

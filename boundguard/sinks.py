@@ -75,7 +75,10 @@ class JsonLinesWriter:
 
     def write(self, record: dict[str, Any]) -> None:
         record.setdefault("schema", SCHEMA_VERSION)
-        line = json.dumps(_sanitize(record), allow_nan=False, default=_default, separators=(",", ":"))
+        try:
+            line = json.dumps(record, allow_nan=False, default=_default, separators=(",", ":"))
+        except ValueError:  # a non-finite float somewhere: spelled as a string (strict JSON)
+            line = json.dumps(_sanitize(record), allow_nan=False, default=_default, separators=(",", ":"))
         self._guard(self._write_line, line)
 
     def _write_line(self, line: str) -> None:
@@ -112,8 +115,10 @@ def _sanitize(o: Any) -> Any:
 
 
 def _default(o: Any) -> Any:
+    """A number JSON does not know (a numpy scalar, a 0-d tensor) as a float, non-finite ones spelled as
+    :func:`_sanitize` spells them; anything else as its ``str``."""
     try:
-        return float(o)
+        return _sanitize(float(o))
     except (TypeError, ValueError):
         return str(o)
 

@@ -81,6 +81,11 @@ COLUMNS: tuple[str, ...] = tuple(s.name for s in STATS)
 KINDS = ("pred", "pre", "target", "input", "grad")
 LOSS_COLUMN = COLUMNS.index("loss.value")
 _OPS = np.array([s.reduce for s in STATS])
+_BY_OP = {op: np.flatnonzero(_OPS == op) for op in ("min", "max", "sum")}
+#: the reduced columns (all but the per-step ones), in :data:`COLUMNS` order, and their names
+_REDUCED = np.flatnonzero(_OPS != "step")
+_REDUCED_NAMES = tuple(COLUMNS[i] for i in _REDUCED)
+_FIELDS = {k: tuple(s.field for s in STATS if s.kind == k) for k in KINDS + ("loss",)}
 
 
 def columns_of(kind: str) -> slice:
@@ -93,7 +98,7 @@ def columns_of(kind: str) -> slice:
 
 def fields_of(kind: str) -> tuple[str, ...]:
     """The names of the statistics of ``kind``, in column order."""
-    return tuple(s.field for s in STATS if s.kind == kind)
+    return _FIELDS.get(kind) or tuple(s.field for s in STATS if s.kind == kind)
 
 
 def row_stats(kind: str) -> tuple[Stat, ...]:
@@ -125,16 +130,11 @@ def reduce_rows(rows: np.ndarray) -> dict[str, float]:
 
 
 def _reduce_columns(rows: np.ndarray) -> dict[str, float]:
-    out: dict[str, float] = {}
-    for i, s in enumerate(STATS):
-        col = rows[:, i]
-        if s.reduce == "min":
-            out[s.name] = float(np.min(col))
-        elif s.reduce == "max":
-            out[s.name] = float(np.max(col))
-        elif s.reduce == "sum":
-            out[s.name] = float(np.sum(col))
-    return out
+    reduced = np.empty(len(STATS))
+    reduced[_BY_OP["min"]] = rows[:, _BY_OP["min"]].min(axis=0)
+    reduced[_BY_OP["max"]] = rows[:, _BY_OP["max"]].max(axis=0)
+    reduced[_BY_OP["sum"]] = rows[:, _BY_OP["sum"]].sum(axis=0)
+    return dict(zip(_REDUCED_NAMES, reduced[_REDUCED].tolist()))
 
 
 def fold_rows(rows: np.ndarray) -> np.ndarray:
@@ -279,7 +279,7 @@ class Snapshot:
             rec[f"{kind}.n"] = n
             if not n:
                 continue
-            for f in fields_of(kind):
+            for f in _FIELDS[kind]:
                 v = self.values[f"{kind}.{f}"]
                 rec[f"{kind}.{f}"] = v if math.isfinite(v) else (None if math.isnan(v) else ("inf" if v > 0 else "-inf"))
             rec[f"{kind}.nonfinite"] = self.nonfinite(kind)

@@ -207,9 +207,10 @@ class TorchEngine:
         ``guard.step``, before ``zero_grad``). Parameters without a gradient are skipped."""
         if self.disabled or self.reducer is None or not self._grad_params or not self.armed:
             return
-        grads = [p.grad for p in self._grad_params if p.grad is not None]
+        params = self._grad_params
+        grads = [g for p in params if (g := p.grad) is not None]
         if grads:
-            self.reducer.grads(grads)
+            self.reducer.grads(grads, complete=len(grads) == len(params))
 
     def is_check_step(self, step: int) -> bool:
         return self.session.is_check_step(step)
@@ -225,7 +226,7 @@ class TorchEngine:
         red = self.reducer
         if red is None:
             return []
-        red.next_row()
+        red.next_row(checking=due)
         if due or self._tripped():
             return self._check()
         return []
@@ -277,7 +278,7 @@ class TorchEngine:
         self._stop_probe()
         self.session.count_steps()
         red = self.reducer
-        red.next_row()
+        red.next_row(checking=True)
         rows, counts, seen, losses = red.read()
         snap = Snapshot.from_rows(rows, counts, step=self.step, first_step=self.session.interval_start,
                                   epoch=self.session.epoch, loss_seen=seen, losses=losses)

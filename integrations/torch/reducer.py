@@ -7,6 +7,7 @@ neutral values and the cross-process reduce ops are the declared ones.
 from __future__ import annotations
 
 import bisect
+import functools
 import math
 from typing import Any, Optional
 
@@ -25,12 +26,15 @@ class Reducer:
 
     Layout (one device allocation, typed views into its bytes): ``rows`` (fp32) — a block of at most
     :attr:`ROW_CAP` rows, one per step, with each watched tensor's min / max / sum of squares (and the
-    row-sum error of a distribution), written in place with ``out=``, plus one ``carry`` row that a
-    full block is folded into on the device (so the buffer's size and the per-step cost do not grow
-    with ``check_every_n_steps``); ``losses`` (fp32) — the loss of every step of the interval (4 bytes
-    a step); ``bins`` (int64) — per watched tensor, counts of values between a few edges (the bounds,
-    clamp points, 0 and 1 for targets, ±inf), accumulated over the interval. A few small kernels per
-    tensor per step and no host synchronisation: only shapes (host metadata) are read between checks.
+    row-sum error of a distribution), written in place with ``out=``, and the step's loss in the last
+    column, plus one ``carry`` row that a full block is folded into on the device (so the buffer's size
+    and the per-step cost do not grow with ``check_every_n_steps``); ``losses`` (fp32) — the losses of
+    the folded blocks, one cell per step of the interval (4 bytes a step); ``bins`` (int64) — per
+    watched tensor, counts of values between a few edges (the bounds, clamp points, 0 and 1 for
+    targets, ±inf), accumulated over the interval. Small tensors (the usual batch) cost one copy per
+    step into a staging row, reduced in a few batched kernels at the check; the head's gradients one
+    ``_foreach_copy_`` (or, for a large head, one fused norm); the loss one copy. No host
+    synchronisation: only shapes (host metadata) are read between checks.
     :meth:`read` moves the whole buffer to the host in one transfer and turns it into the core's rows
     (:data:`boundguard.stats.COLUMNS`).
 
@@ -72,47 +76,48 @@ class Reducer:
         for kind, fs in self.ROW.items():
             offs[kind] = o
             o += len(fs)
-        self.width = o
-        row_bytes = (block + 1) * self.width * 4
+        self.width = o  # statistics columns; column ``width`` is the step's loss
+        row_bytes = (block + 1) * (self.width + 1) * 4
         loss_bytes = -(-(row_bytes + (self.n_steps + 1) * 4) // 8) * 8 - row_bytes  # bins 8-byte aligned
         nbins = self.MAX_BINS * len(self.ROW)
         self.raw = torch.zeros(row_bytes + loss_bytes + nbins * 8, dtype=torch.uint8, device=device)
-        self.block = self.raw[:row_bytes].view(torch.float32).view(block + 1, self.width)
+        self.block = self.raw[:row_bytes].view(torch.float32).view(block + 1, self.width + 1)
         self.rows = self.block[:block]
         self.losses = self.raw[row_bytes: row_bytes + (self.n_steps + 1) * 4].view(torch.float32)
         self._bins_at = row_bytes + loss_bytes
         bins = self.raw[self._bins_at:].view(torch.int64)
         self.bins = {k: bins[i * self.MAX_BINS: (i + 1) * self.MAX_BINS] for i, k in enumerate(self.ROW)}
         self.bin_cells = {k: [b[i] for i in range(self.MAX_BINS)] for k, b in self.bins.items()}
-        self.neutral_row = torch.tensor([s.neutral for k in KINDS for s in row_stats(k)], dtype=torch.float32,
-                                        device=device)
+        self.neutral_row = torch.tensor([s.neutral for k in KINDS for s in row_stats(k)] + [math.nan],
+                                        dtype=torch.float32, device=device)
         self._ops_cols = {op: torch.tensor([offs[k] + j for k, fs in self.ROW.items()
                                             for j, f in enumerate(fs) if self.OPS[k][f] == op],
                                            dtype=torch.long, device=device) for op in ("min", "max", "sum")}
         # per row and kind, the 0-d views the kernels write into with out=
         self.cells = [{k: [self.rows[i, offs[k] + j] for j in range(len(fs))] for k, fs in self.ROW.items()}
                       for i in range(block)]
+        self.loss_cells = [self.rows[i, self.width] for i in range(block)]
         self.offs = offs
         self.one = torch.ones((), dtype=torch.int64, device=device)
         self._ones: dict[int, Tensor] = {}
         self.edges: dict[str, torch.Tensor] = {}
         self.edge_values: dict[str, list[float]] = {}
         self.row = 0  # the row of the block this step writes
-        self.i = 0  # the step of the interval this step is (its loss cell)
+        self.i = 0  # the step of the interval this step is
+        self.base = 0  # the step of the interval that row 0 of the block holds (``losses`` holds the ones before)
         self.folded = False  # the carry row holds folded blocks
         self.counts = {k: 0 for k in self.ROW}
         self.loss_seen = [False] * (self.n_steps + 1)
         self._written: set[str] = set()
         # the host mirror of the latest rows (lazy bins, the tripwire); on a GPU pinned memory + events
         self._cuda = device.type == "cuda"
-        self._mirror = torch.empty((2, self.width + 1), dtype=torch.float32, pin_memory=self._cuda)
+        self._mirror = torch.empty((2, self.width + 1), dtype=torch.float32, pin_memory=self._cuda)  # a row
         self._mirror_np = self._mirror.numpy()
         self._mirror_src = torch.empty(self.width + 1, dtype=torch.float32, device=device) if self._cuda else None
         self._mirror_seen = [False, False]
         self._events: list[Any] = [None, None]
         self._slot = 0
         self._rows_np = self.rows.numpy() if not self._cuda else self._mirror_np
-        self._losses_np = self.losses.numpy() if not self._cuda else self._mirror_np[0]  # (GPU: unused)
         self._minmax = [(offs[k], offs[k] + 1) for k in self.ROW]  # each kind's first two row columns
         self._held: list[tuple[int, str, str, Tensor, int]] = []  # (slot, kind, bins kind, tensor, n)
         #: a mirrored step showed a NaN/Inf (the loss, a large tensor): the adapter checks at once
@@ -133,8 +138,13 @@ class Reducer:
         self.stage_rows = {k: [b[i] for i in range(block)] for k, b in self.stage.items()}
         self.staged = {k: [0] * block for k in self.stage}  # elements staged per row (host ints)
         self._gstage = torch.empty((block, self.GRAD_SLOTS), dtype=torch.float32, device=device)
-        self._gstage_rows = [self._gstage[i] for i in range(block)]
+        self._gstage_views: dict[tuple[int, int], Tensor] = {}  # (row, k) -> where k norms go
         self._glen = [0] * block  # gradient norms staged per row
+        # a small head's raw gradients, one row per step (set up at the first step; None: too large)
+        self._graw: Optional[Tensor] = None
+        self._graw_views: list[list[Tensor]] = []  # per row, one view per parameter
+        self._graw_k = -1  # parameters per step of the raw staging (-1: not set up yet, 0: off)
+        self._graw_used = [False] * block
         self._views: dict[tuple, Tensor] = {}  # (kind, row, shape) -> the staging destination
         self._reduced = False  # a tensor was reduced into this step's row (else the row holds no values)
         self.configure()
@@ -170,6 +180,7 @@ class Reducer:
         for lens in list(self.staged.values()) + [self._glen]:
             for i in range(len(lens)):
                 lens[i] = 0
+        self._graw_used = [False] * self.n_rows
         self._reset()
 
     def _reset(self) -> None:
@@ -178,6 +189,7 @@ class Reducer:
         self.raw[self._bins_at:].zero_()
         self.row = 0
         self.i = 0
+        self.base = 0
         self.folded = False
         self._written = set()
         self.counts = {k: 0 for k in self.counts}
@@ -225,7 +237,7 @@ class Reducer:
             if len(self._views) > 4096:
                 self._views.clear()
             dst = self._views[key] = self.stage_rows[kind][self.row][:n].view(t.shape)
-        dst.copy_(t.detach())
+        dst.copy_(t.data if t.requires_grad else t)  # .data: the values, without an autograd record
         self.staged[kind][self.row] = n
         return True
 
@@ -325,8 +337,7 @@ class Reducer:
             return
         src = self._mirror_src
         assert src is not None
-        src[: self.width].copy_(self.rows[self.row])
-        src[self.width].copy_(self.losses[self.i])
+        src.copy_(self.rows[self.row])  # the statistics and the loss
         self._mirror[self._slot].copy_(src, non_blocking=True)
         ev = self._events[self._slot] = torch.cuda.Event()
         ev.record()
@@ -342,8 +353,7 @@ class Reducer:
             row = self._mirror_np[slot]
             loss, seen = float(row[self.width]), self._mirror_seen[slot]
         else:
-            seen = self.loss_seen[self.i]
-            if seen and not math.isfinite(float(self._losses_np[self.i])):
+            if self.loss_seen[self.i] and not math.isfinite(float(self._rows_np[self.row, self.width])):
                 self.tripped = True
             elif self._reduced and _nonfinite(self._rows_np[self.row].tolist(), self._minmax):
                 self.tripped = True
@@ -391,19 +401,31 @@ class Reducer:
     def input(self, x: Tensor) -> None:
         self._observe("input", x)
 
-    def grads(self, grads: list[Tensor]) -> None:
+    def grads(self, grads: list[Tensor], complete: bool = True) -> None:
         """The step's gradients of the watched parameters (once per step: a second optimizer's step sees
-        the same head): one fused norm per parameter, stacked into this step's staging row (two kernels,
-        no host read); their squared sum becomes the step's ``grad`` cells at the flush."""
+        the same head; the same parameters in the same order every step). A small head's gradients are
+        copied as they are into this step's staging row (one ``_foreach_copy_``); a larger head's become
+        one fused norm per parameter, stacked into the row (two kernels). Either way no host read; their
+        squared sum becomes the step's ``grad`` cells at the flush. ``complete``: every watched parameter
+        has a gradient this step (else some are missing, and the norms are taken)."""
         if not grads or "grad" in self._written:
             return
         self._written.add("grad")
         self.counts["grad"] += 1
+        if self._graw_k < 0 and complete:
+            self._setup_raw_grads(grads)
+        if complete and len(grads) == self._graw_k:
+            torch._foreach_copy_(self._graw_views[self.row], grads)
+            self._graw_used[self.row] = True
+            return
         norms = torch._foreach_norm(grads)
         k = len(norms)
         if k <= self.GRAD_SLOTS and norms[0].dtype == torch.float32 and norms[0].device == self.device:
+            dst = self._gstage_views.get((self.row, k))
+            if dst is None:
+                dst = self._gstage_views[(self.row, k)] = self._gstage[self.row, :k]
             try:
-                torch.stack(norms, out=self._gstage_rows[self.row][:k])
+                torch.stack(norms, out=dst)
                 self._glen[self.row] = k
                 return
             except (RuntimeError, TypeError):  # parameters of mixed dtypes or devices: reduce at once
@@ -415,20 +437,34 @@ class Reducer:
             cell.copy_(sq)
         c[3].copy_(torch.isfinite(sq))
 
+    def _setup_raw_grads(self, grads: list[Tensor]) -> None:
+        """At the first step: stage the raw gradients when the head is small (all its gradient elements
+        of a block within the staging budget), else their norms (``_graw_k`` = 0)."""
+        n = sum(g.numel() for g in grads)
+        self._graw_k = 0
+        if not (0 < n * self.n_rows <= self.STAGE_ELEMENTS and len(grads) <= self.GRAD_SLOTS) or \
+                any(g.device != self.device or not g.is_floating_point() for g in grads):
+            return
+        self._graw = torch.empty((self.n_rows, n), dtype=torch.float32, device=self.device)
+        sizes = [g.numel() for g in grads]
+        self._graw_views = [[v.view(g.shape) for v, g in zip(torch.split(self._graw[i], sizes), grads)]
+                            for i in range(self.n_rows)]
+        self._graw_k = len(grads)
+
     def _flush_grads(self, used: int) -> None:
-        """The staged per-parameter norms of the block's steps into their ``grad`` cells (a few kernels
-        per run of steps with the same number of parameters)."""
-        lens = self._glen
-        if not any(lens[:used]):
+        """The staged gradients (or per-parameter norms) of the block's steps into their ``grad`` cells: a
+        few kernels per run of steps staged alike."""
+        lens, raw = self._glen, self._graw_used
+        if not (any(lens[:used]) or any(raw[:used])):
             return
         off, col = self.offs["grad"], self._col["grad"]
         start = 0
         while start < used:
-            k, end = lens[start], start + 1
-            while end < used and lens[end] == k:
+            k, r, end = lens[start], raw[start], start + 1
+            while end < used and lens[end] == k and raw[end] == r:
                 end += 1
-            if k:
-                g = self._gstage[start:end, :k]
+            g = self._graw[start:end] if r and self._graw is not None else (self._gstage[start:end, :k] if k else None)
+            if g is not None:
                 sq = (g * g).sum(1)
                 rows = self.rows[start:end]
                 for f in ("sumsq", "normsq_max", "normsq_min"):
@@ -437,19 +473,21 @@ class Reducer:
             start = end
         for i in range(used):
             lens[i] = 0
+            raw[i] = False
 
     def loss(self, loss: Tensor) -> None:
-        l = loss.detach()
+        l = loss.data
         if l.numel() != 1:
             if l.numel() == 0:
                 return
             l = l.float().mean()
-        self.losses[self.i].copy_(l if l.dim() == 0 else l.reshape(()))
+        self.loss_cells[self.row].copy_(l if l.dim() == 0 else l.reshape(()))
         self.loss_seen[self.i] = True
 
-    def next_row(self) -> None:
+    def next_row(self, checking: bool = False) -> None:
         """End of a step: mirror its row (lazy bins, the tripwire), then move to the next row; a full
-        block is folded into the carry row."""
+        block is folded into the carry row, unless the step is ``checking`` (the check reads the block as
+        it is: nothing to fold)."""
         prev = self._slot ^ 1
         self._copy_mirror()
         self._resolve()
@@ -462,7 +500,7 @@ class Reducer:
         self.i = min(self.i + 1, self.n_steps)
         self._written = set()
         self._reduced = False
-        if self.row == self.n_rows:
+        if self.row == self.n_rows and not checking:
             self._fold()
 
     def _fold(self) -> None:
@@ -470,6 +508,10 @@ class Reducer:
         :attr:`ROW_CAP` steps) and start the block again."""
         self.flush()
         block = self.block
+        n = max(0, min(self.n_rows, self.losses.numel() - self.base))  # (an interval longer than declared: capped)
+        if n:
+            self.losses[self.base: self.base + n].copy_(block[:n, self.width])
+        self.base += self.n_rows
         for op, cols in self._ops_cols.items():
             if cols.numel() == 0:
                 continue
@@ -502,14 +544,16 @@ class Reducer:
         cols = self._ops_cols["sum"]
         sums = block.index_select(1, cols)
         counts = torch.tensor([self.counts[k] for k in self.ROW], dtype=torch.float32, device=self.device)
-        packed = torch.cat([sums.reshape(-1), self.losses, counts])
+        step_losses = block[:, self.width]
+        packed = torch.cat([sums.reshape(-1), self.losses, step_losses, counts])
         dist.all_reduce(packed, op=dist.ReduceOp.SUM)
-        k = sums.numel()
+        k, nl, nb = sums.numel(), self.losses.numel(), step_losses.numel()
         block.index_copy_(1, cols, packed[:k].view_as(sums))
-        self.losses.copy_(packed[k: k + self.losses.numel()] / world)
+        self.losses.copy_(packed[k: k + nl] / world)
+        step_losses.copy_(packed[k + nl: k + nl + nb] / world)
         bins = self.raw[self._bins_at:].view(torch.int64)
         dist.all_reduce(bins, op=dist.ReduceOp.SUM)
-        for name, v in zip(self.ROW, packed[k + self.losses.numel():].tolist()):
+        for name, v in zip(self.ROW, packed[k + nl + nb:].tolist()):
             self.counts[name] = int(v)
 
     def read(self) -> tuple[np.ndarray, dict[str, int], list[bool], np.ndarray]:
@@ -520,18 +564,20 @@ class Reducer:
         n_rows, steps = self.row, max(self.i, 1)
         host = self.raw.to("cpu", copy=True).numpy()
         block = host[: self._bins_at].view(np.float32)
-        dev = block[: (self.n_rows + 1) * self.width].reshape(self.n_rows + 1, self.width)
+        size = (self.n_rows + 1) * (self.width + 1)
+        dev = block[:size].reshape(self.n_rows + 1, self.width + 1)
         pick = ([self.n_rows] if self.folded else []) + list(range(n_rows))
         dev_rows = dev[pick] if pick else dev[[0]]  # no step: one neutral row
-        losses = block[(self.n_rows + 1) * self.width:][:steps].astype(np.float64)
+        folded = min(self.base, self.losses.numel())
+        losses = np.concatenate([block[size: size + folded], dev[:n_rows, self.width]])[:steps].astype(np.float64)
+        if losses.size < steps:
+            losses = np.concatenate([losses, np.full(steps - losses.size, np.nan)])
         bins = host[self._bins_at:].view(np.int64)
         steps = min(steps, self.n_steps)
         counts, seen = dict(self.counts), self.loss_seen[:steps]
-        out = np.tile(neutral_row(), (dev_rows.shape[0], 1))
-        col = {c: i for i, c in enumerate(COLUMNS)}
-        for kind, fs in self.ROW.items():
-            for j, f in enumerate(fs):
-                out[:, col[f"{kind}.{f}"]] = dev_rows[:, self.offs[kind] + j]
+        out = np.tile(_NEUTRAL_ROW, (dev_rows.shape[0], 1))
+        out[:, _ROW_DST] = dev_rows[:, _ROW_SRC]
+        col = _COL
         if self.shared:  # identity head: the prediction's min/max are the pre-activation's
             for f in ("min", "max"):
                 out[:, col[f"pred.{f}"]] = out[:, col[f"pre.{f}"]]
@@ -558,8 +604,14 @@ class Reducer:
 
 _F32_MAX = float(np.finfo(np.float32).max)
 _NEUTRAL = {"min": math.inf, "max": -math.inf, "sum": 0.0}
+_NEUTRAL_ROW = neutral_row()
+_COL = {c: i for i, c in enumerate(COLUMNS)}
+#: where each device row column goes among the core's columns (the row layout is Reducer.ROW, in order)
+_ROW_DST = np.array([_COL[f"{k}.{f}"] for k, fs in Reducer.ROW.items() for f in fs])
+_ROW_SRC = np.arange(len(_ROW_DST))
 
 
+@functools.lru_cache(maxsize=256)
 def _next32(x: float) -> float:
     return float(np.nextafter(np.float32(x), np.float32(np.inf)))
 
