@@ -49,74 +49,53 @@ if str(ROOT) not in sys.path:  # run as a script path by the zygote: benchmarks.
 
 VARIANTS = {
     "off": "no callback",
+    "empty": "a Callback that does nothing (what Lightning charges any callback)",
     "default": "BoundGuard() (check every 50 steps), unchanged",
-    "no_trip": "Reducer._trip a no-op (no NaN tripwire look per step)",
-    "no_mirror": "Reducer.next_row without mirror copy, lazy-bin resolve and tripwire (the old next_row)",
-    "trip_tolist": "Reducer._trip on the CPU: row.tolist() + Python float compares",
-    "loss_cells": "Reducer.loss into precomputed 0-d loss cells (no losses[i] view per step)",
+    "no_batch": "on_train_batch_start records nothing (no targets, no inputs)",
+    "no_loss": "on_before_backward records nothing (no loss; the batch-end fallback off too)",
     "no_grad": "TorchEngine.record_grads a no-op (no gradient-health reduction per step)",
+    "fwd_noop": "the forward hook installed, returning at once (torch's hook path and the dynamo guard remain)",
+    "fwd_none": "no forward hook installed (nothing of the prediction per step)",
+    "no_eager": "the forward hook without torch._dynamo.disable around it",
+    "no_trip": "Reducer._trip a no-op (no NaN tripwire look per step)",
 }
 
 
 def patch(variant: str) -> None:
-    from boundguard.integrations.torch import reducer as rmod
+    from boundguard.integrations.torch import engine, reducer as rmod
+    from boundguard.integrations import _lightning
 
-    R = rmod.Reducer
+    E, R = engine.TorchEngine, rmod.Reducer
     if variant == "no_grad":
-        from boundguard.integrations.torch import engine
-
-        engine.TorchEngine.record_grads = lambda self: None
+        E.record_grads = lambda self: None
     elif variant == "no_trip":
         R._trip = lambda self, slot: None
-    elif variant == "no_mirror":
-        def next_row(self):
-            self._slot ^= 1
-            self.row += 1
-            self.i = min(self.i + 1, self.n_steps)
-            self._written = set()
-            if self.row == self.n_rows:
-                self._fold()
-        R.next_row = next_row
-    elif variant == "trip_tolist":
-        orig = R._trip
-        inf = math.inf
+    elif variant == "no_batch":
+        def start(self, trainer, pl_module, batch, batch_idx):
+            self._engine.begin_step()
+        _lightning.LightningGuard.on_train_batch_start = start
+        orig_rb = E.record_batch
+        E.record_batch = lambda self, batch=None, inputs=None, targets=None: (
+            orig_rb(self, batch, inputs, targets) if self.reducer is None or self.step < 1 else None)
+    elif variant == "no_loss":
+        orig = E.record_loss
+        E.record_loss = lambda self, loss: orig(self, loss) if self.reducer is None else None
+    elif variant in ("fwd_noop", "fwd_none"):
+        orig_install = E._install_hooks
 
-        def _trip(self, slot):
-            if self._cuda:
-                return orig(self, slot)
-            row = self._rows_np[self.row].tolist()
-            for a in self._min_pos:
-                lo, hi = row[a], row[a + 1]
-                if lo != lo or hi != hi or lo == -inf or hi == inf:
-                    self.tripped = True
-                    return
-            if self.loss_seen[self.i] and not math.isfinite(self._losses_list_src[self.i]):
-                self.tripped = True
-        init = R.__init__
-
-        def __init__(self, *a, **k):
-            init(self, *a, **k)
-            self._min_pos = [int(i) for i in self._min_idx]
-            self._losses_list_src = self._losses_np  # float(np.float32) per read, as before
-        R.__init__ = __init__
-        R._trip = _trip
-    elif variant == "loss_cells":
-        init = R.__init__
-
-        def __init__(self, *a, **k):
-            init(self, *a, **k)
-            self._loss_cells = [self.losses[i] for i in range(self.n_steps + 1)]
-
-        def loss(self, loss):
-            l = loss.detach()
-            if l.numel() != 1:
-                if l.numel() == 0:
-                    return
-                l = l.float().mean()
-            self._loss_cells[self.i].copy_(l.reshape(()))
-            self.loss_seen[self.i] = True
-        R.__init__ = __init__
-        R.loss = loss
+        def install(self):
+            orig_install(self)
+            if self.reducer is None:
+                return
+            for h in self._hooks:
+                h.remove()
+            self._hooks.clear()
+            if variant == "fwd_noop" and self._result is not None and self._result.pre_site is not None:
+                m = dict(self.model.named_modules())[self._result.pre_site[0]]
+                self._hooks.append(m.register_forward_hook(engine._eager(lambda mod, a, o: None), prepend=True))
+        E._install_hooks = install
+    elif variant == "no_eager":
+        engine._eager = lambda fn: fn
 
 
 def zygote(args) -> int:
@@ -141,8 +120,8 @@ def zygote(args) -> int:
                 patch(variant)
                 import boundguard.integrations.torch.reducer as rmod
 
-                res = ins.run_lightning("off" if variant == "off" else "default", args.warmup, args.steps,
-                                        args.every, toggle)
+                arm = {"off": "off", "empty": "empty_callback"}.get(variant, "default")
+                res = ins.run_lightning(arm, args.warmup, args.steps, args.every, toggle)
                 res.update(variant=variant, pid=os.getpid(), reducer=rmod.__file__)
                 Path(args.results, f"{variant}.json").write_text(json.dumps(res))
             except BaseException:

@@ -465,7 +465,8 @@ class LossSpike(Rule):
         past = list(h.window)
         new = [(x, st) for x, st in zip(s.losses.tolist(), s.loss_steps.tolist()) if math.isfinite(x)]
         seq = past + [x for x, _ in new]
-        pos = list(range(max(len(past), self.p["min_history"]), len(seq)))  # the index in ``seq`` of each step judged
+        first = max(len(past), math.ceil(self.p["min_history"]))  # (thresholds are floats)
+        pos = list(range(first, len(seq)))  # the index in ``seq`` of each step judged
         if not pos:
             return []
         med, spread = centre_spread(seq, pos, WINDOW)

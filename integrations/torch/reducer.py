@@ -275,6 +275,13 @@ class Reducer:
             cols[:, off + col["sum"]].add_(block.sum(1))
         if "sumsq" in col:
             cols[:, off + col["sumsq"]].add_((block * block).sum(1))
+        if not self._cuda:  # the rows are host memory: when the block's range lies between two edges
+            rows = self._rows_np[a:b]  # (a superset of the staged values), every value is in that bin
+            lo, hi = float(rows[:, off].min()), float(rows[:, off + 1].max())
+            k = _same_bin(self.edge_values[bins_kind], lo, hi)
+            if k is not None:
+                self.bin_cells[bins_kind][k].add_(block.numel())
+                return
         self._bucketize(bins_kind, block.contiguous().reshape(-1))
 
     def _bucketize(self, kind: str, f: Tensor) -> None:
