@@ -117,9 +117,11 @@ class LightningGuard(SessionViews):
 
     @guarded
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
-        self._engine.batch = batch
-        self._engine.begin_step()
-        self._engine.record_batch(batch)  # from step 2 on (the probe locates the tensors at step 1)
+        e = self._engine
+        e.batch = batch
+        e.begin_step()
+        if e.reducer is not None:  # from step 2 on (the probe locates the tensors at step 1)
+            e.record_batch(batch)
 
     @guarded
     def on_before_backward(self, trainer: Any, pl_module: Any, loss: Any) -> None:
@@ -148,12 +150,12 @@ class LightningGuard(SessionViews):
         if not e.loss_seen:  # manual optimisation: the loss comes back in the outputs
             loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
             e.record_loss(loss)
-        e.record_batch(batch)
-        checking = e.is_check_step(e.step + 1)  # decided before the step counts, on every rank
+        if not e._batch_recorded:  # the first step: the probe has just located the batch's tensors
+            e.record_batch(batch)
         e.end_step(epoch=trainer.current_epoch)
         snap = self._session.last_snapshot
         checked = snap is not None and snap.step == e.step  # a scheduled check, or the NaN tripwire's
-        if not (checking or checked):
+        if not checked and not (e.distributed and e.is_check_step(e.step)):  # (counted: the step is e.step now)
             return
         # a collective decision at every scheduled check, so ranks never diverge (the tripwire is off
         # under DDP: it only checks off schedule on a single process)
@@ -169,7 +171,7 @@ class LightningGuard(SessionViews):
         import torch
 
         metrics["boundguard/alerts"] = float(len(self._session.monitor.alerts))
-        trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})
+        trainer.callback_metrics.update(zip(metrics, torch.tensor(list(metrics.values())).unbind()))
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=max(trainer.global_step - 1, 0))
 

@@ -115,7 +115,7 @@ class TorchEngine:
 
     def begin_step(self) -> None:
         """Before the forward pass of a training step."""
-        if self.disabled or self.model is None:
+        if self.session.disabled or self.model is None:
             return
         self.armed = True
         self.loss_seen = False
@@ -175,40 +175,44 @@ class TorchEngine:
         return bool(t.item())
 
     def record_loss(self, loss: Any) -> None:
-        if self.disabled or not isinstance(loss, Tensor):
+        if self.loss_seen or self.session.disabled or not isinstance(loss, Tensor):
             return
         if self.probe is not None and self.probe.active:
             self._finish_probe(loss)
-        if self.reducer is not None and not self.loss_seen:
+        if self.reducer is not None:
             self.reducer.loss(loss)
             self.loss_seen = True
 
     def record_batch(self, batch: Any = None, inputs: Any = None, targets: Any = None) -> None:
         """Targets and inputs of the step: given explicitly, or located in the batch (once per step)."""
-        if self.disabled or self.reducer is None or self._batch_recorded:
+        red = self.reducer
+        if self._batch_recorded or red is None or self.session.disabled:
             return
         self._batch_recorded = True
-        y = targets if isinstance(targets, Tensor) else (
-            get_path(batch, self._target_path) if self._target_path is not None else None)
-        x = inputs if isinstance(inputs, Tensor) else (
-            get_path(batch, self._input_path) if self._input_path is not None else None)
+        tp, ip = self._target_path, self._input_path
+        y = targets if targets is not None else (get_path(batch, tp) if tp is not None else None)
+        x = inputs if inputs is not None else (get_path(batch, ip) if ip is not None else None)
         if isinstance(y, Tensor):
-            self.reducer.target(y)
-        if inputs is not None and not isinstance(inputs, Tensor):  # a list/tuple/dict of input tensors
-            for _, t in flatten(inputs):
+            red.target(y)
+        if isinstance(x, Tensor):
+            if x.is_floating_point():
+                red.input(x)
+        elif x is not None:  # a list/tuple/dict of input tensors
+            for _, t in flatten(x):
                 if t.is_floating_point():
-                    self.reducer.input(t)
-        elif isinstance(x, Tensor) and x.is_floating_point():
-            self.reducer.input(x)
+                    red.input(t)
 
     def record_grads(self) -> None:
         """The gradients of the output layer's parameters, reduced on the device (after ``backward``,
         before the optimiser step: Lightning's ``on_before_optimizer_step``; in a plain loop at
         ``guard.step``, before ``zero_grad``). Parameters without a gradient are skipped."""
-        if self.disabled or self.reducer is None or not self._grad_params or not self.armed:
-            return
         params = self._grad_params
-        grads = [g for p in params if (g := p.grad) is not None]
+        if not (params and self.armed) or self.reducer is None or self.session.disabled:
+            return
+        grads = []
+        for p in params:
+            if (g := p.grad) is not None:
+                grads.append(g)
         if grads:
             self.reducer.grads(grads, complete=len(grads) == len(params))
 
@@ -217,7 +221,7 @@ class TorchEngine:
 
     def end_step(self, epoch: Optional[int] = None) -> list[Decision]:
         """After the optimiser step. Returns the decisions of a check (empty between checks)."""
-        if self.disabled:
+        if self.session.disabled:
             return []
         if self.probe is not None and self.probe.active:
             self._finish_probe(None)
@@ -227,7 +231,7 @@ class TorchEngine:
         if red is None:
             return []
         red.next_row(checking=due)
-        if due or self._tripped():
+        if due or (red.tripped and self._tripped()):
             return self._check()
         return []
 
@@ -521,19 +525,21 @@ class TorchEngine:
             self._hooks.append(modules[pred_site[0]].register_forward_hook(self._stats_hook(pred_site[1], "pred")))
 
     def _stats_hook(self, path: tuple, what: str) -> Callable:
+        whole, from_input = not path, path[:1] == (INPUT,)
+
         @_eager
         def hook(module: nn.Module, args: Any, output: Any) -> None:
-            if not self.armed or self.disabled:
+            red = self.reducer
+            if not self.armed or red is None:  # (a monitor switched off has removed its hooks)
                 return None
             try:
-                t = (args[0] if args and isinstance(args[0], Tensor) else None) if path[:1] == (INPUT,) \
-                    else get_path(output, path)
-                if t is None or self.reducer is None:
+                t = output if whole else ((args[0] if args else None) if from_input else get_path(output, path))
+                if not isinstance(t, Tensor):
                     return None
-                if what == "pred":
-                    self.reducer.pred(t)
-                elif what == "pre+pred":
-                    self._reduce_outputs(t, t)
+                if what == "pre+pred":  # identity head: one tensor is both
+                    red.pre(t, also_pred=True)
+                elif what == "pred":
+                    red.pred(t)
                 else:
                     self._reduce_outputs(t, None)
             except Exception as e:  # never break the user's forward pass

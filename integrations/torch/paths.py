@@ -35,7 +35,7 @@ def get_path(obj: Any, path: tuple) -> Optional[Tensor]:
     """The tensor at ``path`` in ``obj``, or None when the structure does not have it."""
     for key in path:
         try:
-            if isinstance(obj, Mapping) or isinstance(obj, (tuple, list)):
+            if isinstance(obj, (tuple, list, dict)) or isinstance(obj, Mapping):  # (the ABC check is slow)
                 obj = obj[key]
             else:
                 obj = getattr(obj, key)

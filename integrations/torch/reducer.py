@@ -147,6 +147,10 @@ class Reducer:
         self._graw_used = [False] * block
         self._views: dict[tuple, Tensor] = {}  # (kind, row, shape) -> the staging destination
         self._reduced = False  # a tensor was reduced into this step's row (else the row holds no values)
+        #: this step's deferred copies (destination, source, kind or None for the loss): see _commit
+        self._pending: list[Optional[str]] = []  # their kinds (None: the loss)
+        self._pdst: list[Tensor] = []
+        self._psrc: list[Tensor] = []
         self.configure()
         self._reset()
 
@@ -184,6 +188,12 @@ class Reducer:
         self._reset()
 
     def _reset(self) -> None:
+        r = self.row  # a step in progress (a read in the middle of it) leaves nothing staged behind
+        if r < self.n_rows:
+            for lens in self.staged.values():
+                lens[r] = 0
+            self._glen[r], self._graw_used[r] = 0, False
+        self._pending, self._pdst, self._psrc = [], [], []
         self.block.copy_(self.neutral_row.expand(self.n_rows + 1, -1))
         self.losses.fill_(math.nan)
         self.raw[self._bins_at:].zero_()
@@ -226,25 +236,36 @@ class Reducer:
             else:
                 d.add_(n)
 
-    def _stage(self, kind: str, t: Tensor, n: int) -> bool:
-        """Copy a small tensor's values into this step's staging row (one kernel); False: reduce now."""
-        if n > self.cap or kind in self._written or (kind == "pred" and self.distribution):
-            return False
-        self._written.add(kind)
-        key = (kind, self.row, t.shape)
-        dst = self._views.get(key)
-        if dst is None:  # batch shapes repeat: one view of the staging row per shape
-            if len(self._views) > 4096:
-                self._views.clear()
-            dst = self._views[key] = self.stage_rows[kind][self.row][:n].view(t.shape)
-        dst.copy_(t.data if t.requires_grad else t)  # .data: the values, without an autograd record
-        self.staged[kind][self.row] = n
-        return True
+    def _commit(self, dsts: list[Tensor], srcs: list[Tensor]) -> None:
+        """Carry out the step's deferred copies, with ``dsts``/``srcs`` (the step's gradients), in one
+        ``_foreach_copy_``. A batch tensor resized in place since it was recorded is dropped from the
+        step (its statistics would be of other values), never a failed step."""
+        pending, pdst, psrc = self._pending, self._pdst, self._psrc
+        self._pending, self._pdst, self._psrc = [], [], []
+        try:
+            torch._foreach_copy_(dsts + pdst, srcs + psrc)
+        except RuntimeError:
+            for d, s, kind in zip(pdst, psrc, pending):
+                try:
+                    d.copy_(s)
+                except RuntimeError:
+                    self._unstage(kind, d.numel())
+            for d, s in zip(dsts, srcs):
+                d.copy_(s)
+
+    def _unstage(self, kind: Optional[str], n: int) -> None:
+        if kind is None:  # the loss
+            self.loss_seen[self.i] = False
+            return
+        self.staged[kind][self.row] = 0
+        self.counts[kind] -= n
 
     def flush(self) -> None:
         """Reduce what is still pending into the rows and bins: the staged values of the block (a few
         kernels per run of equal-sized steps) and the large tensors whose lazy bins are undecided. Called
         at a fold and at the check, before the buffer is merged across processes or read."""
+        if self._pending:  # (a read in the middle of a step)
+            self._commit([], [])
         self._resolve(wait=True)
         used = max(self.row, 1)
         self._flush_grads(used)
@@ -265,24 +286,25 @@ class Reducer:
                 lens[i] = 0
 
     def _reduce_block(self, kind: str, bins_kind: str, block: Tensor, a: int, b: int) -> None:
-        off = self.offs[kind]
-        mn, mx = torch.aminmax(block, dim=1)
-        cols = self.rows[a:b]
-        cols[:, off].copy_(torch.minimum(cols[:, off], mn))
-        cols[:, off + 1].copy_(torch.maximum(cols[:, off + 1], mx))
+        """The staged values of steps ``a``..``b`` reduced at once into row ``a`` (the core only ever
+        combines an interval's rows, so which of its rows holds them does not matter): one pass over the
+        whole block per statistic instead of one per step."""
+        c = self.cells[a][kind]
         col = self._col[kind]
+        mn, mx = torch.aminmax(block)
+        torch.minimum(c[0], mn, out=c[0])
+        torch.maximum(c[1], mx, out=c[1])
         if "sum" in col:
-            cols[:, off + col["sum"]].add_(block.sum(1))
+            c[col["sum"]].add_(block.sum())
         if "sumsq" in col:
-            cols[:, off + col["sumsq"]].add_((block * block).sum(1))
+            c[col["sumsq"]].add_((block * block).sum())
         if not self._cuda:  # the rows are host memory: when the block's range lies between two edges
-            rows = self._rows_np[a:b]  # (a superset of the staged values), every value is in that bin
-            lo, hi = float(rows[:, off].min()), float(rows[:, off + 1].max())
-            k = _same_bin(self.edge_values[bins_kind], lo, hi)
+            off = self.offs[kind]  # (row ``a`` holds a superset of the staged values), all are in that bin
+            k = _same_bin(self.edge_values[bins_kind], float(self._rows_np[a, off]), float(self._rows_np[a, off + 1]))
             if k is not None:
                 self.bin_cells[bins_kind][k].add_(block.numel())
                 return
-        self._bucketize(bins_kind, block.contiguous().reshape(-1))
+        self._bucketize(bins_kind, block.reshape(-1))
 
     def _bucketize(self, kind: str, f: Tensor) -> None:
         idx = torch.bucketize(f, self.edges[kind], right=True)
@@ -340,8 +362,6 @@ class Reducer:
     def _copy_mirror(self) -> None:
         """On a GPU: this step's row (and loss) into pinned host memory, non-blocking, with an event
         recorded after it (on the CPU the rows are host memory already)."""
-        if not self._cuda:
-            return
         src = self._mirror_src
         assert src is not None
         src.copy_(self.rows[self.row])  # the statistics and the loss
@@ -351,62 +371,79 @@ class Reducer:
         self._mirror_seen[self._slot] = self.loss_seen[self.i]
 
     def _trip(self, slot: int) -> None:
-        """Look at one mirrored step for a NaN/Inf: the loss, or a min/max reduced that step."""
-        if self._cuda:
-            ev = self._events[slot]
-            if ev is None or not ev.query():
-                return
-            self._events[slot] = None
-            row = self._mirror_np[slot]
-            loss, seen = float(row[self.width]), self._mirror_seen[slot]
-        else:
-            if self.loss_seen[self.i] and not math.isfinite(float(self._rows_np[self.row, self.width])):
-                self.tripped = True
-            elif self._reduced and _nonfinite(self._rows_np[self.row].tolist(), self._minmax):
-                self.tripped = True
+        """On a GPU: look at one mirrored step for a NaN/Inf (the loss, or a min/max reduced that step),
+        once its copy has landed (on the CPU :meth:`next_row` looks at the row itself)."""
+        ev = self._events[slot]
+        if ev is None or not ev.query():
             return
+        self._events[slot] = None
+        row = self._mirror_np[slot]
+        loss, seen = float(row[self.width]), self._mirror_seen[slot]
         if (seen and not math.isfinite(loss)) or _nonfinite(row.tolist(), self._minmax):
             self.tripped = True
 
-    def _observe(self, kind: str, t: Tensor, bins_kind: Optional[str] = None) -> None:
-        """One step's statistics of a watched tensor: staged when small, else reduced now."""
+    def _observe(self, kind: str, t: Tensor, bins_kind: Optional[str] = None, stage: bool = True,
+                 defer: bool = False) -> None:
+        """One step's statistics of a watched tensor (its bins counted as ``bins_kind``): a small one is
+        staged, its values copied into this step's staging row (``defer``: with the step's other copies,
+        :meth:`_commit`) and reduced in a few batched kernels at the flush; a large one, or a second one
+        of the same kind in one step, is reduced now."""
         n = t.numel()
-        if n == 0:
+        if not n:
             return
-        bins_kind = bins_kind or kind
-        # a staged pre-activation is binned at the flush as the prediction iff the head is shared
-        stageable = (bins_kind == "pred") == self.shared if kind == "pre" else True
-        if not (stageable and self._stage(kind, t, n)):
-            f = self._flat(t)
-            self._reduced = True
-            c, merge = self._cells(kind)
-            col = self._col[kind]
-            torch.aminmax(f, out=(c[0], c[1]))
-            if "sum" in col:
-                torch.sum(f, dim=0, out=c[col["sum"]])
-            if "sumsq" in col:
-                torch.dot(f, f, out=c[col["sumsq"]])
-            if kind == "pred" and self.distribution and t.dim() >= 1:
-                dim = self.class_dim if t.dim() > self.class_dim else -1
-                torch.amax((f.view(t.shape).sum(dim) - 1).abs(), out=c[col["rowsum_err"]])
-            self._merge(kind, c, merge)
-            self._bin(kind, bins_kind, f)
+        if stage and n <= self.cap and kind not in self._written:
+            self._written.add(kind)
+            key = (kind, self.row, t.shape)
+            dst = self._views.get(key)
+            if dst is None:  # batch shapes repeat: one view of the staging row per shape
+                if len(self._views) > 4096:
+                    self._views.clear()
+                dst = self._views[key] = self.stage_rows[kind][self.row][:n].view(t.shape)
+            src = t.data if t.requires_grad else t  # .data: the values, without an autograd record
+            if defer:
+                self._pending.append(kind)
+                self._pdst.append(dst)
+                self._psrc.append(src)
+            else:
+                dst.copy_(src)
+            self.staged[kind][self.row] = n
+        else:
+            self._reduce_now(kind, t, bins_kind or kind)
         self.counts[kind] += n
-        if bins_kind != kind:
+        if bins_kind is not None and bins_kind != kind:
             self.counts[bins_kind] += n
 
+    def _reduce_now(self, kind: str, t: Tensor, bins_kind: str) -> None:
+        f = self._flat(t)
+        self._reduced = True
+        c, merge = self._cells(kind)
+        col = self._col[kind]
+        torch.aminmax(f, out=(c[0], c[1]))
+        if "sum" in col:
+            torch.sum(f, dim=0, out=c[col["sum"]])
+        if "sumsq" in col:
+            torch.dot(f, f, out=c[col["sumsq"]])
+        if kind == "pred" and self.distribution and t.dim() >= 1:
+            dim = self.class_dim if t.dim() > self.class_dim else -1
+            torch.amax((f.view(t.shape).sum(dim) - 1).abs(), out=c[col["rowsum_err"]])
+        self._merge(kind, c, merge)
+        self._bin(kind, bins_kind, f)
+
     def pred(self, p: Tensor) -> None:
-        self._observe("pred", p)
+        self._observe("pred", p, None, not self.distribution)
 
     def pre(self, z: Tensor, also_pred: bool = False) -> None:
-        """``also_pred``: the tensor is the prediction too (identity head); its bins count for both."""
-        self._observe("pre", z, "pred" if also_pred else None)
+        """``also_pred``: the tensor is the prediction too (identity head); its bins count for both (a
+        staged pre-activation is binned at the flush as the prediction iff the head is shared)."""
+        self._observe("pre", z, "pred" if also_pred else None, also_pred == self.shared)
 
     def target(self, y: Tensor) -> None:
-        self._observe("target", y)
+        """(Copied with the step's other copies: what the loss consumed, also when the step changed it
+        in place.)"""
+        self._observe("target", y, None, True, True)
 
     def input(self, x: Tensor) -> None:
-        self._observe("input", x)
+        self._observe("input", x, None, True, True)
 
     def grads(self, grads: list[Tensor], complete: bool = True) -> None:
         """The step's gradients of the watched parameters (once per step: a second optimizer's step sees
@@ -422,7 +459,7 @@ class Reducer:
         if self._graw_k < 0 and complete:
             self._setup_raw_grads(grads)
         if complete and len(grads) == self._graw_k:
-            torch._foreach_copy_(self._graw_views[self.row], grads)
+            self._commit(self._graw_views[self.row], grads)
             self._graw_used[self.row] = True
             return
         norms = torch._foreach_norm(grads)
@@ -488,21 +525,31 @@ class Reducer:
             if l.numel() == 0:
                 return
             l = l.float().mean()
-        self.loss_cells[self.row].copy_(l if l.dim() == 0 else l.reshape(()))
+        self._pending.append(None)
+        self._pdst.append(self.loss_cells[self.row])
+        self._psrc.append(l if l.dim() == 0 else l.reshape(()))
         self.loss_seen[self.i] = True
 
     def next_row(self, checking: bool = False) -> None:
         """End of a step: mirror its row (lazy bins, the tripwire), then move to the next row; a full
         block is folded into the carry row, unless the step is ``checking`` (the check reads the block as
         it is: nothing to fold)."""
-        prev = self._slot ^ 1
-        self._copy_mirror()
-        self._resolve()
-        if self.trip_armed:
-            self._trip(self._slot)
-            if self._cuda:
+        if self._pending:
+            self._commit([], [])
+        if self._cuda:
+            prev = self._slot ^ 1
+            self._copy_mirror()
+            self._resolve()
+            if self.trip_armed:
+                self._trip(self._slot)
                 self._trip(prev)  # the previous step, once its copy has landed
-        self._slot = prev
+            self._slot = prev
+        else:  # the rows are host memory
+            if self._held:
+                self._resolve()
+            if self.trip_armed and ((self.loss_seen[self.i] and not math.isfinite(self._rows_np[self.row, self.width]))
+                                    or (self._reduced and _nonfinite(self._rows_np[self.row].tolist(), self._minmax))):
+                self.tripped = True
         self.row += 1
         self.i = min(self.i + 1, self.n_steps)
         self._written = set()
@@ -610,6 +657,7 @@ class Reducer:
 
 
 _F32_MAX = float(np.finfo(np.float32).max)
+_BATCH_KINDS = frozenset({"target", "input"})
 _NEUTRAL = {"min": math.inf, "max": -math.inf, "sum": 0.0}
 _NEUTRAL_ROW = neutral_row()
 _COL = {c: i for i, c in enumerate(COLUMNS)}

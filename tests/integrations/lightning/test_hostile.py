@@ -239,3 +239,59 @@ def test_fp16_head_near_overflow_is_reported(tmp_path):
     assert g.engine.monitor.facts.pre_dtype == "float16"
     a = next(a for a in g.alerts if a.code == "preactivation_exploding")
     assert "float16" in a.message and a.value == 24000.0
+
+
+class ScalesInPlace(_Module):
+    """Pixel values 0..255 in the batch; ``training_step`` scales them in place before the forward pass
+    (``x /= 255``), so the model sees [0, 1]. With ``in_place=False`` the model is fed the raw values."""
+
+    def __init__(self, in_place: bool):
+        super().__init__()
+        self.fc = nn.Linear(8, 1)
+        self.in_place = in_place
+
+    def forward(self, x):
+        return torch.sigmoid(self.fc(x))
+
+    def training_step(self, batch, i):
+        x, y = batch
+        if self.in_place:
+            x.div_(255.0)
+        return nn.functional.binary_cross_entropy(self(x), y)
+
+
+def _pixels():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (128, 8), generator=g).float()
+    return DataLoader(TensorDataset(x, (x[:, :1] > 127).float()), batch_size=16)
+
+
+def test_inputs_scaled_in_place_by_the_step_are_judged_as_the_model_saw_them(tmp_path):
+    """The batch's tensors are read after the step's backward pass, so an in-place change made by the
+    step (what the model and the loss consumed) is what is judged: no inputs_not_scaled; the raw twin
+    fires it."""
+    assert "inputs_not_scaled" not in codes(run(ScalesInPlace(True), _pixels(), tmp_path / "in_place"))
+    assert "inputs_not_scaled" in codes(run(ScalesInPlace(False), _pixels(), tmp_path / "raw"))
+
+
+class ResizesTheBatch(_Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 1)
+
+    def forward(self, x):
+        return torch.sigmoid(self.fc(x))
+
+    def training_step(self, batch, i):
+        self.x = batch[0]
+        return nn.functional.mse_loss(self(batch[0]), batch[1])
+
+    def on_after_backward(self):
+        self.x.resize_(3)  # the batch tensor no longer has the shape it was recorded with
+
+
+def test_a_batch_tensor_resized_in_place_is_dropped_not_a_failed_step(tmp_path):
+    x, y = torch.randn(128, 8), torch.rand(128, 1)
+    g = run(ResizesTheBatch(), DataLoader(TensorDataset(x, y), batch_size=16), tmp_path)
+    snap = g._engine.session.last_snapshot
+    assert snap.counts["target"] > 0 and snap.counts["input"] < snap.counts["target"] * 8
