@@ -131,6 +131,9 @@ class LightningGuard(SessionViews):
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
         self._engine.record_grads()  # unscaled by now under AMP; once per optimizer step
 
+    def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+        self._session.epoch = trainer.current_epoch  # once per epoch, not per step
+
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         self._batches = self._session.step  # after a restore: the ranks' check schedule resumes with it
 
@@ -152,7 +155,7 @@ class LightningGuard(SessionViews):
             e.record_loss(loss)
         if not e._batch_recorded:  # the first step: the probe has just located the batch's tensors
             e.record_batch(batch)
-        e.end_step(epoch=trainer.current_epoch)
+        e.end_step()  # (the epoch is set at on_train_epoch_start)
         snap = self._session.last_snapshot
         checked = snap is not None and snap.step == e.step  # a scheduled check, or the NaN tripwire's
         if not checked and not (e.distributed and e.is_check_step(e.step)):  # (counted: the step is e.step now)

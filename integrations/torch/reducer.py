@@ -551,8 +551,9 @@ class Reducer:
                                     or (self._reduced and _nonfinite(self._rows_np[self.row].tolist(), self._minmax))):
                 self.tripped = True
         self.row += 1
-        self.i = min(self.i + 1, self.n_steps)
-        self._written = set()
+        if self.i < self.n_steps:
+            self.i += 1
+        self._written.clear()
         self._reduced = False
         if self.row == self.n_rows and not checking:
             self._fold()
@@ -636,7 +637,7 @@ class Reducer:
             for f in ("min", "max"):
                 out[:, col[f"pred.{f}"]] = out[:, col[f"pre.{f}"]]
         for i, kind in enumerate(self.ROW):
-            if not count_stats(kind):
+            if kind not in _COUNTED:
                 continue
             b = bins[i * self.MAX_BINS: (i + 1) * self.MAX_BINS]
             for name, v in _bin_counts(self.edge_values[kind], b, self._points(kind)).items():
@@ -658,6 +659,7 @@ class Reducer:
 
 _F32_MAX = float(np.finfo(np.float32).max)
 _BATCH_KINDS = frozenset({"target", "input"})
+_COUNTED = frozenset(k for k in KINDS if count_stats(k))
 _NEUTRAL = {"min": math.inf, "max": -math.inf, "sum": 0.0}
 _NEUTRAL_ROW = neutral_row()
 _COL = {c: i for i, c in enumerate(COLUMNS)}

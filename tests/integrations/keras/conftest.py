@@ -2,7 +2,8 @@
 
 The backend is fixed per process: ``make test`` runs this folder once each with ``KERAS_BACKEND=tensorflow``,
 ``KERAS_BACKEND=torch`` and ``KERAS_BACKEND=jax``. Every test here must pass on all three (a test that
-needs one backend says why in its skip).
+needs one backend says why in its skip); tests marked ``one_backend`` (Keras-level logic that no backend
+changes) run on TensorFlow only in ``make test``.
 """
 from __future__ import annotations
 

@@ -31,6 +31,7 @@ def test_halt_stops_after_the_check_step(tmp_path):
     assert_clean(model)
 
 
+@pytest.mark.one_backend
 def test_halt_only_for_the_codes_named(tmp_path):
     x, y = data("binary")
     g = guard(tmp_path, bounds=(0, 1), on_violation="log", actions={"nonfinite_loss": "halt"})
@@ -50,6 +51,7 @@ def test_halt_on_a_nan_run(tmp_path):
     assert int(model.optimizer.iterations.numpy()) == stop
 
 
+@pytest.mark.one_backend
 def test_inferred_range_alerts_warn_instead_of_stopping(tmp_path):
     """A range guessed from the targets (bounds="auto") never stops a run by itself: declare bounds= to enforce it."""
     x, y = data("binary")
@@ -113,6 +115,7 @@ def test_bound_distribution_inserts_softmax(tmp_path):
     np.testing.assert_allclose(p.sum(-1), 1.0, rtol=1e-5)
 
 
+@pytest.mark.one_backend
 def test_bound_is_inserted_once_per_run(tmp_path):
     x, y = data("binary")
     g = guard(tmp_path, bounds=(0, 1), on_violation="bound")
@@ -121,6 +124,7 @@ def test_bound_is_inserted_once_per_run(tmp_path):
     assert [a.action for a in g.alerts if a.severity != "info"].count("bound") == 1
 
 
+@pytest.mark.one_backend
 def test_bound_without_a_located_activation_is_a_note(tmp_path):
     x, y = data("binary", d=2)
     x = np.repeat(x[:, None, :1], 5, axis=1)  # (n, 5, 1) sequences
@@ -133,6 +137,7 @@ def test_bound_without_a_located_activation_is_a_note(tmp_path):
 
 
 # ------------------------------------------------------------------------------------- state
+@pytest.mark.one_backend
 def test_state_dict_round_trip(tmp_path):
     x, y = data("binary")
     g = guard(tmp_path, bounds=(0, 1), on_violation="bound")
@@ -166,6 +171,7 @@ def test_resume_replays_the_bound_on_a_rebuilt_model(tmp_path):
     assert p.min() >= 0 and p.max() <= 1
 
 
+@pytest.mark.one_backend
 def test_apply_bounds_for_inference(tmp_path):
     x, y = data("binary")
     g = guard(tmp_path, bounds=(0, 1), on_violation="bound")
@@ -178,6 +184,7 @@ def test_apply_bounds_for_inference(tmp_path):
 
 
 # ------------------------------------------------------------------------------------- logs and files
+@pytest.mark.one_backend
 def test_epoch_logs_carry_the_statistics(tmp_path):
     x, y = data("binary")
     g = guard(tmp_path)
@@ -197,6 +204,7 @@ def test_epoch_logs_carry_the_statistics(tmp_path):
     assert history.history["boundguard/loss_mean"][0] == pytest.approx(history.history["loss"][0], rel=1e-4)
 
 
+@pytest.mark.one_backend
 def test_alerts_and_statistics_files(tmp_path):
     x, y = data("binary")
     g = guard(tmp_path, bounds=(0, 1), check_every_n_steps=3)
@@ -213,6 +221,7 @@ def test_alerts_and_statistics_files(tmp_path):
     assert rec["first_step"] == 2 and rec["pred.n"] == 2 * 32 and rec["input.n"] == 2 * 32 * 4
 
 
+@pytest.mark.one_backend
 def test_default_alerts_path(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     x, y = data("binary")
@@ -264,6 +273,7 @@ def test_a_save_during_fit_holds_none_of_the_callback(tmp_path):
     assert_clean(model)
 
 
+@pytest.mark.one_backend
 def test_a_run_that_raised_leaves_nothing_for_the_next(tmp_path, monkeypatch):
     x, y = data("binary")
     model = dense(activation="sigmoid")
@@ -277,6 +287,7 @@ def test_a_run_that_raised_leaves_nothing_for_the_next(tmp_path, monkeypatch):
     assert_clean(model)
 
 
+@pytest.mark.one_backend
 def test_reused_callback_counts_steps_across_fits(tmp_path):
     x, y = data("binary")
     model = dense(activation="sigmoid")
@@ -331,6 +342,7 @@ def test_reads_happen_only_at_checks(tmp_path, monkeypatch):
 
 
 # ------------------------------------------------------------------------------------- internal errors
+@pytest.mark.one_backend
 def test_internal_error_warns_once_and_switches_off(tmp_path, monkeypatch):
     def boom(self, *a, **k):
         raise RuntimeError("synthetic failure")
@@ -348,6 +360,7 @@ def test_internal_error_warns_once_and_switches_off(tmp_path, monkeypatch):
     assert_clean(model)
 
 
+@pytest.mark.one_backend
 def test_internal_error_at_a_check_switches_off(tmp_path, monkeypatch):
     monkeypatch.setattr(BoundGuard, "_finalize_facts", lambda self: 1 / 0)
     x, y = data("binary")
@@ -359,6 +372,7 @@ def test_internal_error_at_a_check_switches_off(tmp_path, monkeypatch):
     assert_clean(model)
 
 
+@pytest.mark.one_backend
 def test_strict_reraises(tmp_path, monkeypatch):
     monkeypatch.setattr(BoundGuard, "_finalize_facts", lambda self: 1 / 0)
     x, y = data("binary")
@@ -378,6 +392,7 @@ def test_strict_reraises(tmp_path, monkeypatch):
     (dict(thresholds={"loss_spike": {"nope": 1}}), ValueError, ["loss_spike", "nope"]),
     (dict(strict="yes"), TypeError, ["strict", "yes"]),
 ])
+@pytest.mark.one_backend
 def test_invalid_options_are_named(kw, exc, words):
     with pytest.raises(exc) as info:
         BoundGuard(**kw)
@@ -385,11 +400,13 @@ def test_invalid_options_are_named(kw, exc, words):
         assert w in str(info.value)
 
 
+@pytest.mark.one_backend
 def test_unknown_keyword_is_rejected():
     with pytest.raises(TypeError, match="target_key"):
         BoundGuard(target_key="y")
 
 
+@pytest.mark.one_backend
 def test_missing_keras_names_the_extra():
     code = ("import sys; sys.modules['keras'] = None\n"
             "try:\n    import boundguard.integrations.keras\nexcept ImportError as e:\n    print(e)")
@@ -397,6 +414,7 @@ def test_missing_keras_names_the_extra():
     assert "pip install 'boundguard[keras]'" in out
 
 
+@pytest.mark.one_backend
 def test_importing_boundguard_imports_no_framework():
     frameworks = ("keras", "tensorflow", "torch", "jax")
     code = f"import sys, boundguard; print(sorted(m for m in {frameworks!r} if m in sys.modules))"

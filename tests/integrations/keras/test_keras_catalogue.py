@@ -86,6 +86,7 @@ def test_fires(tmp_path, code):
     assert a.message and a.fix and a.where
 
 
+@pytest.mark.one_backend
 @pytest.mark.parametrize("code", sorted(HEALTHY))
 def test_healthy_twin(tmp_path, code):
     g = _run(tmp_path, HEALTHY[code])
@@ -139,6 +140,7 @@ def test_onehot_targets_infer_a_distribution(tmp_path):
     assert g.monitor.bounds.kind == "distribution"
 
 
+@pytest.mark.one_backend
 def test_linear_classifier_with_probability_loss_is_not_a_distribution(tmp_path):
     x, y = data("onehot")
     g = guard(tmp_path)
@@ -146,6 +148,7 @@ def test_linear_classifier_with_probability_loss_is_not_a_distribution(tmp_path)
     assert severe(g.alerts) & {"output_out_of_range", "missing_output_activation", "activation_loss_mismatch"}
 
 
+@pytest.mark.one_backend
 def test_clip_saturates_and_targets_beyond_it(tmp_path):
     """The seed's Example 3 on a tiny model: clip to [-1, 1] with targets in [-3, 3]."""
     g = _run(tmp_path, FIRING["output_saturated"])
@@ -212,23 +215,27 @@ def _scripted(tmp_path, script, steps=48, lr=0.01, **options):
     return g
 
 
+@pytest.mark.one_backend
 def test_loss_spike_fires(tmp_path):
     g = _scripted(tmp_path, lambda step: (50.0, 0.0) if step == 30 else (1.0, 0.0), lr=0.0)
     (a,) = [a for a in g.alerts if a.code == "loss_spike"]
     assert a.details["spike_step"] == 30 and a.severity == "warning"
 
 
+@pytest.mark.one_backend
 def test_loss_diverging_fires(tmp_path):
     g = _scripted(tmp_path, lambda step: (1.0 if step < 12 else 1.5 ** (step - 11), 0.0), lr=0.0)
     assert "loss_diverging" in severe(g.alerts), describe(g.alerts)
 
 
+@pytest.mark.one_backend
 def test_loss_plateau_fires(tmp_path):
     g = _scripted(tmp_path, lambda step: (0.0, 1.0), thresholds={"loss_plateau": {"patience": 20}})
     assert "loss_plateau" in {a.code for a in g.alerts}, describe(g.alerts)
     assert not severe(g.alerts)
 
 
+@pytest.mark.one_backend
 def test_loss_dynamics_healthy_twin(tmp_path):
     """A run that learns steadily: no spike, no divergence, no plateau."""
     g = _scripted(tmp_path, lambda step: (1.0, 0.0), lr=0.02, thresholds={"loss_plateau": {"patience": 20}})
@@ -237,6 +244,7 @@ def test_loss_dynamics_healthy_twin(tmp_path):
 
 
 # ------------------------------------------------------------------------------------- the seed
+@pytest.mark.one_backend
 def test_seed_example_1_sigmoid_bce_is_clean(tmp_path):
     """LSTM + Dense(1, sigmoid) + binary cross-entropy (the seed's Example 1, shortened)."""
     rng = np.random.default_rng(0)
@@ -252,6 +260,7 @@ def test_seed_example_1_sigmoid_bce_is_clean(tmp_path):
     assert g.monitor.bounds.inferred and (g.monitor.bounds.lo, g.monitor.bounds.hi) == (0.0, 1.0)
 
 
+@pytest.mark.one_backend
 def test_every_applicable_code_has_a_scenario():
     dynamics = {"loss_spike", "loss_diverging", "loss_plateau", "nonfinite_loss"}
     # a Keras callback does not see the gradients (they live inside the train step): not watched there
