@@ -169,8 +169,8 @@ def centre_spread(seq: list[float], pos: list[int], size: int, *,
             meds.append(m)
             sds.append(d)
         return meds, sds
-    m, d = _centre_spread(_windows(np.asarray(seq, dtype=np.float64), np.asarray(pos), size), spread=spread)
-    return m.tolist(), d.tolist()
+    med, sd = _centre_spread(_windows(np.asarray(seq, dtype=np.float64), np.asarray(pos), size), spread=spread)
+    return med.tolist(), sd.tolist()
 
 
 def _one_centre_spread(w: list[float], spread: bool = True) -> tuple[float, float]:
