@@ -120,8 +120,7 @@ class LightningGuard(SessionViews):
         e = self._engine
         e.batch = batch
         e.begin_step()
-        if e.reducer is not None:  # from step 2 on (the probe locates the tensors at step 1)
-            e.record_batch(batch)
+        e.record_batch(batch)  # from step 2 on (the probe locates the tensors at step 1)
 
     @guarded
     def on_before_backward(self, trainer: Any, pl_module: Any, loss: Any) -> None:
@@ -153,8 +152,7 @@ class LightningGuard(SessionViews):
         if not e.loss_seen:  # manual optimisation: the loss comes back in the outputs
             loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
             e.record_loss(loss)
-        if not e._batch_recorded:  # the first step: the probe has just located the batch's tensors
-            e.record_batch(batch)
+        e.record_batch(batch)  # the first step: the probe has just located the batch's tensors
         e.end_step()  # (the epoch is set at on_train_epoch_start)
         snap = self._session.last_snapshot
         checked = snap is not None and snap.step == e.step  # a scheduled check, or the NaN tripwire's

@@ -147,8 +147,8 @@ class Reducer:
         self._graw_used = [False] * block
         self._views: dict[tuple, Tensor] = {}  # (kind, row, shape) -> the staging destination
         self._reduced = False  # a tensor was reduced into this step's row (else the row holds no values)
-        #: this step's deferred copies (destination, source, kind or None for the loss): see _commit
-        self._pending: list[Optional[str]] = []  # their kinds (None: the loss)
+        #: this step's deferred copies (see _commit): their kinds (None: the loss), destinations, sources
+        self._pending: list[Optional[str]] = []
         self._pdst: list[Tensor] = []
         self._psrc: list[Tensor] = []
         self.configure()
@@ -264,8 +264,6 @@ class Reducer:
         """Reduce what is still pending into the rows and bins: the staged values of the block (a few
         kernels per run of equal-sized steps) and the large tensors whose lazy bins are undecided. Called
         at a fold and at the check, before the buffer is merged across processes or read."""
-        if self._pending:  # (a read in the middle of a step)
-            self._commit([], [])
         self._resolve(wait=True)
         used = max(self.row, 1)
         self._flush_grads(used)

@@ -32,6 +32,17 @@ class _Module(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.05)
 
 
+class _SigmoidHead(_Module):
+    """Linear(8→1) + sigmoid; subclasses differ in their batches and steps."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 1)
+
+    def forward(self, x):
+        return torch.sigmoid(self.fc(x))
+
+
 class DictBatchDictOutput(_Module):
     def __init__(self):
         super().__init__()
@@ -171,14 +182,7 @@ def test_boolean_targets(tmp_path):
     assert g._engine.monitor.facts.target_where == "batch[1]" and not codes(g)
 
 
-class TensorBatch(_Module):
-    def __init__(self):
-        super().__init__()
-        self.fc = nn.Linear(8, 1)
-
-    def forward(self, x):
-        return torch.sigmoid(self.fc(x))
-
+class TensorBatch(_SigmoidHead):
     def training_step(self, batch, i):  # the batch is one tensor, neither tuple nor dict
         return nn.functional.mse_loss(self(batch), batch[:, :1].sigmoid())
 
@@ -188,14 +192,7 @@ def test_batch_that_is_a_bare_tensor(tmp_path):
     assert not codes(g)
 
 
-class EmptyBatches(_Module):
-    def __init__(self):
-        super().__init__()
-        self.fc = nn.Linear(8, 1)
-
-    def forward(self, x):
-        return torch.sigmoid(self.fc(x))
-
+class EmptyBatches(_SigmoidHead):
     def training_step(self, batch, i):
         x, y = batch
         if i % 3 == 1:
@@ -241,17 +238,13 @@ def test_fp16_head_near_overflow_is_reported(tmp_path):
     assert "float16" in a.message and a.value == 24000.0
 
 
-class ScalesInPlace(_Module):
+class ScalesInPlace(_SigmoidHead):
     """Pixel values 0..255 in the batch; ``training_step`` scales them in place before the forward pass
     (``x /= 255``), so the model sees [0, 1]. With ``in_place=False`` the model is fed the raw values."""
 
     def __init__(self, in_place: bool):
         super().__init__()
-        self.fc = nn.Linear(8, 1)
         self.in_place = in_place
-
-    def forward(self, x):
-        return torch.sigmoid(self.fc(x))
 
     def training_step(self, batch, i):
         x, y = batch
@@ -274,14 +267,7 @@ def test_inputs_scaled_in_place_by_the_step_are_judged_as_the_model_saw_them(tmp
     assert "inputs_not_scaled" in codes(run(ScalesInPlace(False), _pixels(), tmp_path / "raw"))
 
 
-class ResizesTheBatch(_Module):
-    def __init__(self):
-        super().__init__()
-        self.fc = nn.Linear(8, 1)
-
-    def forward(self, x):
-        return torch.sigmoid(self.fc(x))
-
+class ResizesTheBatch(_SigmoidHead):
     def training_step(self, batch, i):
         self.x = batch[0]
         return nn.functional.mse_loss(self(batch[0]), batch[1])
