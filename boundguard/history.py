@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import numpy as np
+from numpy.lib.stride_tricks import as_strided
 
 from boundguard.stats import Snapshot
 
@@ -61,6 +62,10 @@ class History:
     #: The largest per-step norm of the head's gradients in each of the first GRAD_WARMUP checks that
     #: saw finite, non-zero gradients: their median is the run's own gradient scale (:attr:`grad_ref`).
     grad_norms: list = field(default_factory=list)
+    #: The last fold's windows, for ``loss_spike``, which judges the same steps against the same
+    #: windows: (the snapshot folded, the index in the window + its losses of the first step judged,
+    #: the medians, the spreads). Not state: never saved, copied or compared.
+    windows: Optional[tuple] = field(default=None, compare=False, repr=False)
 
     @property
     def grad_ref(self) -> Optional[float]:
@@ -169,7 +174,22 @@ def centre_spread(seq: list[float], pos: list[int], size: int, *,
             meds.append(m)
             sds.append(d)
         return meds, sds
+    if pos[0] >= size and pos[-1] - pos[0] == len(pos) - 1 and all(a < b for a, b in zip(pos, pos[1:])):
+        return _full_windows(seq, pos[0], pos[-1] + 1, size, spread)  # the usual case: an interval's steps
     med, sd = _centre_spread(_windows(np.asarray(seq, dtype=np.float64), np.asarray(pos), size), spread=spread)
+    return med.tolist(), sd.tolist()
+
+
+def _full_windows(seq: list[float], start: int, stop: int, size: int, spread: bool) -> tuple[list[float], list[float]]:
+    """:func:`centre_spread` at the consecutive positions ``start``..``stop - 1``, each with ``size``
+    values before it: the windows are strided views of one array (no copy, no padding)."""
+    a = np.array(seq[start - size: stop], dtype=np.float64)
+    n, step = stop - start, a.strides[0]
+    med = _q(np.sort(as_strided(a, (n, size), (step, step)), axis=1), 0.5)
+    if not spread or size < 2:
+        return med.tolist(), [0.0] * n
+    d = np.abs(np.diff(a))
+    sd = _q(np.sort(as_strided(d, (n, size - 1), (step, step)), axis=1), 0.9) / _DIFF_Q90
     return med.tolist(), sd.tolist()
 
 
@@ -238,7 +258,8 @@ def update_loss_history(h: History, snap: Snapshot, min_improvement: float) -> N
         n_old = len(seq) - len(fin)
         pos = list(range(max(n_old, MIN_REFERENCE), len(seq)))
         if pos:
-            med = centre_spread(seq, pos, WINDOW, spread=False)[0]
+            med, sd = centre_spread(seq, pos, WINDOW)  # (the spreads for loss_spike: see History.windows)
+            h.windows = (snap, pos[0], med, sd)
             rises = [r for p, m in zip(pos, med) if (r := seq[p] - m) > 0]
             h.top_rises = sorted(h.top_rises + rises, reverse=True)[:TOP_RISES]
         for end in range(n_old + NOISE_BLOCK - h.noise_pending, len(seq) + 1, NOISE_BLOCK):

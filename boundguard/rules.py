@@ -469,7 +469,11 @@ class LossSpike(Rule):
         pos = list(range(first, len(seq)))  # the index in ``seq`` of each step judged
         if not pos:
             return []
-        med, spread = centre_spread(seq, pos, WINDOW)
+        w = ctx.history.windows  # the fold of this snapshot computed these windows already
+        if w is not None and w[0] is s and w[1] == first and len(w[2]) == len(pos):
+            med, spread = w[2], w[3]
+        else:
+            med, spread = centre_spread(seq, pos, WINDOW)
         k, factor, tail = self.p["mad_sigmas"], self.p["factor"], self.p["tail_factor"] * h.tail
         own_scale = _loss_scale(h)
         best = None  # (excess, j)

@@ -66,6 +66,10 @@ class Reducer:
     ROW_CAP = 256
     #: Per-parameter gradient norms staged per step (a head with more parameters is reduced at once).
     GRAD_SLOTS = 8
+    #: On the CPU, the check's batched reductions (the staged block, the gradients, the reset) run as
+    #: numpy kernels on the same memory: a numpy call costs a fraction of a torch call's dispatch, and
+    #: the values are the same float32 ones. (False: torch kernels, as on a GPU; the tests run both.)
+    HOST_KERNELS = True
 
     def __init__(self, rows: int, device: torch.device, stage_elements: Optional[int] = None) -> None:
         self.device = device
@@ -102,6 +106,7 @@ class Reducer:
         self._ones: dict[int, Tensor] = {}
         self.edges: dict[str, torch.Tensor] = {}
         self.edge_values: dict[str, list[float]] = {}
+        self._edges_np: dict[str, np.ndarray] = {}
         self.row = 0  # the row of the block this step writes
         self.i = 0  # the step of the interval this step is
         self.base = 0  # the step of the interval that row 0 of the block holds (``losses`` holds the ones before)
@@ -118,6 +123,8 @@ class Reducer:
         self._events: list[Any] = [None, None]
         self._slot = 0
         self._rows_np = self.rows.numpy() if not self._cuda else self._mirror_np
+        self._host = self.HOST_KERNELS and not self._cuda
+        self._raw_np = self.raw.numpy() if not self._cuda else None
         self._minmax = [(offs[k], offs[k] + 1) for k in self.ROW]  # each kind's first two row columns
         self._held: list[tuple[int, str, str, Tensor, int]] = []  # (slot, kind, bins kind, tensor, n)
         #: a mirrored step showed a NaN/Inf (the loss, a large tensor): the adapter checks at once
@@ -137,7 +144,15 @@ class Reducer:
             if self.cap > 0 else {}
         self.stage_rows = {k: [b[i] for i in range(block)] for k, b in self.stage.items()}
         self.staged = {k: [0] * block for k in self.stage}  # elements staged per row (host ints)
+        if self._host:  # numpy views of the same memory (see HOST_KERNELS)
+            self._block_np = self.block.numpy()
+            self._stage_np = {k: v.numpy() for k, v in self.stage.items()}
+            self._bins_np = {k: v.numpy() for k, v in self.bins.items()}
+            self._neutral_np = self.neutral_row.numpy()
+            self._losses_np = self.losses.numpy()
         self._gstage = torch.empty((block, self.GRAD_SLOTS), dtype=torch.float32, device=device)
+        self._gstage_np = self._gstage.numpy() if self._host else None
+        self._graw_np: Optional[np.ndarray] = None
         self._gstage_views: dict[tuple[int, int], Tensor] = {}  # (row, k) -> where k norms go
         self._glen = [0] * block  # gradient norms staged per row
         # a small head's raw gradients, one row per step (set up at the first step; None: too large)
@@ -177,6 +192,7 @@ class Reducer:
             e = sorted(e)
             self.edge_values[kind] = e
             self.edges[kind] = torch.tensor(e, dtype=torch.float32, device=self.device)
+            self._edges_np[kind] = np.array(e, dtype=np.float32)
 
     def discard(self) -> None:
         """Forget the rows of the current interval (no transfer): the next row is row 0."""
@@ -194,9 +210,14 @@ class Reducer:
                 lens[r] = 0
             self._glen[r], self._graw_used[r] = 0, False
         self._pending, self._pdst, self._psrc = [], [], []
-        self.block.copy_(self.neutral_row.expand(self.n_rows + 1, -1))
-        self.losses.fill_(math.nan)
-        self.raw[self._bins_at:].zero_()
+        if self._host:
+            self._block_np[:] = self._neutral_np
+            self._raw_np[self._bins_at:] = 0
+            self._losses_np.fill(math.nan)
+        else:
+            self.block.copy_(self.neutral_row.expand(self.n_rows + 1, -1))
+            self.losses.fill_(math.nan)
+            self.raw[self._bins_at:].zero_()
         self.row = 0
         self.i = 0
         self.base = 0
@@ -266,6 +287,13 @@ class Reducer:
         at a fold and at the check, before the buffer is merged across processes or read."""
         self._resolve(wait=True)
         used = max(self.row, 1)
+        if self._host:  # numpy warns of what torch computes silently (inf - inf, an fp32 square overflowing)
+            with np.errstate(all="ignore"):
+                self._flush(used)
+        else:
+            self._flush(used)
+
+    def _flush(self, used: int) -> None:
         self._flush_grads(used)
         for kind, lens in self.staged.items():
             if not any(lens[:used]):
@@ -278,7 +306,10 @@ class Reducer:
                 while end < used and lens[end] == n:
                     end += 1
                 if n:
-                    self._reduce_block(kind, bins_kind, self.stage[kind][start:end, :n], start, end)
+                    if self._host:
+                        self._reduce_block_np(kind, bins_kind, self._stage_np[kind][start:end, :n], start)
+                    else:
+                        self._reduce_block(kind, bins_kind, self.stage[kind][start:end, :n], start, end)
                 start = end
             for i in range(used):
                 lens[i] = 0
@@ -304,8 +335,26 @@ class Reducer:
                 return
         self._bucketize(bins_kind, block.reshape(-1))
 
+    def _reduce_block_np(self, kind: str, bins_kind: str, block: np.ndarray, a: int) -> None:
+        """:meth:`_reduce_block` on the CPU, in numpy kernels on the same memory (see :attr:`HOST_KERNELS`)."""
+        row, off, col = self._rows_np[a], self.offs[kind], self._col[kind]
+        mn, mx, lo, hi = block.min(), block.max(), row[off], row[off + 1]
+        row[off] = lo if lo != lo or lo <= mn else mn  # NaN-propagating, as torch.minimum/maximum
+        row[off + 1] = hi if hi != hi or hi >= mx else mx
+        if "sum" in col:
+            row[off + col["sum"]] += block.sum()
+        if "sumsq" in col:
+            row[off + col["sumsq"]] += np.einsum("ij,ij->", block, block)
+        bins = self._bins_np[bins_kind]
+        k = _same_bin(self.edge_values[bins_kind], float(row[off]), float(row[off + 1]))
+        if k is not None:
+            bins[k] += block.size
+        else:  # np.searchsorted(side="right") is torch.bucketize(right=True); NaN sorts last in both
+            bins += np.bincount(np.searchsorted(self._edges_np[bins_kind], block.ravel(), side="right"),
+                                minlength=self.MAX_BINS)
+
     def _bucketize(self, kind: str, f: Tensor) -> None:
-        idx = torch.bucketize(f, self.edges[kind], right=True)
+        idx = torch.bucketize(f.contiguous(), self.edges[kind], right=True)  # (a column slice: strided)
         n = idx.shape[0]
         ones = self._ones.get(n)
         if ones is None:
@@ -488,6 +537,7 @@ class Reducer:
                 any(g.device != self.device or not g.is_floating_point() for g in grads):
             return
         self._graw = torch.empty((self.n_rows, n), dtype=torch.float32, device=self.device)
+        self._graw_np = self._graw.numpy() if self._host else None
         sizes = [g.numel() for g in grads]
         self._graw_views = [[v.view(g.shape) for v, g in zip(torch.split(self._graw[i], sizes), grads)]
                             for i in range(self.n_rows)]
@@ -505,6 +555,17 @@ class Reducer:
             k, r, end = lens[start], raw[start], start + 1
             while end < used and lens[end] == k and raw[end] == r:
                 end += 1
+            if self._host:
+                g_np = self._graw_np[start:end] if r and self._graw_np is not None else \
+                    (self._gstage_np[start:end, :k] if k else None)
+                if g_np is not None:
+                    sq_np = np.einsum("ij,ij->i", g_np, g_np)
+                    rows_np = self._rows_np[start:end]
+                    for f in ("sumsq", "normsq_max", "normsq_min"):
+                        rows_np[:, off + col[f]] = sq_np
+                    rows_np[:, off + col["finite"]] = np.isfinite(sq_np)
+                start = end
+                continue
             g = self._graw[start:end] if r and self._graw is not None else (self._gstage[start:end, :k] if k else None)
             if g is not None:
                 sq = (g * g).sum(1)
@@ -615,7 +676,7 @@ class Reducer:
         losses; resets the buffer."""
         self.flush()
         n_rows, steps = self.row, max(self.i, 1)
-        host = self.raw.to("cpu", copy=True).numpy()
+        host = self._raw_np.copy() if self._raw_np is not None else self.raw.to("cpu", copy=True).numpy()
         block = host[: self._bins_at].view(np.float32)
         size = (self.n_rows + 1) * (self.width + 1)
         dev = block[:size].reshape(self.n_rows + 1, self.width + 1)

@@ -108,11 +108,14 @@ def assert_matches(snap: Snapshot, ref: dict) -> None:
     np.testing.assert_allclose(snap.losses, ref["losses"], rtol=1e-6, equal_nan=True)
 
 
-@pytest.fixture(autouse=True, params=["staged", "per-step-folded"])
+@pytest.fixture(autouse=True, params=["staged", "staged-torch-kernels", "per-step-folded"])
 def reduction_path(request, monkeypatch):
-    """Every test runs twice: small tensors staged and reduced at the check, in one block; and with
-    blocks of 2 rows folded into the carry row on the device, tensors of up to 4 elements staged and
-    larger ones reduced every step with the large-tensor (lazy) bins."""
+    """Every test runs three times: small tensors staged and reduced at the check, in one block, by the
+    CPU's numpy kernels and by the torch kernels a GPU runs; and with blocks of 2 rows folded into the
+    carry row on the device, tensors of up to 4 elements staged and larger ones reduced every step with
+    the large-tensor (lazy) bins."""
+    if request.param == "staged-torch-kernels":
+        monkeypatch.setattr(Reducer, "HOST_KERNELS", False)
     if request.param == "per-step-folded":
         monkeypatch.setattr(Reducer, "ROW_CAP", 2)
         monkeypatch.setattr(Reducer, "STAGE_ELEMENTS", 8)  # tensors up to 4 elements staged
