@@ -193,6 +193,11 @@ class Reducer:
             self.edge_values[kind] = e
             self.edges[kind] = torch.tensor(e, dtype=torch.float32, device=self.device)
             self._edges_np[kind] = np.array(e, dtype=np.float32)
+        # each count column: its place in the core's row, and its runs among all kinds' bins (one list)
+        m = self.MAX_BINS
+        self._count_plan = [(cols[name], [(i * m + a, i * m + z, sign) for a, z, sign in runs])
+                            for i, kind, cols in _COUNTED_COLS
+                            for name, runs in _count_ranges(self.edge_values[kind], self._points(kind)).items()]
 
     def discard(self) -> None:
         """Forget the rows of the current interval (no transfer): the next row is row 0."""
@@ -295,6 +300,7 @@ class Reducer:
 
     def _flush(self, used: int) -> None:
         self._flush_grads(used)
+        zeros = [0] * used
         for kind, lens in self.staged.items():
             if not any(lens[:used]):
                 continue
@@ -302,17 +308,19 @@ class Reducer:
             start = 0
             while start < used:
                 n = lens[start]
-                end = start + 1
-                while end < used and lens[end] == n:
-                    end += 1
+                if lens[start:used].count(n) == used - start:  # (the usual case: one batch size to the end)
+                    end = used
+                else:
+                    end = start + 1
+                    while end < used and lens[end] == n:
+                        end += 1
                 if n:
                     if self._host:
                         self._reduce_block_np(kind, bins_kind, self._stage_np[kind][start:end, :n], start)
                     else:
                         self._reduce_block(kind, bins_kind, self.stage[kind][start:end, :n], start, end)
                 start = end
-            for i in range(used):
-                lens[i] = 0
+            lens[:used] = zeros
 
     def _reduce_block(self, kind: str, bins_kind: str, block: Tensor, a: int, b: int) -> None:
         """The staged values of steps ``a``..``b`` reduced at once into row ``a`` (the core only ever
@@ -344,14 +352,22 @@ class Reducer:
         if "sum" in col:
             row[off + col["sum"]] += block.sum()
         if "sumsq" in col:
-            row[off + col["sumsq"]] += np.einsum("ij,ij->", block, block)
+            row[off + col["sumsq"]] += np.vecdot(block, block).sum()
         bins = self._bins_np[bins_kind]
         k = _same_bin(self.edge_values[bins_kind], float(row[off]), float(row[off + 1]))
         if k is not None:
             bins[k] += block.size
-        else:  # np.searchsorted(side="right") is torch.bucketize(right=True); NaN sorts last in both
-            bins += np.bincount(np.searchsorted(self._edges_np[bins_kind], block.ravel(), side="right"),
-                                minlength=self.MAX_BINS)
+            return
+        # torch.bucketize(right=True) puts a value in bin #{edges <= value} (NaN: the last). With the
+        # values sorted (NaN last, as numpy sorts and searches), the values at or above each edge are
+        # n - searchsorted(left), and each bin's count is the difference of two neighbours: one sort of
+        # the block and one search per edge instead of one search per value.
+        n = block.size
+        at_or_above = n - np.searchsorted(np.sort(block, axis=None), self._edges_np[bins_kind], side="left")
+        e = at_or_above.size
+        bins[0] += n - at_or_above[0]
+        bins[1:e] += at_or_above[:-1] - at_or_above[1:]
+        bins[e] += at_or_above[-1]
 
     def _bucketize(self, kind: str, f: Tensor) -> None:
         idx = torch.bucketize(f.contiguous(), self.edges[kind], right=True)  # (a column slice: strided)
@@ -552,17 +568,20 @@ class Reducer:
         off, col = self.offs["grad"], self._col["grad"]
         start = 0
         while start < used:
-            k, r, end = lens[start], raw[start], start + 1
-            while end < used and lens[end] == k and raw[end] == r:
-                end += 1
+            k, r = lens[start], raw[start]
+            if lens[start:used].count(k) == raw[start:used].count(r) == used - start:  # (the usual case)
+                end = used
+            else:
+                end = start + 1
+                while end < used and lens[end] == k and raw[end] == r:
+                    end += 1
             if self._host:
                 g_np = self._graw_np[start:end] if r and self._graw_np is not None else \
                     (self._gstage_np[start:end, :k] if k else None)
                 if g_np is not None:
-                    sq_np = np.einsum("ij,ij->i", g_np, g_np)
+                    sq_np = np.vecdot(g_np, g_np)
                     rows_np = self._rows_np[start:end]
-                    for f in ("sumsq", "normsq_max", "normsq_min"):
-                        rows_np[:, off + col[f]] = sq_np
+                    rows_np[:, _GRAD_SQ_COLS] = sq_np[:, None]  # sumsq, normsq_max, normsq_min
                     rows_np[:, off + col["finite"]] = np.isfinite(sq_np)
                 start = end
                 continue
@@ -574,9 +593,8 @@ class Reducer:
                     rows[:, off + col[f]].copy_(sq)
                 rows[:, off + col["finite"]].copy_(torch.isfinite(sq))
             start = end
-        for i in range(used):
-            lens[i] = 0
-            raw[i] = False
+        lens[:used] = [0] * used
+        raw[:used] = [False] * used
 
     def loss(self, loss: Tensor) -> None:
         l = loss.data
@@ -680,8 +698,10 @@ class Reducer:
         block = host[: self._bins_at].view(np.float32)
         size = (self.n_rows + 1) * (self.width + 1)
         dev = block[:size].reshape(self.n_rows + 1, self.width + 1)
-        pick = ([self.n_rows] if self.folded else []) + list(range(n_rows))
-        dev_rows = dev[pick] if pick else dev[[0]]  # no step: one neutral row
+        if self.folded:
+            dev_rows = dev[[self.n_rows] + list(range(n_rows))]
+        else:
+            dev_rows = dev[: max(n_rows, 1)]  # (no step: one neutral row)
         folded = min(self.base, self.losses.numel())
         losses = np.concatenate([block[size: size + folded], dev[:n_rows, self.width]])[:steps].astype(np.float64)
         if losses.size < steps:
@@ -689,20 +709,18 @@ class Reducer:
         bins = host[self._bins_at:].view(np.int64)
         steps = min(steps, self.n_steps)
         counts, seen = dict(self.counts), self.loss_seen[:steps]
-        out = np.tile(_NEUTRAL_ROW, (dev_rows.shape[0], 1))
-        out[:, _ROW_DST] = dev_rows[:, _ROW_SRC]
+        out = np.empty((dev_rows.shape[0], _NEUTRAL_ROW.size))
+        out[:] = _NEUTRAL_ROW
+        out[:, _ROW_DST] = dev_rows[:, : self.width]
         col = _COL
         if self.shared:  # identity head: the prediction's min/max are the pre-activation's
-            for f in ("min", "max"):
-                out[:, col[f"pred.{f}"]] = out[:, col[f"pre.{f}"]]
-        for i, kind in enumerate(self.ROW):
-            if kind not in _COUNTED:
-                continue
-            b = bins[i * self.MAX_BINS: (i + 1) * self.MAX_BINS]
-            for name, v in _bin_counts(self.edge_values[kind], b, self._points(kind)).items():
-                out[0, col[f"{kind}.{name}"]] = v
+            out[:, _PRED_MINMAX] = out[:, _PRE_MINMAX]
+        first = out[0]
+        b = bins.tolist()
+        for at, runs in self._count_plan:  # (a kind whose bins are all 0 keeps its neutral 0 counts)
+            first[at] = sum(sign * sum(b[a:z]) for a, z, sign in runs)
         if self.shared:
-            out[0, col["pre.finite"]] = out[0, col["pred.finite"]]
+            first[col["pre.finite"]] = first[col["pred.finite"]]
         self._reset()
         return out, counts, seen, losses
 
@@ -724,7 +742,14 @@ _NEUTRAL_ROW = neutral_row()
 _COL = {c: i for i, c in enumerate(COLUMNS)}
 #: where each device row column goes among the core's columns (the row layout is Reducer.ROW, in order)
 _ROW_DST = np.array([_COL[f"{k}.{f}"] for k, fs in Reducer.ROW.items() for f in fs])
-_ROW_SRC = np.arange(len(_ROW_DST))
+_PRED_MINMAX, _PRE_MINMAX = [_COL["pred.min"], _COL["pred.max"]], [_COL["pre.min"], _COL["pre.max"]]
+#: per counted kind: its index among the row kinds, and where each of its count columns goes
+_COUNTED_COLS = [(i, k, {s.field: _COL[f"{k}.{s.field}"] for s in count_stats(k)})
+                 for i, k in enumerate(Reducer.ROW) if k in _COUNTED]
+_GRAD_OFF = sum(len(fs) for k, fs in Reducer.ROW.items() if list(Reducer.ROW).index(k) < list(Reducer.ROW).index("grad"))
+_GRAD_SQ_COLS: Any = [_GRAD_OFF + Reducer._col["grad"][f] for f in ("sumsq", "normsq_max", "normsq_min")]
+if _GRAD_SQ_COLS == list(range(_GRAD_SQ_COLS[0], _GRAD_SQ_COLS[0] + 3)):  # (the declared layout: a slice)
+    _GRAD_SQ_COLS = slice(_GRAD_SQ_COLS[0], _GRAD_SQ_COLS[0] + 3)
 
 
 @functools.lru_cache(maxsize=256)
@@ -752,35 +777,36 @@ def _same_bin(edges: list[float], lo: float, hi: float) -> Optional[int]:
     return a if a == b else None
 
 
-def _bin_counts(edges: list[float], bins: np.ndarray, points: dict[str, Any]) -> dict[str, float]:
-    """Turn bucketize counts into the core's count columns.
+def _count_ranges(edges: list[float], points: dict[str, Any]) -> dict[str, list[tuple[int, int, int]]]:
+    """Which bucketize bins make each of the core's count columns, as ``(first, stop, sign)`` runs of
+    bins (a count is the signed sum of its runs), decided once per set of edges.
 
-    Bin ``i`` holds values in ``[edges[i-1], edges[i])``; bin 1 is -inf, the last bin +inf and NaN.
+    Bin ``i`` holds values in ``[edges[i-1], edges[i])``; bin 1 is -inf, the last bin +inf and NaN, the
+    finite values are in bins 2 .. len(edges) - 1 (edges sorted, so the values below or above a point
+    are a run of neighbouring bins).
     """
     k = len(edges)
-    finite_bins = [(edges[i - 1], edges[i], float(bins[i])) for i in range(2, k)]
-    out = {"finite": sum(c for _, _, c in finite_bins)}
 
-    def lt(a):
-        return sum(c for _, hi, c in finite_bins if hi <= a)
+    def lt(a: float) -> tuple[int, int, int]:  # the finite bins whose upper edge is <= a
+        return 2, max(2, min(k, bisect.bisect_right(edges, a))), 1
 
-    def gt(a):
-        return sum(c for lo, _, c in finite_bins if lo > a)
+    def gt(a: float) -> tuple[int, int, int]:  # the finite bins whose lower edge is > a
+        return min(k, max(2, bisect.bisect_right(edges, a) + 1)), k, 1
 
-    def eq(a):
-        return sum(c for lo, hi, c in finite_bins if lo == a and hi == _next32(a))
+    def eq(a: float, sign: int = 1) -> list[tuple[int, int, int]]:  # the bin [a, next float32 after a)
+        i = bisect.bisect_left(edges, a) + 1
+        return [(i, i + 1, sign)] if 2 <= i < k and edges[i - 1] == a and edges[i] == _next32(a) else []
 
+    out: dict[str, list[tuple[int, int, int]]] = {"finite": [(2, k, 1)]}
     if "below" in points:
         lo, hi = points["below"], points["above"]
-        out["below"] = lt(lo) if lo is not None else 0.0
-        out["above"] = gt(hi) if hi is not None else 0.0
-        pin = points.get("pinned")
-        out["pinned"] = sum(eq(p) for p in pin if p is not None) if pin else 0.0
+        out["below"] = [lt(lo)] if lo is not None else []
+        out["above"] = [gt(hi)] if hi is not None else []
+        out["pinned"] = [r for p in points.get("pinned") or () if p is not None for r in eq(p)]
     if "tail" in points:
         t = points["tail"]
-        out["tail"] = (lt(-t) + gt(t)) if t is not None else 0.0
+        out["tail"] = [lt(-t), gt(t)] if t is not None else []
     if "nonbinary" in points:
-        out["nonbinary"] = out["finite"] - eq(0.0) - eq(1.0)
+        out["nonbinary"] = [(2, k, 1)] + eq(0.0, -1) + eq(1.0, -1)
     return out
-
 
