@@ -86,6 +86,9 @@ _BY_OP = {op: np.flatnonzero(_OPS == op) for op in ("min", "max", "sum")}
 _REDUCED = np.flatnonzero(_OPS != "step")
 _REDUCED_NAMES = tuple(COLUMNS[i] for i in _REDUCED)
 _FIELDS = {k: tuple(s.field for s in STATS if s.kind == k) for k in KINDS + ("loss",)}
+#: the statistics log's keys, spelled once: per kind its count, non-finite count, finite column, columns
+_RECORD_KEYS = {k: (f"{k}.n", f"{k}.nonfinite", f"{k}.finite", tuple(f"{k}.{f}" for f in _FIELDS[k])) for k in KINDS}
+_LOSS_KEYS = {k: f"loss.{k}" for k in ("mean", "min", "max", "last", "nonfinite", "count")}
 
 
 def columns_of(kind: str) -> slice:
@@ -241,15 +244,16 @@ class Snapshot:
         return self.step - self.first_step + 1
 
     def loss_summary(self) -> dict[str, Any]:
-        l = self.losses
-        fin = l[np.isfinite(l)]
+        xs = self.losses.tolist()  # (an interval's few losses: Python's builtins beat numpy's calls)
+        fin = [x for x in xs if x - x == 0.0]  # finite (inf - inf and NaN - NaN are NaN)
+        n = len(fin)
         return {
-            "mean": float(fin.mean()) if fin.size else None,
-            "min": float(fin.min()) if fin.size else None,
-            "max": float(fin.max()) if fin.size else None,
-            "last": float(l[-1]) if l.size and np.isfinite(l[-1]) else None,
-            "nonfinite": int((~np.isfinite(l)).sum()),
-            "count": int(l.size),
+            "mean": math.fsum(fin) / n if n else None,
+            "min": min(fin) if n else None,
+            "max": max(fin) if n else None,
+            "last": xs[-1] if xs and xs[-1] - xs[-1] == 0.0 else None,
+            "nonfinite": len(xs) - n,
+            "count": len(xs),
         }
 
     def metrics(self) -> dict[str, float]:
@@ -274,15 +278,17 @@ class Snapshot:
     def to_record(self) -> dict[str, Any]:
         """The flat, JSON-safe record of the statistics log."""
         rec: dict[str, Any] = {"step": self.step, "first_step": self.first_step, "epoch": self.epoch}
+        values, counts = self.values, self.counts
         for kind in KINDS:
-            n = self.counts.get(kind, 0)
-            rec[f"{kind}.n"] = n
+            key_n, key_nonfinite, key_finite, keys = _RECORD_KEYS[kind]
+            n = counts.get(kind, 0)
+            rec[key_n] = n
             if not n:
                 continue
-            for f in _FIELDS[kind]:
-                v = self.values[f"{kind}.{f}"]
-                rec[f"{kind}.{f}"] = v if math.isfinite(v) else (None if math.isnan(v) else ("inf" if v > 0 else "-inf"))
-            rec[f"{kind}.nonfinite"] = self.nonfinite(kind)
+            for key in keys:
+                v = values[key]  # finite as it is; NaN as null, infinities spelled (strict JSON)
+                rec[key] = v if v - v == 0.0 else (None if v != v else ("inf" if v > 0 else "-inf"))
+            rec[key_nonfinite] = max(0, int(round(n - values[key_finite])))  # (as nonfinite())
         for k, v in self.loss_summary().items():
-            rec[f"loss.{k}"] = v
+            rec[_LOSS_KEYS[k]] = v
         return rec
