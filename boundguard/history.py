@@ -7,6 +7,7 @@ older versions, without the newer keys, still load).
 """
 from __future__ import annotations
 
+import copy
 import math
 from collections import deque
 from dataclasses import dataclass, field
@@ -107,7 +108,11 @@ class History:
         }
 
     def copy(self) -> "History":
-        return History.from_dict(self.to_dict())
+        """An independent copy (what :meth:`to_dict` / :meth:`from_dict` round-trip, without the trip)."""
+        h = copy.copy(self)
+        h.window, h.pre_absmax = deque(self.window, maxlen=WINDOW), deque(self.pre_absmax, maxlen=8)
+        h.top_rises, h.grad_norms, h.windows = list(self.top_rises), list(self.grad_norms), None
+        return h
 
     def fold(self, snap: Snapshot, min_improvement: float) -> None:
         """Fold one interval into the history: its targets and its losses (see :func:`update_loss_history`)."""

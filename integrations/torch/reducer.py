@@ -124,7 +124,7 @@ class Reducer:
         self._slot = 0
         self._rows_np = self.rows.numpy() if not self._cuda else self._mirror_np
         self._host = self.HOST_KERNELS and not self._cuda
-        self._raw_np = self.raw.numpy() if not self._cuda else None
+        self._raw_np: Any = self.raw.numpy() if not self._cuda else None
         self._minmax = [(offs[k], offs[k] + 1) for k in self.ROW]  # each kind's first two row columns
         self._held: list[tuple[int, str, str, Tensor, int]] = []  # (slot, kind, bins kind, tensor, n)
         #: a mirrored step showed a NaN/Inf (the loss, a large tensor): the adapter checks at once
@@ -151,7 +151,7 @@ class Reducer:
             self._neutral_np = self.neutral_row.numpy()
             self._losses_np = self.losses.numpy()
         self._gstage = torch.empty((block, self.GRAD_SLOTS), dtype=torch.float32, device=device)
-        self._gstage_np = self._gstage.numpy() if self._host else None
+        self._gstage_np: Any = self._gstage.numpy() if self._host else None
         self._graw_np: Optional[np.ndarray] = None
         self._gstage_views: dict[tuple[int, int], Tensor] = {}  # (row, k) -> where k norms go
         self._glen = [0] * block  # gradient norms staged per row
