@@ -21,7 +21,11 @@ end, so inside the window its cost is the logging), ``Trainer(detect_anomaly=Tru
 does nothing (Lightning calls every hook of every callback, so this is what any callback costs before
 it does any work). Keras 3 on TensorFlow, seed LSTM as in
 ``benchmarks/overhead.py`` (LSTM 64 + Dense, MSE, Adam, batch 32): no callback (twice), ``BoundGuard()``,
-``keras.callbacks.TerminateOnNaN()``. Every ratio is against the no-callback arm of the same framework.
+``keras.callbacks.TerminateOnNaN()``. The two larger Lightning workloads of ``benchmarks/overhead.py``
+(an MLP with a 10k-class softmax head, batch 64; a 2-layer Transformer encoder with a sigmoid head,
+batch 32): no callback (twice) and ``BoundGuard()``, counted over one check interval (50 steps) after
+``--workload-warmup`` steps (their steps take 10-20 times the seed's to simulate; ``--no-workloads``
+leaves them out). Every ratio is against the no-callback arm of the same framework.
 
 Processes. One "zygote" per framework runs under ``valgrind --tool=callgrind --instr-atstart=no
 --callgrind-out-file=<tmp>/cg.%p.out``, does the imports (about 40 s of simulated CPU for torch +
@@ -110,7 +114,7 @@ SELF_CHECK_TOLERANCE = 0.001
 # The Lightning self-check decides the exit status. TensorFlow cannot run without worker threads, and its
 # Eigen thread-pool workers spin-wait for work for a number of iterations that depends on how the OS
 # schedules them, so two Keras processes differ by ~0.1-0.4% (measured); that check is printed, not enforced.
-GATED = {"lightning"}
+GATED = {"lightning", "lightning_mlp", "lightning_transformer"}
 UNGATED_WHY = {"keras": "TensorFlow's Eigen thread-pool workers spin-wait a scheduling-dependent amount"}
 
 # arm -> (framework, description); the first arm of each framework is its baseline
@@ -123,13 +127,25 @@ ARMS: dict[str, tuple[str, str]] = {
     "detect_anomaly": ("lightning", "Trainer(detect_anomaly=True)"),
     "log_out_max": ("lightning", 'self.log("out_max", out.max(), on_step=True)'),
     "empty_callback": ("lightning", "a Callback that does nothing (what Lightning charges any callback)"),
+    "mlp_off": ("lightning_mlp", "no callback"),
+    "mlp_off_b": ("lightning_mlp", "no callback, second process (self-check)"),
+    "mlp_default": ("lightning_mlp", "BoundGuard() (check every 50 steps)"),
+    "transformer_off": ("lightning_transformer", "no callback"),
+    "transformer_off_b": ("lightning_transformer", "no callback, second process (self-check)"),
+    "transformer_default": ("lightning_transformer", "BoundGuard() (check every 50 steps)"),
     "keras_off": ("keras", "no callback"),
     "keras_off_b": ("keras", "no callback, second process (self-check)"),
     "keras_default": ("keras", "BoundGuard() (check every 50 steps)"),
     "keras_terminate_on_nan": ("keras", "keras.callbacks.TerminateOnNaN()"),
 }
-BASELINE = {"lightning": "off", "keras": "keras_off"}
-TWIN = {"lightning": "off_b", "keras": "keras_off_b"}
+BASELINE = {"lightning": "off", "lightning_mlp": "mlp_off", "lightning_transformer": "transformer_off",
+            "keras": "keras_off"}
+TWIN = {"lightning": "off_b", "lightning_mlp": "mlp_off_b", "lightning_transformer": "transformer_off_b",
+        "keras": "keras_off_b"}
+#: The larger workloads of ``benchmarks/overhead.py`` (their steps take 10-20 times the seed's): counted
+#: over one check interval after a short warm-up (the probe step and the check at step 1 stay out; the
+#: window holds the check at step 50), set by --workload-warmup and the check interval.
+WORKLOADS = {"lightning_mlp": "MLP, 10k-class softmax head", "lightning_transformer": "Transformer encoder"}
 FULL_ARMS = list(ARMS)
 SMOKE_ARMS = ["off", "off_b", "default"]
 
@@ -211,7 +227,7 @@ def _quiet() -> None:
 def prepare(framework: str) -> None:
     """The zygote's imports: everything an arm needs, so that no arm pays (or counts) an import."""
     _quiet()
-    if framework == "lightning":
+    if framework.startswith("lightning"):
         import torch
         import lightning.pytorch  # noqa: F401
         from lightning.pytorch.callbacks import EarlyStopping  # noqa: F401
@@ -220,6 +236,10 @@ def prepare(framework: str) -> None:
 
         torch.set_num_threads(1)
         torch.set_num_interop_threads(1)
+        if framework in WORKLOADS:  # (the zygote runs as a script: the repository root is not on the path)
+            if str(ROOT) not in sys.path:
+                sys.path.insert(0, str(ROOT))
+            import benchmarks.overhead  # noqa: F401
     else:
         import tensorflow as tf
         import keras  # noqa: F401
@@ -312,6 +332,51 @@ def run_lightning(arm: str, warmup: int, steps: int, every: int, toggle: Toggle)
             "alerts": None if alerts is None else sorted({a.code for a in alerts})}
 
 
+def run_workload(arm: str, warmup: int, steps: int, every: int, toggle: Toggle) -> dict:
+    """A larger workload of ``benchmarks/overhead.py`` (its model, data and batch), without the callback
+    or with ``BoundGuard()``, the same window harness as :func:`run_lightning`."""
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset
+    import lightning.pytorch as L
+    from boundguard.integrations.lightning import BoundGuard
+    from benchmarks.overhead import lightning_workloads
+
+    factory, xs, ys, batch, _bounds = lightning_workloads("cpu")[WORKLOADS[ARMS[arm][0]]]
+    window: dict = {}
+
+    class Window(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == warmup:
+                gc.collect()
+                window["t0"] = time.perf_counter()
+                toggle.on()
+            elif trainer.global_step == warmup + steps:
+                toggle.off()
+                window["t1"] = time.perf_counter()
+                window["end_step"] = trainer.global_step
+
+    monitor = (BoundGuard() if every == 50 else BoundGuard(check_every_n_steps=every)) \
+        if arm.endswith("_default") else None
+    torch.manual_seed(0)
+    n = batch * (warmup + steps + 2)
+    loader = DataLoader(TensorDataset(xs[:n], ys[:n]), batch_size=batch, shuffle=True)
+    trainer = L.Trainer(max_steps=warmup + steps + 1, callbacks=[Window()] + ([monitor] if monitor else []),
+                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, accelerator="cpu", devices=1, default_root_dir=os.getcwd(),
+                        num_sanity_val_steps=0)
+    trainer.fit(factory(), loader)
+    alerts = getattr(monitor, "alerts", None)
+    return {"window_s": window["t1"] - window["t0"], "end_step": window["end_step"],
+            "alerts": None if alerts is None else sorted({a.code for a in alerts})}
+
+
+def window_of(args, framework: str) -> tuple[int, int]:
+    """(warm-up, counted steps) of ``framework``: the workloads count one check interval."""
+    if framework in WORKLOADS:
+        return args.workload_warmup, args.every
+    return args.warmup, args.steps
+
+
 def run_keras(arm: str, warmup: int, steps: int, every: int, toggle: Toggle) -> dict:
     import numpy as np
     import keras
@@ -366,8 +431,12 @@ def run_arm(arm: str, index: int, args, toggle: Toggle) -> dict:
     work = Path(args.workdir) / f"arm{index:02d}"
     work.mkdir(parents=True, exist_ok=True)
     os.chdir(work)
-    run = run_lightning if ARMS[arm][0] == "lightning" else run_keras
-    result = run(arm, args.warmup, args.steps, args.every, toggle)
+    framework = ARMS[arm][0]
+    if framework in WORKLOADS:
+        result = run_workload(arm, args.warmup, args.steps, args.every, toggle)
+    else:
+        run = run_lightning if framework == "lightning" else run_keras
+        result = run(arm, args.warmup, args.steps, args.every, toggle)
     toggle.verify()
     return result
 
@@ -434,7 +503,8 @@ def zygote_command(args, arms: list[str], valgrind: bool, repeats: int, jobs: in
     # run as a script path, not ``-m``: with ``-m`` the ``__main__`` module's loader is named after the
     # module, and warnings.warn_explicit(module_globals=...) (boundguard's warn_user) raises ImportError
     cmd += [sys.executable, str(Path(__file__).resolve()), "--zygote", "--arms", ",".join(arms),
-            "--steps", str(args.steps), "--warmup", str(args.warmup), "--every", str(args.every),
+            "--steps", str(window_of(args, ARMS[arms[0]][0])[1]), "--warmup", str(window_of(args, ARMS[arms[0]][0])[0]),
+            "--every", str(args.every), "--workload-warmup", str(args.workload_warmup),
             "--repeats", str(repeats), "--jobs", str(jobs), "--results", str(results), "--workdir", str(work),
             "--toggle", toggle if valgrind else "none"]
     if shim is not None:
@@ -507,7 +577,7 @@ def wall(args, tmp: Path) -> dict[str, list[float]]:
         if proc.returncode != 0:
             raise SystemExit(f"native run of {arms} failed:\n{proc.stdout[-2000:]}{proc.stderr[-3000:]}")
         for arm in arms:
-            out[arm] = [json.loads((results / f"{arm}.r{r}.json").read_text())["window_s"] / args.steps
+            out[arm] = [json.loads((results / f"{arm}.r{r}.json").read_text())["window_s"] / window_of(args, framework)[1]
                         for r in range(args.wall_repeats)]
     return out
 
@@ -558,6 +628,9 @@ def main(argv=None) -> int:
     p.add_argument("--smoke", action="store_true",
                    help="CI: arms off,off_b,default; 20 warm-up steps; one 10-step interval, check_every_n_steps=10")
     p.add_argument("--no-keras", action="store_true", help="leave out the Keras arms")
+    p.add_argument("--no-workloads", action="store_true", help="leave out the MLP and Transformer workloads")
+    p.add_argument("--workload-warmup", type=int, default=5,
+                   help="uncounted steps before the window of the MLP and Transformer workloads (default 5)")
     p.add_argument("--wall-repeats", type=int, default=None, help="native wall-clock repeats (default 5; smoke 0)")
     p.add_argument("--jobs", type=int, default=None, help="arms counted in parallel (default 2; smoke 3)")
     p.add_argument("--no-fork", action="store_true", help="a fresh valgrind process per arm instead of forks")
@@ -602,6 +675,8 @@ def main(argv=None) -> int:
             p.error(f"unknown arms {unknown}; choose from {list(ARMS)}")
     if args.no_keras:
         arms = [a for a in arms if ARMS[a][0] != "keras"]
+    if args.no_workloads:
+        arms = [a for a in arms if ARMS[a][0] not in WORKLOADS]
     for fw in {ARMS[a][0] for a in arms}:  # every framework measured needs its baseline and its self-check twin
         for need in (BASELINE[fw], TWIN[fw]):
             if need not in arms:
@@ -631,7 +706,9 @@ def main(argv=None) -> int:
         print("callgrind-control toggle: callgrind_control cannot see forked children; using fresh processes")
         args.no_fork = True
     print(f"counting {len(arms)} arms under callgrind ({toggle} toggle, {'fresh processes' if args.no_fork else 'forked'}"
-          f"): warm-up {args.warmup} steps, window {args.steps} steps", flush=True)
+          f"): warm-up {args.warmup} steps, window {args.steps} steps"
+          + (f" (MLP and Transformer workloads: {args.workload_warmup} and {args.every})"
+             if any(ARMS[a][0] in WORKLOADS for a in arms) else ""), flush=True)
     code = code_version()  # the library the zygotes import now (the tree may change during the run)
     try:
         counted = count(args, tmp, shim, toggle)
@@ -647,9 +724,10 @@ def main(argv=None) -> int:
         fw = ARMS[arm][0]
         base = counted[BASELINE[fw]]
         c = counted[arm]
+        steps = window_of(args, fw)[1]
         row = {"arm": arm, "framework": fw, "what": ARMS[arm][1], "ir_window": c["ir"],
-               "ir_per_step": c["ir"] / args.steps, "ratio": c["ir"] / base["ir"],
-               "added_per_step": (c["ir"] - base["ir"]) / args.steps, "alerts": c.get("alerts")}
+               "ir_per_step": c["ir"] / steps, "ratio": c["ir"] / base["ir"],
+               "added_per_step": (c["ir"] - base["ir"]) / steps, "alerts": c.get("alerts")}
         if walls:
             base_w = walls[BASELINE[fw]]
             ratios = [w / b for w, b in zip(walls[arm], base_w)]
@@ -746,6 +824,7 @@ def meta(args, toggle: str, seconds: float, count_s: float) -> dict:
             "versions": versions, "command": "python -m benchmarks.instructions " + " ".join(sys.argv[1:]),
             "toggle": toggle, "fork": not args.no_fork, "cpu": args.cpu,
             "simulated_cpu_env": SIMULATED_CPU_ENV if args.cpu == "no-fma" else {}, "warmup": args.warmup, "steps": args.steps,
+            "workload_warmup": args.workload_warmup,
             "every": args.every, "wall_repeats": args.wall_repeats, "seconds": round(seconds, 1),
             "callgrind_seconds": round(count_s, 1)}
 
@@ -778,7 +857,10 @@ def markdown(r: dict) -> str:
              f"Method: callgrind `Ir` (instructions executed) of a window of {m['steps']} training steps after "
              f"{m['warmup']} uncounted warm-up steps, one process per arm ({'forked from one zygote per framework' if m['fork'] else 'fresh'}), "
              f"counting toggled by {m['toggle']}; see `benchmarks/instructions.py`. Check interval of the "
-             f"default arms: {m['every']}. Simulated CPU: {m['cpu']}"
+             f"default arms: {m['every']}"
+             + (f" (the MLP and Transformer workloads: one interval, {m['every']} steps, after "
+                f"{m.get('workload_warmup', 5)} warm-up steps)" if any(x['framework'] in WORKLOADS for x in r['rows']) else "")
+             + f". Simulated CPU: {m['cpu']}"
              + (f" ({' '.join(f'{k}={v}' for k, v in m['simulated_cpu_env'].items())} in the counted runs: "
                 "valgrind emulates FMA slowly)" if m['simulated_cpu_env'] else "") + ".", "",
              table(r["rows"], with_wall), ""]

@@ -67,6 +67,10 @@ SCRIPT = textwrap.dedent('''
     result = {"halt": run("halt", 30, nan_at=6), "off": run("off", 12, break_at=3)}
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump(result, f)
+    # leave the process group before exit: gloo's threads torn down at interpreter exit can abort the
+    # process ("terminate called without an active exception") under load
+    fabric.barrier()
+    torch.distributed.destroy_process_group()
 ''')
 
 
