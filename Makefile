@@ -37,6 +37,6 @@ lint: install
 clean:
 	rm -rf $(VENV) build *.egg-info
 
-# Overhead counted in instructions under valgrind's callgrind (deterministic; about 10 minutes on 2 cores).
+# Overhead counted in instructions under valgrind's callgrind (deterministic; about 15 minutes on 2 cores).
 bench: install
 	$(PY) -m benchmarks.instructions

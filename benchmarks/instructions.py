@@ -1,6 +1,6 @@
 """What the monitor costs, counted in CPU instructions: a deterministic overhead benchmark under callgrind.
 
-    python -m benchmarks.instructions                  # full configuration (about 10 minutes on 2 quiet cores)
+    python -m benchmarks.instructions                  # full configuration (about 15 minutes on 2 quiet cores)
     python -m benchmarks.instructions --smoke          # CI: 3 arms, one 10-step check interval (about a minute)
     python -m benchmarks.instructions --arms default,every_step --steps 100 --no-keras
     make bench
