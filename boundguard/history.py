@@ -64,8 +64,9 @@ class History:
     #: saw finite, non-zero gradients: their median is the run's own gradient scale (:attr:`grad_ref`).
     grad_norms: list = field(default_factory=list)
     #: The last fold's windows, for ``loss_spike``, which judges the same steps against the same
-    #: windows: (the snapshot folded, the index in the window + its losses of the first step judged,
-    #: the medians, the spreads). Not state: never saved, copied or compared.
+    #: windows: (the snapshot folded, the position of its first step judged in the sequence "window
+    #: before the fold, then the snapshot's finite losses", the medians, the spreads). Not state:
+    #: never saved, copied or compared.
     windows: Optional[tuple] = field(default=None, compare=False, repr=False)
 
     @property
