@@ -250,6 +250,33 @@ def prepare(framework: str) -> None:
     _quiet()
 
 
+def _window_callback(warmup: int, steps: int, toggle: Toggle, window: dict):
+    """The Lightning callback that opens the counted window at step ``warmup + 1`` and closes it after
+    ``steps`` more (``window``: the times of the first step and of the window's ends, and its last step)."""
+    import lightning.pytorch as L
+
+    class Window(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == 0:
+                window["first"] = time.perf_counter()
+            if trainer.global_step == warmup:
+                gc.collect()
+                window["t0"] = time.perf_counter()
+                toggle.on()
+            elif trainer.global_step == warmup + steps:
+                toggle.off()
+                window["t1"] = time.perf_counter()
+                window["end_step"] = trainer.global_step
+
+    return Window()
+
+
+def _default_guard(every: int):
+    from boundguard.integrations.lightning import BoundGuard
+
+    return BoundGuard() if every == 50 else BoundGuard(check_every_n_steps=every)
+
+
 def run_lightning(arm: str, warmup: int, steps: int, every: int, toggle: Toggle) -> dict:
     import torch
     from torch import nn
@@ -287,24 +314,10 @@ def run_lightning(arm: str, warmup: int, steps: int, every: int, toggle: Toggle)
             return torch.optim.Adam(self.parameters(), lr=1e-2)
 
     window: dict = {}
-
-    class Window(L.Callback):
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            if trainer.global_step == 0:
-                window["first"] = time.perf_counter()
-            if trainer.global_step == warmup:
-                gc.collect()
-                window["t0"] = time.perf_counter()
-                toggle.on()
-            elif trainer.global_step == warmup + steps:
-                toggle.off()
-                window["t1"] = time.perf_counter()
-                window["end_step"] = trainer.global_step
-
-    callbacks: list = [Window()]
+    callbacks: list = [_window_callback(warmup, steps, toggle, window)]
     monitor = None
     if arm == "default":
-        monitor = BoundGuard() if every == 50 else BoundGuard(check_every_n_steps=every)
+        monitor = _default_guard(every)
     elif arm == "every_step":
         monitor = BoundGuard(check_every_n_steps=1)
     elif arm == "early_stopping":
@@ -338,29 +351,16 @@ def run_workload(arm: str, warmup: int, steps: int, every: int, toggle: Toggle) 
     import torch
     from torch.utils.data import DataLoader, TensorDataset
     import lightning.pytorch as L
-    from boundguard.integrations.lightning import BoundGuard
     from benchmarks.overhead import lightning_workloads
 
     factory, xs, ys, batch, _bounds = lightning_workloads("cpu")[WORKLOADS[ARMS[arm][0]]]
     window: dict = {}
-
-    class Window(L.Callback):
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            if trainer.global_step == warmup:
-                gc.collect()
-                window["t0"] = time.perf_counter()
-                toggle.on()
-            elif trainer.global_step == warmup + steps:
-                toggle.off()
-                window["t1"] = time.perf_counter()
-                window["end_step"] = trainer.global_step
-
-    monitor = (BoundGuard() if every == 50 else BoundGuard(check_every_n_steps=every)) \
-        if arm.endswith("_default") else None
+    monitor = _default_guard(every) if arm.endswith("_default") else None
     torch.manual_seed(0)
     n = batch * (warmup + steps + 2)
     loader = DataLoader(TensorDataset(xs[:n], ys[:n]), batch_size=batch, shuffle=True)
-    trainer = L.Trainer(max_steps=warmup + steps + 1, callbacks=[Window()] + ([monitor] if monitor else []),
+    trainer = L.Trainer(max_steps=warmup + steps + 1,
+                        callbacks=[_window_callback(warmup, steps, toggle, window)] + ([monitor] if monitor else []),
                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, accelerator="cpu", devices=1, default_root_dir=os.getcwd(),
                         num_sanity_val_steps=0)
