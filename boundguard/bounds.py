@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, replace
 from typing import Any, Literal, Optional, Union
 
@@ -30,7 +31,7 @@ class Bounds:
             raise ValueError(f"Bounds.kind must be 'interval' or 'distribution', got {self.kind!r}")
         for name in ("lo", "hi"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(v):
+            if isinstance(v, bool) or not isinstance(v, numbers.Real) or math.isnan(v):
                 raise TypeError(f"Bounds.{name} must be a number, got {v!r}")
             object.__setattr__(self, name, float(v))
         if not self.lo < self.hi:
@@ -101,7 +102,7 @@ def resolve_bounds(spec: Any) -> Union[Bounds, str, None]:
             raise ValueError(f"bounds must be a (lo, hi) pair, got {spec!r} ({len(spec)} items)")
         lo, hi = spec
         for v in (lo, hi):
-            if isinstance(v, bool) or not isinstance(v, (int, float)):
+            if isinstance(v, bool) or not isinstance(v, numbers.Real):
                 raise TypeError(f"bounds must hold two numbers (lo, hi), got {spec!r}")
         if not float(lo) < float(hi):
             raise ValueError(f"bounds must satisfy lo < hi, got {spec!r}")

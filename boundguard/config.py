@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import difflib
+import numbers
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -34,6 +35,7 @@ class Config:
     input_key: Union[int, str, None] = None
     target_key: Union[int, str, None] = None
     output_key: Union[int, str, None] = None
+    name: Optional[str] = None
     strict: bool = False
     extra: dict = field(default_factory=dict)
 
@@ -48,7 +50,7 @@ class Config:
             >>> Config.from_options("watch()", {"check_every": 10})
             Traceback (most recent call last):
             ...
-            TypeError: watch() got an unknown option 'check_every' (did you mean 'check_every_n_steps'?); valid options: bounds, on_violation, actions, check_every_n_steps, alerts_path, thresholds, input_key, target_key, output_key, strict
+            TypeError: watch() got an unknown option 'check_every' (did you mean 'check_every_n_steps'?); valid options: bounds, on_violation, actions, check_every_n_steps, alerts_path, thresholds, input_key, target_key, output_key, name, strict
         """
         valid = accepted or OPTIONS
         for name in options:
@@ -77,8 +79,9 @@ class Config:
                                      f"{[a for a in ACTIONS if a != 'bound']}")
             self.actions = dict(self.actions)
         n = self.check_every_n_steps
-        if isinstance(n, bool) or not isinstance(n, int):
+        if isinstance(n, bool) or not isinstance(n, numbers.Integral):  # (a numpy integer is one too)
             raise TypeError(f"check_every_n_steps must be an int >= 1, got {type(n).__name__} {n!r}")
+        n = self.check_every_n_steps = int(n)
         if n < 1:
             raise ValueError(f"check_every_n_steps must be an int >= 1, got {n!r}")
         if self.alerts_path is not None:
@@ -96,10 +99,15 @@ class Config:
         default_rules(self.thresholds)  # validates codes and keys
         for name in ("input_key", "target_key", "output_key"):
             v = getattr(self, name)
+            if isinstance(v, numbers.Integral) and not isinstance(v, bool):  # (a numpy integer too)
+                v = int(v)
+                setattr(self, name, v)
             if v is not None and (isinstance(v, bool) or not isinstance(v, (int, str))):
                 what = "an output index (int), an output name or dict key (str)" if name == "output_key" \
                     else "a batch index (int), a dict key (str)"
                 raise TypeError(f"{name} must be {what} or None, got {v!r}")
+        if self.name is not None and (not isinstance(self.name, str) or not self.name.strip()):
+            raise TypeError(f"name must be a non-empty str or None, got {self.name!r}")
         if not isinstance(self.strict, bool):
             raise TypeError(f"strict must be a bool, got {self.strict!r}")
 
@@ -114,6 +122,7 @@ class Config:
             "on_violation": self.on_violation,
             "actions": self.actions,
             "check_every_n_steps": self.check_every_n_steps,
+            **({"name": self.name} if self.name is not None else {}),
         }
 
 

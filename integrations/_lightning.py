@@ -40,6 +40,8 @@ class LightningGuard(SessionViews):
         target_key: where the targets are in the batch, likewise.
         output_key: which element of what ``forward`` returns (tuple index or dict key) is the prediction,
             for a model with several heads (default: the input of the loss that weighs most).
+        name: names this monitor when a Trainer has several (one per head, say): its checkpoint state key
+            is ``BoundGuard[name]``. Without it the key comes from ``output_key``, else it is ``BoundGuard``.
         log_stats: log ``boundguard/<stat>`` metrics through the trainer's loggers at each check.
         strict: re-raise internal errors instead of switching the monitor off (for tests).
 
@@ -65,6 +67,7 @@ class LightningGuard(SessionViews):
         input_key: Union[int, str, None] = None,
         target_key: Union[int, str, None] = None,
         output_key: Union[int, str, None] = None,
+        name: Optional[str] = None,
         log_stats: bool = True,
         strict: bool = False,
     ) -> None:
@@ -74,7 +77,7 @@ class LightningGuard(SessionViews):
         self._config = Config(bounds=bounds, on_violation=on_violation, actions=actions,
                               check_every_n_steps=check_every_n_steps, alerts_path=alerts_path,
                               thresholds=thresholds, input_key=input_key, target_key=target_key,
-                              output_key=output_key, strict=strict)
+                              output_key=output_key, name=name, strict=strict)
         self._engine = TorchEngine(self._config)
         self._session = self._engine.session
         self._log_stats = log_stats
@@ -83,8 +86,15 @@ class LightningGuard(SessionViews):
     # -------------------------------------------------------------- public
     @property
     def state_key(self) -> str:
-        """``"BoundGuard"``: stable across option changes, so resuming with another ``on_violation`` or
-        interval keeps the alerts and the inserted bound (one BoundGuard per Trainer)."""
+        """What identifies this monitor in a checkpoint, stable across option changes (resuming with another
+        ``on_violation`` or interval keeps the alerts and the inserted bound): ``BoundGuard[<name>]``, else
+        ``BoundGuard[output_key=<key>]``, else ``"BoundGuard"``. Several monitors in one Trainer need a
+        ``name`` or ``output_key`` each."""
+        c = self._config
+        if c.name is not None:
+            return f"BoundGuard[{c.name}]"
+        if c.output_key is not None:
+            return f"BoundGuard[output_key={c.output_key!r}]"
         return "BoundGuard"
 
     def on_load_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:

@@ -53,6 +53,7 @@ from boundguard.alerts import BoundGuardError
 from boundguard.bounds import Bounds
 from boundguard.config import OPTIONS, Config
 from boundguard.integrations.torch import TorchEngine, apply_bounds
+from boundguard.integrations.torch.hooks import MonitorHook, training_forward
 from boundguard.session import SessionViews, guarded
 
 __all__ = ["BoundGuardCallback", "apply_bounds"]
@@ -80,6 +81,7 @@ class BoundGuardCallback(SessionViews, TrainerCallback, ExportableState):
         target_key: where the targets are in the batch dict (default: ``labels``, as the loss shows it).
         output_key: which element of the model's output (index or key, e.g. ``"logits"``) is the
             prediction (default: the input of the loss that weighs most).
+        name: names this monitor (recorded in the run record of ``stats.jsonl`` and in ``args``).
         log_stats: log ``boundguard/<stat>`` through ``Trainer.log`` at each check.
         strict: re-raise internal errors instead of switching the monitor off (for tests).
 
@@ -123,6 +125,7 @@ class BoundGuardCallback(SessionViews, TrainerCallback, ExportableState):
         input_key: Any = None,
         target_key: Any = None,
         output_key: Any = None,
+        name: Optional[str] = None,
         log_stats: bool = True,
         strict: bool = False,
         **unknown: Any,
@@ -134,7 +137,7 @@ class BoundGuardCallback(SessionViews, TrainerCallback, ExportableState):
         self._config = Config(bounds=bounds, on_violation=on_violation, actions=actions,
                               check_every_n_steps=check_every_n_steps, alerts_path=alerts_path,
                               thresholds=thresholds, input_key=input_key, target_key=target_key,
-                              output_key=output_key, strict=strict)
+                              output_key=output_key, name=name, strict=strict)
         self._engine = TorchEngine(self._config)
         self._session = self._engine.session
         self._log_stats = log_stats
@@ -184,7 +187,7 @@ class BoundGuardCallback(SessionViews, TrainerCallback, ExportableState):
             "check_every_n_steps": c.check_every_n_steps,
             "alerts_path": str(c.alerts_path) if c.alerts_path is not None else None,
             "thresholds": c.thresholds, "input_key": c.input_key, "target_key": c.target_key,
-            "output_key": c.output_key,
+            "output_key": c.output_key, "name": c.name,
             "log_stats": self._log_stats, "strict": c.strict,
         })
 
@@ -295,8 +298,8 @@ class BoundGuardCallback(SessionViews, TrainerCallback, ExportableState):
     # -------------------------------------------------------------- hooks on the model and the Trainer
     def _install(self, model: nn.Module) -> None:
         self._uninstall()
-        self._hooks.append(model.register_forward_pre_hook(self._before_forward, with_kwargs=True))
-        self._hooks.append(model.register_forward_hook(self._after_forward))
+        self._hooks.append(model.register_forward_pre_hook(MonitorHook(self._before_forward), with_kwargs=True))
+        self._hooks.append(model.register_forward_hook(MonitorHook(self._after_forward)))
         trainer = self._trainer
         if trainer is not None and "training_step" not in vars(trainer):
             trainer.training_step = self._wrap_training_step(trainer.training_step)
@@ -325,7 +328,7 @@ class BoundGuardCallback(SessionViews, TrainerCallback, ExportableState):
 
     @guarded
     def _before_forward(self, module: nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
-        if not (module.training and self._training):
+        if not (self._training and training_forward(module)):
             return None
         e = self._engine
         e.batch = kwargs if kwargs else args
@@ -335,7 +338,7 @@ class BoundGuardCallback(SessionViews, TrainerCallback, ExportableState):
 
     @guarded
     def _after_forward(self, module: nn.Module, args: Any, output: Any) -> None:
-        if not (module.training and self._training):
+        if not (self._training and training_forward(module)):
             return None
         loss = output.get("loss") if isinstance(output, Mapping) else getattr(output, "loss", None)
         if not isinstance(loss, Tensor):

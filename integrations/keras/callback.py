@@ -47,6 +47,8 @@ class BoundGuard(SessionViews, keras.callbacks.Callback):
         alerts_path: the JSON-lines alerts file (``stats.jsonl`` goes beside it); ``None``:
             ``./boundguard/alerts.jsonl``.
         thresholds: per-code rule thresholds, e.g. ``{"loss_spike": {"factor": 6}}``.
+        output_key: which output of a multi-output model is the prediction (index or output name).
+        name: names this monitor (recorded in the run record of ``stats.jsonl``).
         strict: re-raise internal errors instead of switching the callback off (for tests).
 
     Raises:
@@ -69,11 +71,12 @@ class BoundGuard(SessionViews, keras.callbacks.Callback):
 
     def __init__(self, bounds: Any = "auto", on_violation: str = "warn", actions: Optional[dict] = None,
                  check_every_n_steps: int = 50, alerts_path: Any = None, *, thresholds: Optional[dict] = None,
-                 output_key: Union[int, str, None] = None, strict: bool = False) -> None:
+                 output_key: Union[int, str, None] = None, name: Optional[str] = None,
+                 strict: bool = False) -> None:
         super().__init__()
         config = Config(bounds=bounds, on_violation=on_violation, actions=actions,
                         check_every_n_steps=check_every_n_steps, alerts_path=alerts_path,
-                        thresholds=thresholds, output_key=output_key, strict=strict)
+                        thresholds=thresholds, output_key=output_key, name=name, strict=strict)
         self._out: tuple[int, Optional[str]] = (0, None)  # the watched output: its index and name
         self._session = Session(config, adapter=self)
         self._buffer: Optional[DeviceBuffer] = None

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from boundguard.alerts import Alert
 from boundguard.config import Config
 from boundguard.integrations.torch.bounding import BoundHook, activation_fn, apply_bounds
+from boundguard.integrations.torch.hooks import MonitorHook, training_forward, unreadable
 from boundguard.integrations.torch.paths import (
     INPUT, INPUT_KEYS, TARGET_KEYS, describe_path, flatten, get_path, guess,
 )
@@ -63,6 +64,7 @@ class TorchEngine:
         self._plan: Optional[CountingPlan] = None
         self._off_everywhere = False  # DDP: the ranks agreed to switch the monitor off (see agreed())
         self._grad_params: list[nn.Parameter] = []  # the output layer's (see record_grads)
+        self._unread: set[str] = set()  # the watched tensors that could not be reduced (see _skip)
         #: a loss scaler (fp16 GradScaler) may overflow a step's gradients on purpose (set by the adapter)
         self.grad_scaled = False
 
@@ -179,7 +181,7 @@ class TorchEngine:
             return
         if self.probe is not None and self.probe.active:
             self._finish_probe(loss)
-        if self.reducer is not None:
+        if self.reducer is not None and self._readable(loss, "loss"):
             self.reducer.loss(loss)
             self.loss_seen = True
 
@@ -192,15 +194,15 @@ class TorchEngine:
         tp, ip = self._target_path, self._input_path
         y = targets if targets is not None else (get_path(batch, tp) if tp is not None else None)
         x = inputs if inputs is not None else (get_path(batch, ip) if ip is not None else None)
-        if isinstance(y, Tensor):
-            red.target(y)
+        if isinstance(y, Tensor) and self._readable(y, "targets"):
+            self._reduce(red.target, y, "targets")
         if isinstance(x, Tensor):
-            if x.is_floating_point():
-                red.input(x)
+            if x.is_floating_point() and self._readable(x, "inputs"):
+                self._reduce(red.input, x, "inputs")
         elif x is not None:  # a list/tuple/dict of input tensors
-            for _, t in flatten(x):
-                if t.is_floating_point():
-                    red.input(t)
+            for path, t in flatten(x):
+                if t.is_floating_point() and self._readable(t, w := describe_path("inputs", path)):
+                    self._reduce(red.input, t, w)
 
     def record_grads(self) -> None:
         """The gradients of the output layer's parameters, reduced on the device (after ``backward``,
@@ -211,10 +213,36 @@ class TorchEngine:
             return
         grads = []
         for p in params:
-            if (g := p.grad) is not None:
+            if (g := p.grad) is not None and self._readable(g, "gradients"):
                 grads.append(g)
         if grads:
             self.reducer.grads(grads, complete=len(grads) == len(params))
+
+    def _readable(self, t: Tensor, where: str) -> bool:
+        """Whether the reducer can read ``t``; a tensor it cannot is skipped with one info note."""
+        why = unreadable(t)
+        if why is None:
+            return where not in self._unread
+        self._skip(where, f"{where} is {why}")
+        return False
+
+    def _reduce(self, fn: Callable[..., None], t: Tensor, where: str, **kwargs: Any) -> None:
+        """``fn(t)``: one watched tensor into the reducer. An error reading it skips that tensor from
+        now on (one info note); the rest stays watched."""
+        try:
+            fn(t, **kwargs)
+        except Exception as err:
+            if self.config.strict:
+                raise
+            self._skip(where, f"{where} could not be reduced ({type(err).__name__}: {err})")
+
+    def _skip(self, where: str, why: str) -> None:
+        if where in self._unread:
+            return
+        self._unread.add(where)
+        self.session.note(f"unread {where}", f"{why}, so boundguard does not watch it; everything else stays "
+                          f"watched.", "Nothing to change for training. To watch it, pass a dense float or "
+                          "integer tensor (x.to_dense(), x.float()).", step=self.step + 1)
 
     def is_check_step(self, step: int) -> bool:
         return self.session.is_check_step(step)
@@ -265,7 +293,12 @@ class TorchEngine:
     def final_check(self) -> list[Decision]:
         """At the end of training: judge the steps since the last check, so a NaN in the last batches of
         a run is reported too. Under DDP every rank calls it at the same step (the collectives match)."""
-        if self.disabled or self.reducer is None or self.step < self.session.interval_start:
+        if self.disabled or self.reducer is None:
+            return []
+        if self.armed:  # a forward that no step ended (an evaluation after the last step): not training
+            self.armed = False
+            self.reducer.drop_step()
+        if self.step < self.session.interval_start:
             return []
         self._stop_probe()
         return self._check()
@@ -389,9 +422,11 @@ class TorchEngine:
         self._sync_plan()
         self._install_hooks()
         # statistics of this (probe) step come from the tensors the probe saw
-        self._reduce_outputs(r.pre, r.pred)
-        if r.target is not None and self._target_path is None:
-            self.reducer.target(r.target)
+        pre = r.pre if r.pre is not None and self._readable(r.pre, facts.pre_where or "pre-activation") else None
+        pred = r.pred if r.pred is not None and self._readable(r.pred, facts.pred_where or "prediction") else None
+        self._reduce(self._reduce_outputs, pre, facts.pre_where or "pre-activation", pred=pred)
+        if r.target is not None and self._target_path is None and self._readable(r.target, "targets"):
+            self._reduce(self.reducer.target, r.target, "targets")
 
     def _find_grad_params(self, r: ProbeResult) -> tuple[Optional[str], list[nn.Parameter]]:
         """The output layer whose gradients are watched: the module that produces the pre-activation (or
@@ -520,28 +555,30 @@ class TorchEngine:
             self.reducer.shared = same
         if pre_site is not None and pre_site[0] in modules:
             self._hooks.append(modules[pre_site[0]].register_forward_hook(
-                self._stats_hook(pre_site[1], "pre+pred" if same else "pre"), prepend=True))
+                MonitorHook(self._stats_hook(pre_site[1], "pre+pred" if same else "pre", _where(pre_site))),
+                prepend=True))
         if pred_site is not None and not same and pred_site[0] in modules:
-            self._hooks.append(modules[pred_site[0]].register_forward_hook(self._stats_hook(pred_site[1], "pred")))
+            self._hooks.append(modules[pred_site[0]].register_forward_hook(
+                MonitorHook(self._stats_hook(pred_site[1], "pred", _where(pred_site)))))
 
-    def _stats_hook(self, path: tuple, what: str) -> Callable:
+    def _stats_hook(self, path: tuple, what: str, where: str) -> Callable:
         whole, from_input = not path, path[:1] == (INPUT,)
 
         @_eager
         def hook(module: nn.Module, args: Any, output: Any) -> None:
             red = self.reducer
-            if not self.armed or red is None:  # (a monitor switched off has removed its hooks)
-                return None
+            if not self.armed or red is None or not training_forward(module):  # (a monitor switched off
+                return None  # has removed its hooks; an evaluation forward is not a training statistic)
             try:
                 t = output if whole else ((args[0] if args else None) if from_input else get_path(output, path))
-                if not isinstance(t, Tensor):
+                if not isinstance(t, Tensor) or not self._readable(t, where):
                     return None
                 if what == "pre+pred":  # identity head: one tensor is both
-                    red.pre(t, also_pred=True)
+                    self._reduce(red.pre, t, where, also_pred=True)
                 elif what == "pred":
-                    red.pred(t)
+                    self._reduce(red.pred, t, where)
                 else:
-                    self._reduce_outputs(t, None)
+                    self._reduce(self._reduce_outputs, t, where, pred=None)
             except Exception as e:  # never break the user's forward pass
                 if self.config.strict:
                     raise

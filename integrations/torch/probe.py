@@ -14,6 +14,7 @@ import numpy as np
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
+from boundguard.integrations.torch.hooks import MonitorHook, training_forward
 from boundguard.integrations.torch.paths import INPUT, flatten, get_path
 from boundguard.model_facts import infer_activation
 
@@ -109,8 +110,8 @@ class Probe:
 
     def start(self) -> None:
         for m, name in self.names.items():
-            self._handles.append(m.register_forward_hook(self._hook(name)))
-        self._handles.append(self.model.register_forward_pre_hook(self._root_pre))
+            self._handles.append(m.register_forward_hook(MonitorHook(self._hook(name))))
+        self._handles.append(self.model.register_forward_pre_hook(MonitorHook(self._root_pre)))
         self.recorder.__enter__()
         self.active = True
 
@@ -126,11 +127,13 @@ class Probe:
         self._handles.clear()
 
     def _root_pre(self, module, args):
-        if self.root_inputs is None:
+        if self.root_inputs is None and training_forward(module):
             self.root_inputs = args
 
     def _hook(self, name: str):
         def hook(module, args, output):
+            if not training_forward(module):  # a sample or an evaluation in the middle of the step
+                return
             self.order.append((name, module, output))
             if name not in self.module_inputs and args and isinstance(args[0], Tensor):
                 self.module_inputs[name] = args[0]

@@ -166,6 +166,9 @@ class Reducer:
         self._pending: list[Optional[str]] = []
         self._pdst: list[Tensor] = []
         self._psrc: list[Tensor] = []
+        #: what the step in progress started from (see drop_step): the counts, and the bins once it binned
+        self._counts0: dict[str, int] = {}
+        self._bins0: Optional[Tensor] = None
         self.configure()
         self._reset()
 
@@ -229,9 +232,28 @@ class Reducer:
         self.folded = False
         self._written = set()
         self.counts = {k: 0 for k in self.counts}
+        self._counts0, self._bins0 = dict(self.counts), None
         self.loss_seen = [False] * (self.n_steps + 1)
         self.tripped = False
         self._events = [None, None]
+
+    def drop_step(self) -> None:
+        """Forget what the step in progress recorded (a forward pass that no step ended): its staged and
+        pending values, its row, its counts and its bins; the interval stays as the last step left it."""
+        r = self.row
+        self._pending, self._pdst, self._psrc = [], [], []
+        self.loss_seen[self.i] = False
+        if r < self.n_rows:
+            for lens in self.staged.values():
+                lens[r] = 0
+            self._glen[r], self._graw_used[r] = 0, False
+            self.rows[r].copy_(self.neutral_row)
+        self._held = [h for h in self._held if h[0] != self._slot]
+        if self._bins0 is not None:
+            self.raw[self._bins_at:].copy_(self._bins0)
+        self.counts, self._bins0 = dict(self._counts0), None
+        self._written.clear()
+        self._reduced = False
 
     def _flat(self, t: Tensor) -> Tensor:
         t = t.detach()
@@ -384,6 +406,8 @@ class Reducer:
         tensors at once, large ones lazily (:meth:`_resolve`)."""
         n = f.shape[0]
         if n < self.FAST_COUNT_MIN or (self._cuda and n > self.HOLD_MAX):
+            if self._bins0 is None:  # the step's first count into the bins: keep what drop_step restores
+                self._bins0 = self.raw[self._bins_at:].clone()
             self._bucketize(bins_kind, f)
             return
         self._held.append((self._slot, kind, bins_kind, f, n))
@@ -634,6 +658,7 @@ class Reducer:
         self._reduced = False
         if self.row == self.n_rows and not checking:
             self._fold()
+        self._counts0, self._bins0 = dict(self.counts), None
 
     def _fold(self) -> None:
         """Fold the full block into the carry row (min/max/sum by each column's op; a few kernels every

@@ -8,6 +8,7 @@ from torch import nn
 from boundguard.alerts import Alert, BoundGuardError
 from boundguard.config import Config
 from boundguard.integrations.torch.engine import TorchEngine
+from boundguard.integrations.torch.hooks import MonitorHook, training_forward
 from boundguard.session import SessionViews, guarded
 
 __all__ = ["Guard", "watch"]
@@ -36,7 +37,7 @@ class Guard(SessionViews):
         self._session = self.engine.session
         self.engine.explicit_batch = True
         self._attach(model)
-        self._pre = model.register_forward_pre_hook(self._before_forward)
+        self._pre = model.register_forward_pre_hook(MonitorHook(self._before_forward))
         self._closed = False
 
     def _attach(self, model: nn.Module) -> None:
@@ -52,7 +53,7 @@ class Guard(SessionViews):
     @guarded
     def _before_forward(self, module: nn.Module, args: Any) -> None:
         e = self.engine
-        if module.training and not e.armed:
+        if not e.armed and training_forward(module):  # an evaluation forward does not begin a step
             e.batch = args
             e.begin_step()
 

@@ -152,8 +152,7 @@ def test_statistics_accumulate_between_checks(tmp_path):
                 x[0, 0] = math.nan
             if step == 3 and fault == "target":
                 y[0, 0] = 2.0
-            with torch.no_grad():
-                loss = F.mse_loss(model(x), y)
+            loss = F.mse_loss(model(x), y)  # (a training forward: gradients on)
             guard.step(loss=loss, inputs=x, targets=y)
         guard.close()
         by_code = {a.code: a for a in guard.alerts}
@@ -171,8 +170,7 @@ def test_a_long_interval_costs_a_fixed_buffer(tmp_path):
     guard = watch(model, **opts(tmp_path, check_every_n_steps=200_000))
     for _ in range(3):
         x, y = unit_data(8)
-        with torch.no_grad():
-            loss = F.mse_loss(model(x), y)
+        loss = F.mse_loss(model(x), y)  # (a training forward: gradients on)
         guard.step(loss=loss, inputs=x, targets=y)
     red = guard.engine.reducer
     assert red.n_rows == Reducer.ROW_CAP and len(red.cells) == Reducer.ROW_CAP
@@ -194,8 +192,7 @@ def test_nan_tripwire_rearms_after_a_clean_check(tmp_path):
         x, y = unit_data(8)
         if step in (3, 7):
             x[0, 0] = math.nan
-        with torch.no_grad():
-            loss = F.mse_loss(model(x), y)
+        loss = F.mse_loss(model(x), y)  # (a training forward: gradients on)
         guard.step(loss=loss, inputs=x, targets=y)
     guard.close()
     assert checks == [1, 3, 5, 7, 8]
@@ -518,8 +515,7 @@ def test_list_of_input_tensors_is_watched(tmp_path):
     x, y = unit_data(8)
     extra = torch.randn(8, 3)
     extra[2, 1] = math.nan
-    with torch.no_grad():
-        loss = F.mse_loss(model(x), y)
+    loss = F.mse_loss(model(x), y)  # (a training forward: gradients on)
     guard.step(loss=loss, inputs=[x, extra, torch.arange(8)], targets=y)
     guard.close()
     snap = guard.engine.session.last_snapshot
