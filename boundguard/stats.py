@@ -6,7 +6,8 @@ reduced from the tensor every step into a row column (min, max, sum of squares, 
 ``"count"`` statistics are counts of elements (finite, below/above the bounds, pinned, in the tail)
 that an adapter may accumulate over the whole interval. Adapters derive their device layout from
 :func:`row_stats` / :func:`count_stats`, the neutral value a buffer is reset to from
-:attr:`Stat.neutral`, and the cross-process reduce op from :attr:`Stat.dist_reduce`; so a new
+:attr:`Stat.neutral`, and the cross-process combination and its dtype from :attr:`Stat.sync` and
+:attr:`Stat.dtype`; so a new
 statistic is one line here (plus the kernel that computes it and the rule that reads it).
 
 At a check the rows come to the host in one transfer and :meth:`Snapshot.from_rows` reduces them
@@ -15,8 +16,10 @@ here, with numpy; :func:`merge_rows` is the same merge a cross-process all-reduc
 Example:
     >>> [s.field for s in row_stats("pre")]
     ['min', 'max', 'sumsq']
-    >>> Stat("loss", "value", "step").dist_reduce
+    >>> Stat("loss", "value", "step").sync
     'mean'
+    >>> Stat("grad", "sumsq", "sum").sync, Stat("pred", "finite", "sum", "count").dtype
+    ('replicated', 'count')
 """
 from __future__ import annotations
 
@@ -47,9 +50,23 @@ class Stat:
         return {"min": math.inf, "max": -math.inf, "sum": 0.0, "step": math.nan}[self.reduce]
 
     @property
-    def dist_reduce(self) -> str:
-        """How processes combine this statistic: ``min`` | ``max`` | ``sum`` | ``mean`` (per-step values)."""
+    def sync(self) -> str:
+        """How processes combine this statistic: ``min`` | ``max`` | ``sum`` | ``mean`` (per-step values) |
+        ``replicated``: the same on every process, kept as it is (the head's gradients, all-reduced by
+        data-parallel training before the optimiser step; summing them would count one step once per rank)."""
+        if self.kind in _REPLICATED_KINDS:
+            return "replicated"
         return "mean" if self.reduce == "step" else self.reduce
+
+    @property
+    def dtype(self) -> str:
+        """``count`` (an element count: exact integers, int64 across processes, never float32, which stops
+        counting exactly at 2**24) or ``value`` (a float statistic)."""
+        return "count" if self.source == "count" else "value"
+
+
+#: Kinds whose statistics are the same on every process of data-parallel training (see :attr:`Stat.sync`).
+_REPLICATED_KINDS = frozenset({"grad"})
 
 
 #: The element counts (reduce ``sum``, accumulated over an interval); every other statistic is a row value.
@@ -81,6 +98,7 @@ COLUMNS: tuple[str, ...] = tuple(s.name for s in STATS)
 KINDS = ("pred", "pre", "target", "input", "grad")
 LOSS_COLUMN = COLUMNS.index("loss.value")
 _OPS = np.array([s.reduce for s in STATS])
+_SYNC = np.array([s.sync for s in STATS])
 _BY_OP = {op: np.flatnonzero(_OPS == op) for op in ("min", "max", "sum")}
 #: the reduced columns (all but the per-step ones), in :data:`COLUMNS` order, and their names
 _REDUCED = np.flatnonzero(_OPS != "step")
@@ -152,16 +170,17 @@ def fold_rows(rows: np.ndarray) -> np.ndarray:
 
 
 def merge_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Element-wise merge of two processes' buffers of rows, by each column's :attr:`Stat.dist_reduce`:
-    what the adapters' all-reduce computes. ``min``/``max`` propagate NaN; per-step values (the loss)
-    are the mean of the processes' values, so a NaN loss on any process stays NaN."""
+    """Element-wise merge of two processes' buffers of rows, by each column's :attr:`Stat.sync`: what the
+    adapters' all-reduce computes (the reference it is tested against). ``min``/``max`` propagate NaN;
+    per-step values (the loss) are the mean of the processes' values, so a NaN loss on any process stays
+    NaN; replicated columns keep ``a``'s value (this process's, the same on every process)."""
     a = np.asarray(a, dtype=np.float64)
     b = np.asarray(b, dtype=np.float64)
     out = a + b
-    mins, maxs, steps = _OPS == "min", _OPS == "max", _OPS == "step"
-    out[..., mins] = np.minimum(a[..., mins], b[..., mins])
-    out[..., maxs] = np.maximum(a[..., maxs], b[..., maxs])
-    out[..., steps] = (a[..., steps] + b[..., steps]) / 2
+    out[..., _SYNC == "min"] = np.minimum(a[..., _SYNC == "min"], b[..., _SYNC == "min"])
+    out[..., _SYNC == "max"] = np.maximum(a[..., _SYNC == "max"], b[..., _SYNC == "max"])
+    out[..., _SYNC == "mean"] = (a[..., _SYNC == "mean"] + b[..., _SYNC == "mean"]) / 2
+    out[..., _SYNC == "replicated"] = a[..., _SYNC == "replicated"]
     return out
 
 

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from boundguard.integrations.torch import sync
 from boundguard.session import CountingPlan
 from boundguard.stats import COLUMNS, KINDS, count_stats, neutral_row, row_stats
 
@@ -88,8 +89,8 @@ class Reducer:
         self.block = self.raw[:row_bytes].view(torch.float32).view(block + 1, self.width + 1)
         self.rows = self.block[:block]
         self.losses = self.raw[row_bytes: row_bytes + (self.n_steps + 1) * 4].view(torch.float32)
-        self._bins_at = row_bytes + loss_bytes
-        bins = self.raw[self._bins_at:].view(torch.int64)
+        self.bins_at = row_bytes + loss_bytes
+        bins = self.raw[self.bins_at:].view(torch.int64)
         self.bins = {k: bins[i * self.MAX_BINS: (i + 1) * self.MAX_BINS] for i, k in enumerate(self.ROW)}
         self.bin_cells = {k: [b[i] for i in range(self.MAX_BINS)] for k, b in self.bins.items()}
         self.neutral_row = torch.tensor([s.neutral for k in KINDS for s in row_stats(k)] + [math.nan],
@@ -102,6 +103,9 @@ class Reducer:
                       for i in range(block)]
         self.loss_cells = [self.rows[i, self.width] for i in range(block)]
         self.offs = offs
+        #: per cross-process op (min | max | sum), the columns it merges (derived from Stat.sync; see .sync)
+        self.sync_cols = {op: torch.tensor(sync.columns(self, op), dtype=torch.long, device=device)
+                          for op in ("min", "max", "sum")}
         self.one = torch.ones((), dtype=torch.int64, device=device)
         self._ones: dict[int, Tensor] = {}
         self.edges: dict[str, torch.Tensor] = {}
@@ -220,12 +224,12 @@ class Reducer:
         self._pending, self._pdst, self._psrc = [], [], []
         if self._host:
             self._block_np[:] = self._neutral_np
-            self._raw_np[self._bins_at:] = 0
+            self._raw_np[self.bins_at:] = 0
             self._losses_np.fill(math.nan)
         else:
             self.block.copy_(self.neutral_row.expand(self.n_rows + 1, -1))
             self.losses.fill_(math.nan)
-            self.raw[self._bins_at:].zero_()
+            self.raw[self.bins_at:].zero_()
         self.row = 0
         self.i = 0
         self.base = 0
@@ -250,7 +254,7 @@ class Reducer:
             self.rows[r].copy_(self.neutral_row)
         self._held = [h for h in self._held if h[0] != self._slot]
         if self._bins0 is not None:
-            self.raw[self._bins_at:].copy_(self._bins0)
+            self.raw[self.bins_at:].copy_(self._bins0)
         self.counts, self._bins0 = dict(self._counts0), None
         self._written.clear()
         self._reduced = False
@@ -407,7 +411,7 @@ class Reducer:
         n = f.shape[0]
         if n < self.FAST_COUNT_MIN or (self._cuda and n > self.HOLD_MAX):
             if self._bins0 is None:  # the step's first count into the bins: keep what drop_step restores
-                self._bins0 = self.raw[self._bins_at:].clone()
+                self._bins0 = self.raw[self.bins_at:].clone()
             self._bucketize(bins_kind, f)
             return
         self._held.append((self._slot, kind, bins_kind, f, n))
@@ -685,33 +689,8 @@ class Reducer:
         self.row = 0
 
     def all_reduce(self) -> None:
-        """Merge every process's buffer in place by each column's declared op (losses averaged: a NaN on
-        any rank stays NaN), so every rank judges the same snapshot. Four collectives per check, none
-        between checks."""
-        import torch.distributed as dist
-
-        self.flush()
-        world = dist.get_world_size()
-        block = self.block
-        for op in ("min", "max"):
-            cols = self._ops_cols[op]
-            t = block.index_select(1, cols)
-            dist.all_reduce(t, op=dist.ReduceOp.MIN if op == "min" else dist.ReduceOp.MAX)
-            block.index_copy_(1, cols, t)
-        cols = self._ops_cols["sum"]
-        sums = block.index_select(1, cols)
-        counts = torch.tensor([self.counts[k] for k in self.ROW], dtype=torch.float32, device=self.device)
-        step_losses = block[:, self.width]
-        packed = torch.cat([sums.reshape(-1), self.losses, step_losses, counts])
-        dist.all_reduce(packed, op=dist.ReduceOp.SUM)
-        k, nl, nb = sums.numel(), self.losses.numel(), step_losses.numel()
-        block.index_copy_(1, cols, packed[:k].view_as(sums))
-        self.losses.copy_(packed[k: k + nl] / world)
-        step_losses.copy_(packed[k + nl: k + nl + nb] / world)
-        bins = self.raw[self._bins_at:].view(torch.int64)
-        dist.all_reduce(bins, op=dist.ReduceOp.SUM)
-        for name, v in zip(self.ROW, packed[k + nl + nb:].tolist()):
-            self.counts[name] = int(v)
+        """Merge every process's buffer in place (see :func:`boundguard.integrations.torch.sync.all_reduce`)."""
+        sync.all_reduce(self)
 
     def read(self) -> tuple[np.ndarray, dict[str, int], list[bool], np.ndarray]:
         """One device→host transfer; returns the interval as core rows (one per step of the last block,
@@ -720,7 +699,7 @@ class Reducer:
         self.flush()
         n_rows, steps = self.row, max(self.i, 1)
         host = self.raw.to("cpu", copy=True).numpy()  # (on the CPU too: the one transfer the sync tests count)
-        block = host[: self._bins_at].view(np.float32)
+        block = host[: self.bins_at].view(np.float32)
         size = (self.n_rows + 1) * (self.width + 1)
         dev = block[:size].reshape(self.n_rows + 1, self.width + 1)
         if self.folded:
@@ -731,7 +710,7 @@ class Reducer:
         losses = np.concatenate([block[size: size + folded], dev[:n_rows, self.width]])[:steps].astype(np.float64)
         if losses.size < steps:
             losses = np.concatenate([losses, np.full(steps - losses.size, np.nan)])
-        bins = host[self._bins_at:].view(np.int64)
+        bins = host[self.bins_at:].view(np.int64)
         steps = min(steps, self.n_steps)
         counts, seen = dict(self.counts), self.loss_seen[:steps]
         out = np.empty((dev_rows.shape[0], _NEUTRAL_ROW.size))

@@ -24,6 +24,7 @@ from boundguard.stats import (
 
 W = len(COLUMNS)
 OPS = np.array([s.reduce for s in STATS])
+SYNC = np.array([s.sync for s in STATS])
 FAST = settings(max_examples=40, deadline=None)
 # inf + -inf in the reference arithmetic (and in merge_rows' a + b) is expected here
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
@@ -93,9 +94,11 @@ def test_merge_rows_matches_numpy(ab):
     a, b = ab
     out = merge_rows(a, b)
     assert out.shape == a.shape
-    for i, op in enumerate(OPS):
+    for i, op in enumerate(SYNC):
         x, y, m = a[:, i], b[:, i], out[:, i]
-        if op == "min":
+        if op == "replicated":  # the same on every process (the head's gradients under DDP): not summed
+            ref = x
+        elif op == "min":
             ref = np.minimum(x, y)
         elif op == "max":
             ref = np.maximum(x, y)
@@ -113,7 +116,9 @@ def test_merge_commutes_with_reduce(ab):
     a, b = ab
     merged, ra, rb = reduce_rows(merge_rows(a, b)), reduce_rows(a), reduce_rows(b)
     for s in STATS:
-        if s.reduce == "min":
+        if s.sync == "replicated":
+            ref = ra[s.name]
+        elif s.reduce == "min":
             ref = float(np.minimum(ra[s.name], rb[s.name]))
         elif s.reduce == "max":
             ref = float(np.maximum(ra[s.name], rb[s.name]))
@@ -121,9 +126,9 @@ def test_merge_commutes_with_reduce(ab):
             ref = ra[s.name] + rb[s.name]
         else:
             continue
-        if s.reduce == "sum" and math.isfinite(ref):
+        if s.sync == "sum" and math.isfinite(ref):
             assert merged[s.name] == pytest.approx(ref, rel=1e-9, abs=1e-3)
-        elif s.reduce == "sum":
+        elif s.sync == "sum":
             assert math.isnan(merged[s.name]) or merged[s.name] == ref or math.isnan(ref)
         else:
             assert _same(merged[s.name], ref), s.name
@@ -133,10 +138,11 @@ def test_merge_commutes_with_reduce(ab):
 @given(rows_strategy(min_rows=1))
 def test_merge_with_neutral_is_identity(rows):
     neutral = np.tile(neutral_row(), (rows.shape[0], 1))
-    reduced = OPS != "step"  # per-step values are averaged over processes, which all see every step
+    # per-step values are averaged over processes, which all see every step; replicated ones are kept
+    reduced = (SYNC != "mean") & (SYNC != "replicated")
     for out in (merge_rows(rows, neutral), merge_rows(neutral, rows)):
         np.testing.assert_array_equal(out[:, reduced], rows[:, reduced])
-    np.testing.assert_array_equal(merge_rows(rows, rows)[:, OPS != "sum"], rows[:, OPS != "sum"])
+    np.testing.assert_array_equal(merge_rows(rows, rows)[:, SYNC != "sum"], rows[:, SYNC != "sum"])
 
 
 def test_snapshot_from_rows_losses_and_derived_numbers():

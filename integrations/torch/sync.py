@@ -1,0 +1,62 @@
+"""The reducer's buffer merged across processes at a check, derived from the declaration in
+:mod:`boundguard.stats`: each column by its :attr:`~boundguard.stats.Stat.sync` (min, max, sum, mean of
+per-step values, or replicated: kept as it is), counts as int64 (:attr:`~boundguard.stats.Stat.dtype`).
+:func:`boundguard.stats.merge_rows` is the numpy reference it is tested against.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from boundguard.stats import KINDS, STATS
+
+if TYPE_CHECKING:
+    from boundguard.integrations.torch.reducer import Reducer
+
+__all__ = ["all_reduce", "SYNC"]
+
+_BY_NAME = {s.name: s for s in STATS}
+#: Per kind and row field, how processes combine it (see :attr:`boundguard.stats.Stat.sync`).
+SYNC = {k: {s.field: s.sync for s in STATS if s.kind == k} for k in KINDS}
+#: The kinds whose element counts (``Reducer.counts``) are summed across processes (not replicated ones).
+_SUMMED_COUNTS = tuple(k for k in KINDS if all(s.sync != "replicated" for s in STATS if s.kind == k))
+
+
+def columns(red: "Reducer", op: str) -> list[int]:
+    """The block's columns whose statistic combines across processes by ``op``."""
+    return [red.offs[k] + j for k, fs in red.ROW.items() for j, f in enumerate(fs) if SYNC[k][f] == op]
+
+
+def all_reduce(red: "Reducer") -> None:
+    """Merge every process's buffer of ``red`` in place, so every rank judges the same snapshot: min/max
+    columns by MIN/MAX, sums and the per-step losses by SUM (losses then averaged: a NaN on any rank stays
+    NaN), element counts and bins as int64 (exact past 2**24), replicated columns untouched. Three
+    collectives per check (four with both min and max columns), none between checks."""
+    import torch.distributed as dist
+
+    red.flush()
+    world = dist.get_world_size()
+    block = red.block
+    for op, reduce_op in (("min", dist.ReduceOp.MIN), ("max", dist.ReduceOp.MAX)):
+        cols = red.sync_cols[op]
+        if cols.numel():
+            t = block.index_select(1, cols)
+            dist.all_reduce(t, op=reduce_op)
+            block.index_copy_(1, cols, t)
+    cols = red.sync_cols["sum"]
+    sums = block.index_select(1, cols)
+    step_losses = block[:, red.width]
+    packed = torch.cat([sums.reshape(-1), red.losses, step_losses])
+    dist.all_reduce(packed, op=dist.ReduceOp.SUM)
+    k, nl = sums.numel(), red.losses.numel()
+    block.index_copy_(1, cols, packed[:k].view_as(sums))
+    red.losses.copy_(packed[k: k + nl] / world)
+    step_losses.copy_(packed[k + nl:] / world)
+    bins = red.raw[red.bins_at:].view(torch.int64)
+    counts = torch.tensor([red.counts[kind] for kind in _SUMMED_COUNTS], dtype=torch.int64, device=red.device)
+    ints = torch.cat([bins, counts])
+    dist.all_reduce(ints, op=dist.ReduceOp.SUM)
+    bins.copy_(ints[: bins.numel()])
+    for kind, v in zip(_SUMMED_COUNTS, ints[bins.numel():].tolist()):
+        red.counts[kind] = int(v)
