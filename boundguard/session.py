@@ -11,6 +11,12 @@ An adapter *measures* and *acts*; the :class:`Session` does everything in betwee
   releases the adapter's hooks, closes the files and raises :class:`~boundguard.BoundGuardError`;
   ``bound`` plans a :class:`~boundguard.surgery.BoundRecord` from the bounds in force (at most one per
   run, decided by the core) and asks the adapter to insert it (:meth:`Adapter.insert_bound`).
+- **Several processes.** An adapter whose run has several ranks gives the session one collective,
+  ``any_rank(flag) -> bool`` (:meth:`Session.join`); the session then owns the protocol:
+  :meth:`Session.count_batch` counts every batch (also while switched off) and, before a scheduled check's
+  collectives, has the ranks agree that the monitor is on everywhere (:meth:`Session.agreed`);
+  :meth:`Session.settle_stop` decides the stop collectively at every scheduled check, so
+  :attr:`Session.halted` is the same on every rank at every step; rank 0 alone writes files.
 - **Safety.** :func:`guarded` wraps an adapter's hooks: an internal error switches the monitor off with
   one warning (:meth:`Session.disable`) and never reaches the user's training (``strict=True``
   re-raises, for tests).
@@ -164,6 +170,11 @@ class Session:
         self._warned_error = False
         self._summary_printed = 0
         self._described = False
+        self.batches = 0  #: training batches this process saw, counted even while switched off
+        self._any_rank: Optional[Callable[[bool], bool]] = None  # the adapter's collective (several ranks)
+        self._checking = False  # the batch in progress is a scheduled check
+        self._off_everywhere = False
+        self._halt = False  # the (collective) stop decided at the last check
 
     # ------------------------------------------------------------------ read-only views
     @property
@@ -218,6 +229,63 @@ class Session:
         every = self.config.check_every_n_steps
         return prev == 0 or self.step // every > prev // every
 
+    # ------------------------------------------------------------------ several processes
+    def join(self, any_rank: Optional[Callable[[bool], bool]]) -> None:
+        """Run as one rank of several: ``any_rank(flag)`` is a collective that is True when ``flag`` is True
+        on any rank (Lightning's ``strategy.reduce_boolean_decision(flag, all=False)``, or one all-reduce of
+        one element). ``None``: a single process."""
+        self._any_rank = any_rank
+
+    @property
+    def distributed(self) -> bool:
+        """Several ranks run this training (see :meth:`join`)."""
+        return self._any_rank is not None
+
+    @property
+    def halted(self) -> bool:
+        """Training should stop: an alert decided ``halt`` (with several ranks, decided together at each
+        check, so the same on every rank at every step)."""
+        return self._halt if self._any_rank is not None else self.should_stop
+
+    def count_batch(self) -> bool:
+        """Count one training batch, also while switched off (so every rank keeps the same check schedule).
+        Returns whether the monitor does this batch's work: with several ranks, at a scheduled check, every
+        rank first agrees that the monitor is still on everywhere (:meth:`agreed`)."""
+        self.batches += 1
+        self._checking = self.is_check_step(self.batches)
+        if self._any_rank is not None and self._checking:
+            return self.agreed()
+        return not self.disabled
+
+    def settle_stop(self) -> bool:
+        """After the batch's work (and its check, if one was due): decide the stop; with several ranks
+        together, at every scheduled check, whatever this rank's monitor did, so the collectives stay
+        matched. Returns whether this batch was a check (a scheduled one, or on one process the NaN
+        tripwire's)."""
+        snap = self.last_snapshot
+        checked = self._checking or (snap is not None and snap.step == self.step)
+        if checked:
+            stop = self.should_stop
+            self._halt = self._any_rank(stop) if self._any_rank is not None else stop
+        return checked
+
+    def agreed(self) -> bool:
+        """With several ranks, before a check's collectives: is the monitor still on everywhere? A rank
+        that switched itself off (an internal error) still takes part in this one collective, so no rank
+        waits for ever in a collective another skipped; then every rank switches off together. Call it on
+        every rank at the same steps (:meth:`count_batch` and the final check do)."""
+        if self._any_rank is None:
+            return not self.disabled
+        if self._off_everywhere:
+            return False
+        if self._any_rank(self.disabled):
+            self._off_everywhere = True
+            if not self.disabled:
+                self.disable(RuntimeError("another rank's monitor hit an internal error; switched off on every "
+                                          "rank so that the ranks' collectives stay matched"))
+            return False
+        return True
+
     # ------------------------------------------------------------------ facts
     def set_facts(self, facts: ModelFacts) -> None:
         """What the probe found; an inserted bound (restored from a checkpoint) stays the activation."""
@@ -248,9 +316,11 @@ class Session:
 
     # ------------------------------------------------------------------ judging and acting
     def check(self, rows: np.ndarray, counts: dict[str, int], loss_seen: Any,
-              losses: Optional[np.ndarray] = None) -> list[Decision]:
+              losses: Optional[np.ndarray] = None, *, act: bool = True) -> list[Decision]:
         """Judge the interval ending at the current step and carry out the decisions (``rows``, ``losses``:
-        see :meth:`~boundguard.stats.Snapshot.from_rows`).
+        see :meth:`~boundguard.stats.Snapshot.from_rows`). ``act=False``: the run is unwinding from an
+        exception (a crashed step): the alerts are recorded, marked ``during_exception`` and warned about,
+        and no action (halt, raise, bound) is taken.
 
         Returns the decisions (alerts new or escalated at this check). Raises
         :class:`~boundguard.BoundGuardError` for a ``raise`` decision, after publishing every alert.
@@ -260,6 +330,13 @@ class Session:
         self.interval_start = self.step + 1
         self.last_snapshot = snap
         decisions = self.monitor.judge(snap)
+        if not act:
+            for d in decisions:
+                d.alert.details["during_exception"] = True
+                if d.action in ("halt", "raise", "bound"):
+                    d.action = d.alert.action = "warn"
+            self.monitor.publish(decisions)
+            return decisions
         if not self._described:  # the first check: say in words what is watched
             self._described = True
             logger.info("%s", self.facts.describe(self.bounds))
@@ -352,4 +429,5 @@ class Session:
         step = state.get("step", 0)
         self.step = int(step) if isinstance(step, (int, float)) and math.isfinite(step) else 0
         self.interval_start = self.step + 1
+        self.batches = self.step  # the ranks' check schedule resumes with the restored step
         return self.records

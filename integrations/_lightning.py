@@ -81,7 +81,6 @@ class LightningGuard(SessionViews):
         self._engine = TorchEngine(self._config)
         self._session = self._engine.session
         self._log_stats = log_stats
-        self._batches = 0  # training batches seen by this rank, counted even while switched off
 
     # -------------------------------------------------------------- public
     @property
@@ -116,8 +115,9 @@ class LightningGuard(SessionViews):
             run_dir = _run_dir(trainer)
             if run_dir is not None:
                 default = run_dir / "alerts.jsonl"
+        self._session.join((lambda flag: trainer.strategy.reduce_boolean_decision(flag, all=False))
+                           if trainer.world_size > 1 else None)
         self._engine.attach(pl_module, default, write=trainer.is_global_zero)
-        self._engine.distributed = trainer.world_size > 1
         self._engine.grad_scaled = getattr(trainer.precision_plugin, "scaler", None) is not None
 
     @guarded
@@ -143,37 +143,25 @@ class LightningGuard(SessionViews):
     def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
         self._session.epoch = trainer.current_epoch  # once per epoch, not per step
 
-    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
-        self._batches = self._session.step  # after a restore: the ranks' check schedule resumes with it
-
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-        self._batches += 1
-        if self._engine.distributed and self._session.is_check_step(self._batches) and not self._agreed(trainer):
-            return
-        self._batch_end(trainer, outputs, batch)
-
-    def _agreed(self, trainer: Any) -> bool:
-        """DDP: the ranks agree that the monitor is still on everywhere (:meth:`TorchEngine.agreed`)."""
-        return self._engine.agreed(lambda flag: trainer.strategy.reduce_boolean_decision(flag, all=False))
+        s = self._session
+        if s.count_batch():
+            self._batch_end(outputs, batch)
+        if s.settle_stop():  # a check: on every rank the same stop (the session decides it collectively)
+            if s.halted:
+                trainer.should_stop = True
+            snap = s.last_snapshot
+            if self._log_stats and snap is not None and snap.step == s.step:
+                self._publish_metrics(trainer, snap.metrics())
 
     @guarded
-    def _batch_end(self, trainer: Any, outputs: Any, batch: Any) -> None:
+    def _batch_end(self, outputs: Any, batch: Any) -> None:
         e = self._engine
         if not e.loss_seen:  # manual optimisation: the loss comes back in the outputs
             loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
             e.record_loss(loss)
         e.record_batch(batch)  # the first step: the probe has just located the batch's tensors
         e.end_step()  # (the epoch is set at on_train_epoch_start)
-        snap = self._session.last_snapshot
-        checked = snap is not None and snap.step == e.step  # a scheduled check, or the NaN tripwire's
-        if not checked and not (e.distributed and e.is_check_step(e.step)):  # (counted: the step is e.step now)
-            return
-        # a collective decision at every scheduled check, so ranks never diverge (the tripwire is off
-        # under DDP: it only checks off schedule on a single process)
-        if trainer.strategy.reduce_boolean_decision(self._session.should_stop, all=False):
-            trainer.should_stop = True
-        if self._log_stats and snap is not None and checked:
-            self._publish_metrics(trainer, snap.metrics())
 
     def _publish_metrics(self, trainer: Any, metrics: dict[str, float]) -> None:
         """At a check (never between): to the loggers, on Lightning's own step numbering (the batch's
@@ -188,7 +176,7 @@ class LightningGuard(SessionViews):
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         try:
-            if not self._engine.distributed or self._agreed(trainer):
+            if self._session.agreed():  # (with several ranks: every rank, the same step)
                 self._final_check()
         finally:
             self._engine.finish()

@@ -36,7 +36,6 @@ except ImportError:  # pragma: no cover - the standalone lightning_fabric packag
 
 from torch import nn
 
-from boundguard.alerts import Alert, BoundGuardError
 from boundguard.integrations.torch import Guard
 from boundguard.integrations.torch import apply_bounds as _apply_bounds
 from boundguard.session import guarded
@@ -70,13 +69,11 @@ class FabricGuard(Guard):
                             f"(no {', '.join(missing)}); for a loop without Fabric use "
                             f"boundguard.integrations.torch.watch(model)")
         self._fabric = fabric
-        self._batches = 0  # training batches seen by this rank, counted even while switched off
-        self._stop = False  # the collective halt decision of the last check
         super().__init__(_inner(model), _ENTRY, **options)
 
     def _attach(self, model: nn.Module) -> None:
         fabric = self._fabric
-        self.engine.distributed = int(fabric.world_size) > 1
+        self._session.join(self._any_rank if int(fabric.world_size) > 1 else None)
         default: Optional[Path] = None
         for logger in getattr(fabric, "loggers", None) or []:
             log_dir = getattr(logger, "log_dir", None)
@@ -85,65 +82,17 @@ class FabricGuard(Guard):
                 break
         self.engine.attach(model, default, write=bool(fabric.is_global_zero))
 
-    @property
-    def should_stop(self) -> bool:
-        """True once an alert decided ``halt`` (decided by all ranks together at each check, so it is the
-        same on every rank at every step)."""
-        return self._stop if self.engine.distributed else self._session.should_stop
-
-    def step(self, loss: Any = None, inputs: Any = None, targets: Any = None) -> list[Alert]:
-        """Record one training batch (every rank, every batch); at a check, judge and act together."""
-        if self._closed:
-            return []
-        e = self.engine
-        self._batches += 1
-        checking = self._session.is_check_step(self._batches)
-        if e.distributed and checking and not e.agreed(self._any_rank):
-            return []
-        alerts = super().step(loss, inputs, targets)
-        snap = self._session.last_snapshot
-        if checking or (snap is not None and snap.step == e.step):  # (the NaN tripwire's check: one process)
-            # on every rank, whatever its monitor did in this step: the collectives stay matched
-            stop = self._session.should_stop
-            self._stop = self._any_rank(stop) if e.distributed else stop
-            self._log()
-        return alerts
-
     def _any_rank(self, flag: bool) -> bool:
         return bool(self._fabric.strategy.reduce_boolean_decision(bool(flag), all=False))
 
     @guarded
-    def _log(self) -> None:
+    def _checked(self) -> None:
         snap = self._session.last_snapshot
         if snap is None or snap.step != self.engine.step or not getattr(self._fabric, "loggers", None):
             return
         metrics = snap.metrics()
         metrics["boundguard/alerts"] = float(len(self._session.monitor.alerts))
         self._fabric.log_dict(metrics, step=snap.step)
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        super().load_state_dict(state)
-        self._batches = self._session.step  # the ranks' check schedule resumes with the restored step
-
-    def _final_check(self) -> None:
-        e = self.engine
-        if e.distributed and not e.agreed(self._any_rank):
-            return
-        super()._final_check()
-
-    def __exit__(self, exc_type: Any, *exc: Any) -> None:
-        if exc_type is None or not self.engine.distributed:
-            super().__exit__(exc_type, *exc)
-            return
-        # the loop raised on this rank: the others may not reach a collective, so judge locally only
-        try:
-            self.engine.check_partial_step()
-        except Exception:  # never replace the user's exception
-            pass
-        try:
-            self._close(final=False)
-        except BoundGuardError:
-            pass
 
 
 def _inner(model: Any) -> Any:

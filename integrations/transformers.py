@@ -110,7 +110,7 @@ class BoundGuardCallback(SessionViews, TrainerCallback, ExportableState):
         >>> BoundGuardCallback(check_every=10)
         Traceback (most recent call last):
         ...
-        TypeError: BoundGuardCallback() got an unknown option 'check_every' (did you mean 'check_every_n_steps'?); valid options: bounds, on_violation, actions, check_every_n_steps, alerts_path, thresholds, input_key, target_key, output_key, strict, log_stats
+        TypeError: BoundGuardCallback() got an unknown option 'check_every' (did you mean 'check_every_n_steps'?); valid options: bounds, on_violation, actions, check_every_n_steps, alerts_path, thresholds, input_key, target_key, output_key, name, strict, log_stats
     """
 
     def __init__(
@@ -145,7 +145,6 @@ class BoundGuardCallback(SessionViews, TrainerCallback, ExportableState):
         self._wrapped: Any = None  # the Trainer whose training_step reports the step's loss to us
         self._hooks: list[Any] = []
         self._training = False
-        self._steps = 0  # optimisation steps seen by this rank, counted even while switched off
         self._epoch: Optional[int] = None
         self._loss_sum: Optional[Tensor] = None
         self._loss_n = 0
@@ -212,7 +211,6 @@ class BoundGuardCallback(SessionViews, TrainerCallback, ExportableState):
         if self._trainer is None or not _holds(self._trainer, self):
             self._trainer = _calling_trainer(self) or self._trainer
         self._begin(args, state, model)
-        self._steps = self._session.step  # after a restore: the ranks' check schedule resumes with it
         self._epoch = int(state.epoch or 0)
 
     @guarded
@@ -220,7 +218,7 @@ class BoundGuardCallback(SessionViews, TrainerCallback, ExportableState):
         if not isinstance(model, nn.Module):
             raise TypeError(f"{_ENTRY} needs the Trainer's torch model, got {type(model).__name__}")
         self._restore(state)
-        self._engine.distributed = int(getattr(args, "world_size", 1)) > 1
+        self._session.join(self._engine.any_rank if int(getattr(args, "world_size", 1)) > 1 else None)
         self._engine.attach(model, None, write=int(getattr(args, "process_index", 0)) == 0)
         accelerator = getattr(self._trainer, "accelerator", None)
         self._engine.grad_scaled = getattr(accelerator, "scaler", None) is not None
@@ -236,23 +234,17 @@ class BoundGuardCallback(SessionViews, TrainerCallback, ExportableState):
         self._epoch = int(state.epoch or 0)
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
-        self._steps += 1
-        e = self._engine
-        checking = self._session.is_check_step(self._steps)
-        if e.distributed and checking and not e.agreed(e.any_rank):
+        s = self._session
+        if not s.count_batch():
             self._loss_sum, self._loss_n = None, 0
-            return control
-        try:
-            self._step_end()
-        except BoundGuardError:  # on_violation="raise": let go of the model and the Trainer first
-            self._stop()
-            raise
-        snap = self._session.last_snapshot
-        if checking or (snap is not None and snap.step == e.step):  # (the NaN tripwire's check: one process)
-            stop = self._session.should_stop
-            if e.distributed:  # a collective decision at every check (on every rank), so ranks never diverge
-                stop = e.any_rank(stop)
-            if stop:
+        else:
+            try:
+                self._step_end()
+            except BoundGuardError:  # on_violation="raise": let go of the model and the Trainer first
+                self._stop()
+                raise
+        if s.settle_stop():  # a check: on every rank the same stop (the session decides it collectively)
+            if s.halted:
                 control.should_training_stop = True
             self._log(control)
         return control
@@ -278,8 +270,7 @@ class BoundGuardCallback(SessionViews, TrainerCallback, ExportableState):
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         try:
-            e = self._engine
-            if not e.distributed or e.agreed(e.any_rank):
+            if self._session.agreed():  # (with several ranks: every rank, the same step)
                 self._final_check()
         finally:
             self._stop()

@@ -49,7 +49,6 @@ class TorchEngine:
         self.probe: Optional[Probe] = None
         self.probed = False
         self.armed = False
-        self.distributed = False  # set by adapters running under torch.distributed
         self.explicit_batch = False  # watch(): inputs/targets are passed to step(), or deliberately not
         self.batch: Any = None  #: the current step's batch, set by the integration before begin_step
         self.loss_seen = False  #: the current step's loss was recorded
@@ -62,7 +61,6 @@ class TorchEngine:
         self._pred_from_pre: Optional[Callable[[Tensor], Tensor]] = None
         self._logits = False
         self._plan: Optional[CountingPlan] = None
-        self._off_everywhere = False  # DDP: the ranks agreed to switch the monitor off (see agreed())
         self._grad_params: list[nn.Parameter] = []  # the output layer's (see record_grads)
         self._unread: set[str] = set()  # the watched tensors that could not be reduced (see _skip)
         #: a loss scaler (fp16 GradScaler) may overflow a step's gradients on purpose (set by the adapter)
@@ -76,6 +74,12 @@ class TorchEngine:
     @property
     def step(self) -> int:
         return self.session.step
+
+    @property
+    def distributed(self) -> bool:
+        """Several ranks train together (the adapter joined the session to them): statistics are merged
+        across ranks at each check."""
+        return self.session.distributed
 
     @property
     def disabled(self) -> bool:
@@ -141,24 +145,6 @@ class TorchEngine:
         if isinstance(loss, Tensor) and not self.disabled:
             self.loss_seen = False
         self.record_loss(loss)
-
-    def agreed(self, any_rank: Callable[[bool], bool]) -> bool:
-        """DDP: before a check's collectives, the ranks agree whether the monitor is still on everywhere.
-
-        ``any_rank(flag)`` is a collective that is True when ``flag`` is True on any rank (Lightning's
-        ``strategy.reduce_boolean_decision(flag, all=False)``, or :meth:`any_rank`). A rank that switched
-        itself off (an internal error) still takes part in this one collective, so no rank waits forever in
-        a collective another skipped; then every rank switches off together. Call it on every rank, at the
-        steps where a check is due, counted even while switched off."""
-        if self._off_everywhere:
-            return False
-        if any_rank(self.session.disabled):
-            self._off_everywhere = True
-            if not self.session.disabled:
-                self.session.disable(RuntimeError("another rank's monitor hit an internal error; switched off on "
-                                                  "every rank so that the ranks' collectives stay matched"))
-            return False
-        return True
 
     def any_rank(self, flag: bool) -> bool:
         """A ``torch.distributed`` collective: True when ``flag`` is True on any rank (one all-reduce of one
@@ -226,7 +212,7 @@ class TorchEngine:
         self._skip(where, f"{where} is {why}")
         return False
 
-    def _reduce(self, fn: Callable[..., None], t: Tensor, where: str, **kwargs: Any) -> None:
+    def _reduce(self, fn: Callable[..., None], t: Optional[Tensor], where: str, **kwargs: Any) -> None:
         """``fn(t)``: one watched tensor into the reducer. An error reading it skips that tensor from
         now on (one info note); the rest stays watched."""
         try:
@@ -317,21 +303,7 @@ class TorchEngine:
         red = self.reducer
         red.next_row(checking=True)
         rows, counts, seen, losses = red.read()
-        snap = Snapshot.from_rows(rows, counts, step=self.step, first_step=self.session.interval_start,
-                                  epoch=self.session.epoch, loss_seen=seen, losses=losses)
-        self.session.interval_start = self.step + 1
-        return self._judge_during_exception(snap)
-
-    def _judge_during_exception(self, snap: Snapshot) -> list[Decision]:
-        """Judge ``snap`` while the run unwinds: the alerts are recorded and warned about, and no action
-        (halt, raise, bound) is taken."""
-        decisions = self.monitor.judge(snap)
-        for d in decisions:
-            d.alert.details["during_exception"] = True
-            if d.action in ("halt", "raise", "bound"):
-                d.action = d.alert.action = "warn"
-        self.monitor.publish(decisions)
-        return decisions
+        return self.session.check(rows, counts, seen, losses, act=False)
 
     def _explain_probe_crash(self) -> list[Decision]:
         """The first step raised inside a loss call (``CrossEntropyLoss`` refusing a label 4 of 4 classes,
@@ -353,9 +325,7 @@ class TorchEngine:
         yf = y.detach().float()
         rows[0, col["target.min"]], rows[0, col["target.max"]] = float(yf.min()), float(yf.max())
         rows[0, col["target.finite"]] = float(y.numel())
-        snap = Snapshot.from_rows(rows, {"target": y.numel()}, step=self.step, first_step=self.session.interval_start,
-                                  epoch=self.session.epoch, loss_seen=[False])
-        return self._judge_during_exception(snap)
+        return self.session.check(rows, {"target": y.numel()}, [False], act=False)
 
     def finish(self) -> None:
         self._stop_probe()
@@ -417,16 +387,17 @@ class TorchEngine:
         facts.grad_scaled = self.grad_scaled
         facts.loss_plain = r.loss_plain
         self.session.set_facts(facts)
-        if r.target is not None or self.distributed:
-            self._observe_probe_targets(r.target.detach() if r.target is not None else None)
+        target = r.target if r.target is not None and self._readable(r.target, "targets") else None
+        if target is not None or self.distributed:  # (with several ranks a collective: every rank calls it)
+            self._observe_probe_targets(target.detach() if target is not None else None)
         self._sync_plan()
         self._install_hooks()
         # statistics of this (probe) step come from the tensors the probe saw
         pre = r.pre if r.pre is not None and self._readable(r.pre, facts.pre_where or "pre-activation") else None
         pred = r.pred if r.pred is not None and self._readable(r.pred, facts.pred_where or "prediction") else None
         self._reduce(self._reduce_outputs, pre, facts.pre_where or "pre-activation", pred=pred)
-        if r.target is not None and self._target_path is None and self._readable(r.target, "targets"):
-            self._reduce(self.reducer.target, r.target, "targets")
+        if target is not None and self._target_path is None:
+            self._reduce(self.reducer.target, target, "targets")
 
     def _find_grad_params(self, r: ProbeResult) -> tuple[Optional[str], list[nn.Parameter]]:
         """The output layer whose gradients are watched: the module that produces the pre-activation (or

@@ -1,4 +1,12 @@
-"""``watch(model)``: boundguard for a plain PyTorch training loop."""
+"""``watch(model)``: boundguard for a plain PyTorch training loop, one process or several.
+
+Under ``torchrun`` (an initialised ``torch.distributed`` process group with more than one rank) the guard
+joins the ranks: statistics are merged across ranks at each check (none between checks), so every rank
+judges the same snapshot; ``guard.should_stop`` is decided by all ranks together at every check, so
+``if guard.should_stop: break`` stops every rank at the same step and no rank waits in a collective;
+rank 0 alone writes the files. A ``DistributedDataParallel`` model is watched through its ``module``, so
+module names are the user's (``fc``, not ``module.fc``).
+"""
 from __future__ import annotations
 
 from typing import Any
@@ -36,19 +44,23 @@ class Guard(SessionViews):
         self.engine = TorchEngine(Config.from_options(_entry, options))
         self._session = self.engine.session
         self.engine.explicit_batch = True
+        model = _unwrap(model)
         self._attach(model)
         self._pre = model.register_forward_pre_hook(MonitorHook(self._before_forward))
         self._closed = False
 
     def _attach(self, model: nn.Module) -> None:
-        """Start watching ``model``: where the files go and who writes them (a subclass for a launcher with
-        several processes, such as Fabric's, attaches with its default path and rank-0 writes)."""
-        self.engine.attach(model)
+        """Start watching ``model``: join the ranks of an initialised process group, where the files go and
+        who writes them (a subclass for a launcher, such as Fabric's, brings its own collective and path)."""
+        rank, world = _process_group()
+        self._session.join(self.engine.any_rank if world > 1 else None)
+        self.engine.attach(model, write=rank == 0)
 
     @property
     def should_stop(self) -> bool:
-        """True once an alert decided ``halt``: the loop should stop (``on_violation="halt"``)."""
-        return self._session.should_stop
+        """True once an alert decided ``halt``: the loop should stop (``on_violation="halt"``). With several
+        ranks it is decided by all of them together at each check: the same on every rank at every step."""
+        return self._session.halted
 
     @guarded
     def _before_forward(self, module: nn.Module, args: Any) -> None:
@@ -61,7 +73,14 @@ class Guard(SessionViews):
         """Record one training batch; at a check, judge and act. Returns the alerts raised at this call."""
         if self._closed:
             return []
-        return self._step(loss, inputs, targets) or []
+        s = self._session
+        alerts = (self._step(loss, inputs, targets) or []) if s.count_batch() else []
+        if s.settle_stop():
+            self._checked()
+        return alerts
+
+    def _checked(self) -> None:
+        """After a check, on every rank (a subclass logs the statistics)."""
 
     @guarded
     def _step(self, loss: Any, inputs: Any, targets: Any) -> list[Alert]:
@@ -100,8 +119,12 @@ class Guard(SessionViews):
             self.engine.release()
             self.engine.finish()
 
-    @guarded
     def _final_check(self) -> None:
+        if self._session.agreed():  # (with several ranks: every rank, the same step)
+            self._final_judge()
+
+    @guarded
+    def _final_judge(self) -> None:
         self.engine.final_check()
 
     def __enter__(self) -> "Guard":
@@ -111,9 +134,12 @@ class Guard(SessionViews):
         if exc_type is None:
             self.close()
             return
-        try:  # the loop raised: judge what it saw, but never replace the user's exception
+        # the loop raised: judge what it saw, but never replace the user's exception; with several ranks
+        # the others may not reach a collective, so judge locally only
+        final = not self._session.distributed
+        try:
             self._partial_step()
-            self._close(final=True)
+            self._close(final=final)
         except BoundGuardError:
             pass
 
@@ -125,3 +151,19 @@ class Guard(SessionViews):
 def watch(model: nn.Module, **options: Any) -> Guard:
     """Monitor a plain PyTorch training loop; same options as the callbacks. See :class:`Guard`."""
     return Guard(model, **options)
+
+
+def _process_group() -> tuple[int, int]:
+    """This process's rank and the world size of an initialised ``torch.distributed`` group ((0, 1) if none)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The user's module inside a ``DistributedDataParallel`` wrapper (its forward calls the module's)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    return model.module if isinstance(model, DistributedDataParallel) else model

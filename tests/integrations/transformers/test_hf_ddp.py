@@ -66,6 +66,9 @@ SCRIPT = textwrap.dedent('''
                    "nan_step": next((a.step for a in guard.alerts if a.code == "nonfinite_input"), None),
                    "target_n": snap.counts["target"] if snap else None,
                    "logged": sorted(h["step"] for h in trainer.state.log_history if "boundguard/alerts" in h)}, f)
+    if torch.distributed.is_initialized():  # leave the group before exit (else gloo may abort at shutdown)
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 ''')
 
 
