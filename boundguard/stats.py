@@ -59,6 +59,16 @@ class Stat:
         return "mean" if self.reduce == "step" else self.reduce
 
     @property
+    def sync_sharded(self) -> str:
+        """How processes combine this statistic when each holds a shard of the tensor (FSDP's sharded
+        gradients): a replicated statistic's parts add up (the squared norms of the shards sum to the
+        squared norm of the whole) and its finite flag holds only where every shard's does (``min``); the
+        others combine as :attr:`sync` says."""
+        if self.sync == "replicated":
+            return "min" if self.field == "finite" else "sum"
+        return self.sync
+
+    @property
     def dtype(self) -> str:
         """``count`` (an element count: exact integers, int64 across processes, never float32, which stops
         counting exactly at 2**24) or ``value`` (a float statistic)."""

@@ -199,10 +199,30 @@ class TorchEngine:
             return
         grads = []
         for p in params:
-            if (g := p.grad) is not None and self._readable(g, "gradients"):
-                grads.append(g)
+            g = p.grad
+            if g is None:
+                continue
+            if type(g) is not Tensor:  # a DTensor (FSDP2, tensor parallel), or another subclass
+                g = self._local_grad(g)
+                if g is None:
+                    continue
+            grads.append(g)
         if grads:
             self.reducer.grads(grads, complete=len(grads) == len(params))
+
+    def _local_grad(self, g: Tensor) -> Optional[Tensor]:
+        """A gradient that is a ``DTensor``: this process's shard (FSDP2 shards parameters: the shards'
+        squared norms are summed across ranks at the check, :attr:`Stat.sync_sharded`) or, replicated,
+        the whole; ``None`` (skipped with a note) when it cannot be read."""
+        placements = getattr(g, "placements", None)
+        if placements is not None and hasattr(g, "to_local"):
+            kinds = {type(p).__name__ for p in placements}
+            if kinds <= {"Shard", "Replicate"}:  # (a Partial gradient is not reduced yet: its norm is unknown)
+                if "Shard" in kinds and self.reducer is not None:
+                    self.reducer.grad_sharded = True
+                local = g.to_local()
+                return local if self._readable(local, "gradients") else None
+        return g if self._readable(g, "gradients") else None
 
     def _readable(self, t: Tensor, where: str) -> bool:
         """Whether the reducer can read ``t``; a tensor it cannot is skipped with one info note."""

@@ -156,23 +156,32 @@ class Probe:
         m = dict(self.model.named_modules()).get(name)
         return m is not None and any(True for _ in m.parameters(recurse=False))
 
+    def _has_child_params(self, name: str) -> bool:
+        m = dict(self.model.named_modules()).get(name)
+        return m is not None and any(True for c in m.children() for _ in c.parameters())
+
     def _walk_to_param_output(self, t: Tensor, max_depth: int = 12) -> tuple[Optional[tuple], list[_Call]]:
         """From ``t`` back along first tensor arguments to the output of a parametrised module."""
         chain: list[_Call] = []
         cur = t
+        outer: Optional[tuple[tuple, list[_Call]]] = None  # a container's own output, if nothing inside leads
         for _ in range(max_depth):
             site = self._site(cur)
-            if site is not None and self._has_params(site[0]):
-                return site, chain
             call = self.recorder.producer.get(id(cur))
+            if site is not None and self._has_params(site[0]):
+                # a module with parameters of its own *and* parametrised children (a model holding a
+                # positional embedding, say) whose output is an activation's: the layer is inside it
+                if not (call is not None and call.name in _ACT_OPS and self._has_child_params(site[0])):
+                    return site, chain
+                outer = outer or (site, list(chain))
             if call is None:
-                return None, chain
+                break
             nxt = call.tensor_arg(0)
             if nxt is None:
-                return None, chain
+                break
             chain.append(call)
             cur = nxt
-        return None, chain
+        return outer if outer is not None else (None, chain)
 
     def _fed_by_output(self, calls: list[_Call], key: Any) -> Optional[_Call]:
         """The first loss call whose input is (computed from) the model's output element ``key``."""
@@ -358,8 +367,11 @@ class Probe:
 
 
 def same_storage(a: Tensor, b: Tensor) -> bool:
+    """``a`` and ``b`` start at the same element of the same memory (another view of one tensor, such as
+    ``logits.view(-1, C)``); two slices of one storage at different offsets (``s[:, :-1]`` and ``s[:, 1:]``,
+    a forecaster's inputs and targets) are not the same."""
     try:
-        return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr() and a.device == b.device
+        return a.data_ptr() == b.data_ptr() and a.device == b.device
     except Exception:
         return False
 

@@ -103,9 +103,11 @@ class Reducer:
                       for i in range(block)]
         self.loss_cells = [self.rows[i, self.width] for i in range(block)]
         self.offs = offs
-        #: per cross-process op (min | max | sum), the columns it merges (derived from Stat.sync; see .sync)
-        self.sync_cols = {op: torch.tensor(sync.columns(self, op), dtype=torch.long, device=device)
-                          for op in ("min", "max", "sum")}
+        #: per cross-process op (min | max | sum), the columns it merges, derived from Stat.sync (see .sync);
+        #: keyed by whether the head's gradients are shards (FSDP) rather than replicated (DDP)
+        self.sync_cols = {sharded: {op: torch.tensor(sync.columns(self, op, sharded), dtype=torch.long, device=device)
+                                    for op in ("min", "max", "sum")} for sharded in (False, True)}
+        self.grad_sharded = False  #: the head's gradients are this process's shards (set by the adapter)
         self.one = torch.ones((), dtype=torch.int64, device=device)
         self._ones: dict[int, Tensor] = {}
         self.edges: dict[str, torch.Tensor] = {}

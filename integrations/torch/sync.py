@@ -17,34 +17,41 @@ if TYPE_CHECKING:
 __all__ = ["all_reduce", "SYNC"]
 
 _BY_NAME = {s.name: s for s in STATS}
-#: Per kind and row field, how processes combine it (see :attr:`boundguard.stats.Stat.sync`).
+#: Per kind and row field, how processes combine it (see :attr:`boundguard.stats.Stat.sync`), and how when
+#: the gradients are sharded across the processes (:attr:`boundguard.stats.Stat.sync_sharded`).
 SYNC = {k: {s.field: s.sync for s in STATS if s.kind == k} for k in KINDS}
+SYNC_SHARDED = {k: {s.field: s.sync_sharded for s in STATS if s.kind == k} for k in KINDS}
 #: The kinds whose element counts (``Reducer.counts``) are summed across processes (not replicated ones).
 _SUMMED_COUNTS = tuple(k for k in KINDS if all(s.sync != "replicated" for s in STATS if s.kind == k))
 
 
-def columns(red: "Reducer", op: str) -> list[int]:
-    """The block's columns whose statistic combines across processes by ``op``."""
-    return [red.offs[k] + j for k, fs in red.ROW.items() for j, f in enumerate(fs) if SYNC[k][f] == op]
+def columns(red: "Reducer", op: str, sharded: bool = False) -> list[int]:
+    """The block's columns whose statistic combines across processes by ``op`` (``sharded``: the head's
+    gradients are shards of one gradient, as under FSDP)."""
+    sync = SYNC_SHARDED if sharded else SYNC
+    return [red.offs[k] + j for k, fs in red.ROW.items() for j, f in enumerate(fs) if sync[k][f] == op]
 
 
 def all_reduce(red: "Reducer") -> None:
     """Merge every process's buffer of ``red`` in place, so every rank judges the same snapshot: min/max
     columns by MIN/MAX, sums and the per-step losses by SUM (losses then averaged: a NaN on any rank stays
-    NaN), element counts and bins as int64 (exact past 2**24), replicated columns untouched. Three
-    collectives per check (four with both min and max columns), none between checks."""
+    NaN), element counts and bins as int64 (exact past 2**24), replicated columns untouched (or, for
+    sharded gradients, their squared norms summed per step: exact for each step's row, an upper bound for
+    the largest step of blocks folded in intervals longer than ``Reducer.ROW_CAP`` steps). Four
+    collectives per check, none between checks."""
     import torch.distributed as dist
 
     red.flush()
     world = dist.get_world_size()
     block = red.block
+    by_op = red.sync_cols[red.grad_sharded]
     for op, reduce_op in (("min", dist.ReduceOp.MIN), ("max", dist.ReduceOp.MAX)):
-        cols = red.sync_cols[op]
+        cols = by_op[op]
         if cols.numel():
             t = block.index_select(1, cols)
             dist.all_reduce(t, op=reduce_op)
             block.index_copy_(1, cols, t)
-    cols = red.sync_cols["sum"]
+    cols = by_op["sum"]
     sums = block.index_select(1, cols)
     step_losses = block[:, red.width]
     packed = torch.cat([sums.reshape(-1), red.losses, step_losses])

@@ -2,13 +2,7 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
 import textwrap
-import time
 
 import pytest
 
@@ -74,41 +68,10 @@ SCRIPT = textwrap.dedent('''
 ''')
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _launch(script, out, timeout: float) -> list[subprocess.CompletedProcess]:
-    """Start both ranks at once (``LOCAL_RANK`` set: ``fabric.launch()`` then joins instead of spawning, and
-    the two imports overlap), each in its own process group; past the deadline kill both and fail."""
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(_free_port()), "WORLD_SIZE": "2", "NODE_RANK": "0"}
-    procs = [subprocess.Popen([sys.executable, str(script), str(out)], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, cwd=out, start_new_session=True,
-                              env={**env, "LOCAL_RANK": str(r)}) for r in (0, 1)]
-    deadline = time.monotonic() + timeout
-    done = []
-    try:
-        for p in procs:
-            stdout, stderr = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
-            done.append(subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr))
-    except subprocess.TimeoutExpired:
-        tails = []
-        for p in procs:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGKILL)
-            tails.append((p.communicate()[1] or "")[-1500:])
-        pytest.fail(f"the 2-process Fabric run did not finish within {timeout:.0f} s (a hang?):\n" + "\n".join(tails))
-    return done
-
-
-def test_fabric_ddp_fault_on_one_rank(tmp_path):
+def test_fabric_ddp_fault_on_one_rank(tmp_path, two_ranks):
     script = tmp_path / "fabric_ddp.py"
     script.write_text(SCRIPT)
-    for rank, proc in enumerate(_launch(script, tmp_path, timeout=200)):
-        assert proc.returncode == 0, f"rank {rank}: {proc.stderr[-3000:]}"
+    two_ranks(script, tmp_path, timeout=200)  # (LOCAL_RANK set: fabric.launch() joins instead of spawning)
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
 
     # NaN inputs on rank 1 at step 6: both ranks see them at the check of step 8 and stop there, with

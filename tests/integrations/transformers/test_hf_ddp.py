@@ -3,13 +3,7 @@ them, with a deadline; NaN labels on one rank only."""
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
 import textwrap
-import time
 
 import pytest
 
@@ -72,32 +66,10 @@ SCRIPT = textwrap.dedent('''
 ''')
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_trainer_ddp_ranks_stop_together(tmp_path):
+def test_trainer_ddp_ranks_stop_together(tmp_path, two_ranks):
     script = tmp_path / "hf_ddp.py"
     script.write_text(SCRIPT)
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(_free_port()), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}
-    procs = [subprocess.Popen([sys.executable, str(script), str(tmp_path)], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, cwd=tmp_path, start_new_session=True,
-                              env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in (0, 1)]
-    deadline, errs = time.monotonic() + 200, []
-    try:
-        for p in procs:
-            errs.append(p.communicate(timeout=max(1.0, deadline - time.monotonic()))[1])
-    except subprocess.TimeoutExpired:
-        for p in procs:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGKILL)
-        pytest.fail("the 2-process Trainer run did not finish within 200 s (a hang?):\n"
-                    + "\n".join((p.communicate()[1] or "")[-1500:] for p in procs))
-    for r, (p, err) in enumerate(zip(procs, errs)):
-        assert p.returncode == 0, f"rank {r}: {err[-3000:]}"
+    two_ranks(script, tmp_path, timeout=200)
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     assert r0["world"] == r1["world"] == 2
     # rank 1's NaN of step 2 is seen by both ranks at the check of step 3, where both stop

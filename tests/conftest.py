@@ -1,0 +1,51 @@
+"""Fixtures every test folder may use."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def two_ranks() -> Callable[..., list[subprocess.CompletedProcess]]:
+    """``two_ranks(script, out, timeout)``: run ``script out`` as 2 ranks of one gloo job, started as
+    ``torchrun`` starts them (``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``/``PORT``), each in its
+    own session; past the deadline both are killed by process group and the test fails with their stderr
+    tails (never a hung rank left behind)."""
+
+    def launch(script: Path, out: Path, timeout: float) -> list[subprocess.CompletedProcess]:
+        env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": str(_free_port()), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "NODE_RANK": "0"}
+        procs = [subprocess.Popen([sys.executable, str(script), str(out)], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True, cwd=out, start_new_session=True,
+                                  env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in (0, 1)]
+        deadline, done = time.monotonic() + timeout, []
+        try:
+            for p in procs:
+                stdout, stderr = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
+                done.append(subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr))
+        except subprocess.TimeoutExpired:
+            tails = []
+            for p in procs:
+                if p.poll() is None:
+                    os.killpg(p.pid, signal.SIGKILL)
+                tails.append((p.communicate()[1] or "")[-1500:])
+            pytest.fail(f"the 2-rank run did not finish within {timeout:.0f} s (a hang?):\n" + "\n".join(tails))
+        for rank, proc in enumerate(done):
+            assert proc.returncode == 0, f"rank {rank}: {proc.stderr[-3000:]}"
+        return done
+
+    return launch
