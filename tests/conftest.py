@@ -49,3 +49,24 @@ def two_ranks() -> Callable[..., list[subprocess.CompletedProcess]]:
         return done
 
     return launch
+
+
+@pytest.fixture
+def launched() -> Callable[..., subprocess.CompletedProcess]:
+    """``launched(script, out, timeout, *args, check=True)``: run ``script out *args`` as one process that starts its own ranks
+    (Lightning's launcher), in a new session: past the deadline the whole session is killed, every rank
+    with it, and the test fails with its stderr tail."""
+
+    def launch(script: Path, out: Path, timeout: float, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+        p = subprocess.Popen([sys.executable, str(script), str(out), *args], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, cwd=out, start_new_session=True, env=env)
+        try:
+            stdout, stderr = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            pytest.fail(f"the launch did not finish within {timeout:.0f} s (a hang?):\n{(p.communicate()[1] or '')[-3000:]}")
+        assert p.returncode == 0 or not check, stderr[-3000:]
+        return subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr)
+
+    return launch

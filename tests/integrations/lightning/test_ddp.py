@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import textwrap
 
 SCRIPT = textwrap.dedent('''
@@ -52,12 +50,10 @@ SCRIPT = textwrap.dedent('''
 ''')
 
 
-def test_ddp_two_ranks_halt_together(tmp_path):
+def test_ddp_two_ranks_halt_together(tmp_path, launched):
     script = tmp_path / "ddp_run.py"
     script.write_text(SCRIPT)
-    proc = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True,
-                          timeout=240, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    launched(script, tmp_path, 240)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     # the NaN sits in one rank's batch only; both ranks see it at the same check and stop there
     assert ranks[0]["step"] == ranks[1]["step"] == ranks[0]["nan_step"] == ranks[1]["nan_step"], ranks

@@ -3,11 +3,8 @@ itself off on one rank never hangs the other, and ``bounds="auto"`` is inferred 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import textwrap
 
-import pytest
 
 SCRIPT = textwrap.dedent('''
     import json, os, sys, warnings
@@ -62,42 +59,33 @@ SCRIPT = textwrap.dedent('''
 ''')
 
 
-def _run(tmp_path, case):
+def _run(tmp_path, launched, case):
     script = tmp_path / "ddp_faults.py"
     script.write_text(SCRIPT)
-    try:
-        proc = subprocess.run([sys.executable, str(script), str(tmp_path), case], capture_output=True, text=True,
-                              timeout=180, cwd=tmp_path)
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"DDP run '{case}' hung (no exit within 180 s)")
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    launched(script, tmp_path, 180, case)
     return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
 
 
-def test_monitor_off_on_one_rank_switches_off_everywhere_without_a_hang(tmp_path):
-    ranks = _run(tmp_path, "internal")
+def test_monitor_off_on_one_rank_switches_off_everywhere_without_a_hang(tmp_path, launched):
+    ranks = _run(tmp_path, launched, "internal")
     assert [r["step"] for r in ranks] == [22, 22], ranks  # training finished on both ranks
     assert [r["disabled"] for r in ranks] == [True, True], ranks
 
 
-def test_auto_bounds_are_inferred_from_every_ranks_targets(tmp_path):
-    ranks = _run(tmp_path, "auto")
+def test_auto_bounds_are_inferred_from_every_ranks_targets(tmp_path, launched):
+    ranks = _run(tmp_path, launched, "auto")
     assert ranks[0]["bounds"] == ranks[1]["bounds"] is None, ranks
     assert ranks[0]["codes"] == ranks[1]["codes"], ranks
     assert "nonfinite_output" not in ranks[0]["codes"]
 
 
-def test_training_step_raising_on_one_rank_ends_both_with_python_errors(tmp_path):
+def test_training_step_raising_on_one_rank_ends_both_with_python_errors(tmp_path, launched):
     """The user's ``training_step`` raises on rank 1 only: the partial check of ``on_exception`` runs no
     collective, so rank 1 reports the user's error and rank 0 a gloo connection error (a Python exception,
     not a SIGABRT from mismatched collectives), well within the deadline; the alerts file stays readable."""
     script = tmp_path / "ddp_faults.py"
     script.write_text(SCRIPT)
-    try:
-        proc = subprocess.run([sys.executable, str(script), str(tmp_path), "raise"], capture_output=True, text=True,
-                              timeout=180, cwd=tmp_path)
-    except subprocess.TimeoutExpired:
-        pytest.fail("DDP run 'raise' hung (no exit within 180 s)")
+    proc = launched(script, tmp_path, 180, "raise", check=False)
     assert proc.returncode > 0, (proc.returncode, proc.stderr[-2000:])  # an exit status, not a signal
     assert "RuntimeError: user error on rank 1" in proc.stderr
     assert "mismatch" not in proc.stderr.lower() and "SIGABRT" not in proc.stderr
