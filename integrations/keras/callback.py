@@ -323,6 +323,8 @@ class BoundGuard(SessionViews, keras.callbacks.Callback):
     def _write_row(self, x: Any, y: Any, y_pred: Any, loss: Any, stash: dict) -> None:
         head, buf = self._head, self._buf
         tensors, probe = pick(head, stash, x, y, y_pred, loss, self._trace, self._logits, *self._out)
+        # read through copies where reading the originals would change how the step compiles (TensorFlow)
+        tensors.pred, tensors.pre, probe = buf.unshared(tensors.pred, tensors.pre, probe)
         # statistics that cannot be non-neutral for this model are not computed (decided at trace time;
         # a bound insertion retraces the step)
         act = (self._session.facts.activation if self._facts_ready else self._act[0]) if head.static else None

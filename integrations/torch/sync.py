@@ -12,27 +12,15 @@ import torch
 from boundguard.stats import KINDS, STATS
 
 if TYPE_CHECKING:
-    from boundguard.integrations.torch.reducer import Reducer
+    from boundguard.integrations.torch.layout import Buffer
 
-__all__ = ["all_reduce", "SYNC"]
+__all__ = ["all_reduce"]
 
-_BY_NAME = {s.name: s for s in STATS}
-#: Per kind and row field, how processes combine it (see :attr:`boundguard.stats.Stat.sync`), and how when
-#: the gradients are sharded across the processes (:attr:`boundguard.stats.Stat.sync_sharded`).
-SYNC = {k: {s.field: s.sync for s in STATS if s.kind == k} for k in KINDS}
-SYNC_SHARDED = {k: {s.field: s.sync_sharded for s in STATS if s.kind == k} for k in KINDS}
-#: The kinds whose element counts (``Reducer.counts``) are summed across processes (not replicated ones).
+#: The kinds whose element counts (``Buffer.counts``) are summed across processes (not replicated ones).
 _SUMMED_COUNTS = tuple(k for k in KINDS if all(s.sync != "replicated" for s in STATS if s.kind == k))
 
 
-def columns(red: "Reducer", op: str, sharded: bool = False) -> list[int]:
-    """The block's columns whose statistic combines across processes by ``op`` (``sharded``: the head's
-    gradients are shards of one gradient, as under FSDP)."""
-    sync = SYNC_SHARDED if sharded else SYNC
-    return [red.offs[k] + j for k, fs in red.ROW.items() for j, f in enumerate(fs) if sync[k][f] == op]
-
-
-def all_reduce(red: "Reducer") -> None:
+def all_reduce(red: "Buffer") -> None:
     """Merge every process's buffer of ``red`` in place, so every rank judges the same snapshot: min/max
     columns by MIN/MAX, sums and the per-step losses by SUM (losses then averaged: a NaN on any rank stays
     NaN), element counts and bins as int64 (exact past 2**24), replicated columns untouched (or, for
@@ -41,7 +29,6 @@ def all_reduce(red: "Reducer") -> None:
     collectives per check, none between checks."""
     import torch.distributed as dist
 
-    red.flush()
     world = dist.get_world_size()
     block = red.block
     by_op = red.sync_cols[red.grad_sharded]
