@@ -231,6 +231,12 @@ class BoundGuard(SessionViews, keras.callbacks.Callback):
         self._trace.watched_output = repr(self._out[1]) if self._out[1] is not None else f"output {index}"
         self._setup_buffer(model)
         self._buf.attach(model)  # JAX: the stateless step carries the buffer as model state
+        replicas = _replicas(model)
+        if replicas > 1:
+            self._session.note("replicas", f"tf.distribute runs {replicas} replicas of the model in this process; "
+                               "boundguard watches one replica's share of each batch (the loss Keras reports is "
+                               "every replica's).", "Nothing to change. (keras.distribution.DataParallel on JAX "
+                               "is watched across all its devices.)")
         layers = [head.owner] if head.owner is not None else []
         if not head.static:
             layers = [layer for layer in flat_layers(model) if activation_attr(layer) is not None]
@@ -409,3 +415,12 @@ class EpochStats:
                           {k: sum(sn.counts.get(k, 0) for sn in snaps) for k in KINDS},
                           np.concatenate([sn.losses for sn in snaps]), np.concatenate([sn.loss_steps for sn in snaps]))
         return merged.metrics()
+
+
+def _replicas(model: Any) -> int:
+    """How many replicas a ``tf.distribute`` strategy (MirroredStrategy) runs of ``model`` in this process."""
+    strategy = getattr(model, "distribute_strategy", None) if keras.backend.backend() == "tensorflow" else None
+    try:
+        return int(getattr(strategy, "num_replicas_in_sync", 1) or 1)
+    except (TypeError, ValueError):
+        return 1
