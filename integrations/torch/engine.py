@@ -23,11 +23,12 @@ from torch import Tensor, nn
 from boundguard.alerts import Alert
 from boundguard.config import Config
 from boundguard.integrations.torch.bounding import BoundHook, activation_fn, apply_bounds
+from boundguard.integrations.torch.facts import grad_params, locate_batch
 from boundguard.integrations.torch.hooks import MonitorHook, training_forward, unreadable
 from boundguard.integrations.torch.paths import (
-    INPUT, INPUT_KEYS, TARGET_KEYS, describe_path, flatten, get_path, guess,
+    INPUT, describe_path, flatten, get_path,
 )
-from boundguard.integrations.torch.probe import Probe, ProbeResult, same_storage
+from boundguard.integrations.torch.probe import Probe, ProbeResult
 from boundguard.integrations.torch.reducer import Reducer
 from boundguard.model_facts import ModelFacts, classify_loss
 from boundguard.monitor import Decision, Monitor
@@ -403,7 +404,7 @@ class TorchEngine:
         if r.pred is not None and r.pred.dim() >= 2:
             facts.classes = int(r.pred.shape[1 if facts.loss and facts.loss.multiclass else -1])
         self._locate_batch_tensors(r, facts)
-        facts.grad_where, self._grad_params = self._find_grad_params(r)
+        facts.grad_where, self._grad_params = grad_params(self.model, r)
         facts.grad_scaled = self.grad_scaled
         facts.loss_plain = r.loss_plain
         self.session.set_facts(facts)
@@ -418,23 +419,6 @@ class TorchEngine:
         self._reduce(self._reduce_outputs, pre, facts.pre_where or "pre-activation", pred=pred)
         if target is not None and self._target_path is None:
             self._reduce(self.reducer.target, target, "targets")
-
-    def _find_grad_params(self, r: ProbeResult) -> tuple[Optional[str], list[nn.Parameter]]:
-        """The output layer whose gradients are watched: the module that produces the pre-activation (or
-        the prediction), or, when that module has no parameters of its own (an ``nn.Sigmoid``), the last
-        module before it (in ``named_modules`` order) that has."""
-        site = r.pre_site or r.pred_site
-        if site is None or self.model is None:
-            return None, []
-        modules = list(self.model.named_modules())
-        names = [n for n, _ in modules]
-        if site[0] not in names:
-            return None, []
-        for name, m in reversed(modules[: names.index(site[0]) + 1]):
-            params = [p for p in m.parameters(recurse=False) if p.requires_grad]
-            if params:
-                return (name or type(m).__name__), params
-        return None, []
 
     def _observe_probe_targets(self, t: Optional[Tensor]) -> None:
         """The first step's targets decide ``"auto"`` bounds (and so the bins every rank counts with): under
@@ -458,60 +442,10 @@ class TorchEngine:
             self.session.observe_targets(lo, hi, onehot=onehot > 0)
 
     def _locate_batch_tensors(self, r: ProbeResult, facts: ModelFacts) -> None:
-        batch, cfg = self.batch, self.config
-        tensors = list(flatten(batch)) if batch is not None else []
-        self._target_path = self._find_target(r, tensors)
-        self._input_path = self._find_input(r, tensors)
-        step = self.step + 1
-        if self._target_path is not None:
-            facts.target_where = describe_path("batch", self._target_path)
-            if batch is not None and get_path(batch, self._target_path) is None:
-                self.session.note("targets", f"target_key={cfg.target_key!r} is not in the batch.",
-                                  "Pass target_key= naming the batch entry (index or dict key) of the targets.",
-                                  step=step)
-                self._target_path = None
-        elif r.target is None and not self.explicit_batch:
-            self.session.note("targets", "the targets could not be located in the batch, so target checks and "
-                              "bounds inference are off.",
-                              "Pass target_key= (batch index or dict key) or bounds= explicitly.", step=step)
-        if r.target is not None:
-            facts.target_integer = not r.target.is_floating_point()
-        elif self._target_path is not None and batch is not None:
-            y = get_path(batch, self._target_path)
-            facts.target_integer = y is not None and not y.is_floating_point()
-        if self._input_path is not None and batch is not None:
-            x = get_path(batch, self._input_path)
-            if x is None:
-                self._input_path = None
-            else:
-                facts.input_where = describe_path("batch", self._input_path)
-                facts.input_integer = not x.is_floating_point()
-        if self._input_path is None and batch is not None and not self.explicit_batch:
-            self.session.note("inputs", "the inputs could not be located in the batch, so input checks are off.",
-                              "Pass input_key= (batch index or dict key).", step=step)
-
-    def _find_target(self, r: ProbeResult, tensors: list[tuple[tuple, Tensor]]) -> Optional[tuple]:
-        if self.config.target_key is not None:
-            return (self.config.target_key,)
-        if r.target is None:
-            return guess(tensors, TARGET_KEYS, position=1)
-        for path, t in tensors:
-            if t is r.target or (t.numel() == r.target.numel() and t.numel() > 0 and same_storage(t, r.target)):
-                return path
-        for path, t in tensors:
-            if t.numel() == r.target.numel() and t.numel() > 0 and torch.equal(
-                    t.detach().reshape(-1).float(), r.target.detach().reshape(-1).float()):
-                return path
-        return None
-
-    def _find_input(self, r: ProbeResult, tensors: list[tuple[tuple, Tensor]]) -> Optional[tuple]:
-        if self.config.input_key is not None:
-            return (self.config.input_key,)
-        root = [t for _, t in flatten(r.root_inputs)] if r.root_inputs else []
-        for path, t in tensors:
-            if any(t is u for u in root):
-                return path
-        return guess([(p, t) for p, t in tensors if p != self._target_path], INPUT_KEYS, 0)
+        self._target_path, self._input_path, notes = locate_batch(self.batch, r, self.config, facts,
+                                                                  self.explicit_batch)
+        for key, message, fix in notes:
+            self.session.note(key, message, fix, step=self.step + 1)
 
     def _sync_plan(self) -> None:
         """Count against the bounds and activation in force (they change when bounds are inferred or a
