@@ -64,6 +64,7 @@ class TorchEngine:
         self._plan: Optional[CountingPlan] = None
         self._grad_params: list[nn.Parameter] = []  # the output layer's (see record_grads)
         self._unread: set[str] = set()  # the watched tensors that could not be reduced (see _skip)
+        self._grads_seen = self._grads_missed = False  # record_grads found the head's gradients / none
         #: a loss scaler (fp16 GradScaler) may overflow a step's gradients on purpose (set by the adapter)
         self.grad_scaled = False
 
@@ -210,6 +211,9 @@ class TorchEngine:
             grads.append(g)
         if grads:
             self.reducer.grads(grads, complete=len(grads) == len(params))
+            self._grads_seen = True
+        else:
+            self._grads_missed = True
 
     def _local_grad(self, g: Tensor) -> Optional[Tensor]:
         """A gradient that is a ``DTensor``: this process's shard (FSDP2 shards parameters: the shards'
@@ -292,6 +296,12 @@ class TorchEngine:
             snap = self.session.last_snapshot
             if snap is not None and not red.trip_armed and not snap.has_nonfinite():
                 red.trip_armed = True
+        if self._grads_missed and not self._grads_seen:
+            where = self.session.facts.grad_where or "the output layer"
+            self.session.note("gradients", f"the gradients of {where} were empty whenever boundguard read them "
+                              "(param.grad is None), so gradient checks are off.",
+                              "In a plain loop call guard.step() before optimizer.zero_grad(). (DeepSpeed ZeRO keeps "
+                              "gradients in its own partitions: they are not watched there.)")
         if len(self.session.records) != self._hooked_bounds:
             self._install_hooks()  # a bound was inserted: watch the bounded output
         self._sync_plan()

@@ -121,3 +121,27 @@ def test_a_model_whose_loss_converges_to_zero_is_not_vanishing(tmp_path):
         guard.close()
     assert float(loss) < 1e-6
     assert not grad_codes(guard), guard.alerts
+
+
+@pytest.mark.parametrize("order", ["step_then_zero_grad", "zero_grad_then_step"])
+def test_gradients_never_there_are_said_once(tmp_path, order):
+    """``guard.step()`` after ``optimizer.zero_grad()`` (or DeepSpeed ZeRO, which leaves ``param.grad``
+    empty) sees no gradient: one info note says gradient checks are off; the right order says nothing."""
+    torch.manual_seed(0)
+    model = Net("sigmoid")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with watch(model, alerts_path=tmp_path / "a.jsonl", check_every_n_steps=2) as guard:
+        for _ in range(5):
+            x, y = torch.randn(8, 4), torch.rand(8, 1)
+            loss = F.binary_cross_entropy(model(x), y)
+            loss.backward()
+            opt.step()
+            if order == "zero_grad_then_step":
+                opt.zero_grad()
+            guard.step(loss=loss, inputs=x, targets=y)
+            opt.zero_grad()
+    notes = [a for a in guard.alerts if a.code == "probe_incomplete" and "gradient" in a.message]
+    if order == "step_then_zero_grad":
+        assert notes == [] and guard.engine.last_snapshot.counts["grad"] == 1
+    else:
+        assert len(notes) == 1 and "fc" in notes[0].message and "zero_grad" in notes[0].fix, guard.alerts
