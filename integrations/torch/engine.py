@@ -24,7 +24,9 @@ from boundguard.alerts import Alert
 from boundguard.config import Config
 from boundguard.integrations.torch.bounding import BoundHook, activation_fn, apply_bounds
 from boundguard.integrations.torch.facts import grad_params, locate_batch
-from boundguard.integrations.torch.hooks import MonitorHook, training_forward, unreadable
+from boundguard.integrations.torch.hooks import (
+    _PLAIN, _STRIDED, READABLE_DTYPES, InertOnCopy, unreadable,
+)
 from boundguard.integrations.torch.paths import (
     INPUT, describe_path, flatten, get_path,
 )
@@ -182,15 +184,21 @@ class TorchEngine:
         tp, ip = self._target_path, self._input_path
         y = targets if targets is not None else (get_path(batch, tp) if tp is not None else None)
         x = inputs if inputs is not None else (get_path(batch, ip) if ip is not None else None)
-        if isinstance(y, Tensor) and self._readable(y, "targets"):
-            self._reduce(red.target, y, "targets")
-        if isinstance(x, Tensor):
-            if x.is_floating_point() and self._readable(x, "inputs"):
-                self._reduce(red.input, x, "inputs")
-        elif x is not None:  # a list/tuple/dict of input tensors
-            for path, t in flatten(x):
-                if t.is_floating_point() and self._readable(t, w := describe_path("inputs", path)):
-                    self._reduce(red.input, t, w)
+        where = "targets"
+        try:
+            if isinstance(y, Tensor) and self._readable(y, where):
+                red.target(y)
+            if isinstance(x, Tensor):
+                where = "inputs"
+                if x.is_floating_point() and self._readable(x, where):
+                    red.input(x)
+            elif x is not None:  # a list/tuple/dict of input tensors
+                for path, t in flatten(x):
+                    where = describe_path("inputs", path)
+                    if t.is_floating_point() and self._readable(t, where):
+                        red.input(t)
+        except Exception as err:  # this tensor is skipped from now on; the rest stays watched
+            self._failed(where, err)
 
     def record_grads(self) -> None:
         """The gradients of the output layer's parameters, reduced on the device (after ``backward``,
@@ -231,6 +239,8 @@ class TorchEngine:
 
     def _readable(self, t: Tensor, where: str) -> bool:
         """Whether the reducer can read ``t``; a tensor it cannot is skipped with one info note."""
+        if t.layout is _STRIDED and t.dtype in READABLE_DTYPES and type(t) in _PLAIN and not (t.is_nested or t.is_meta):
+            return where not in self._unread  # (the usual case: a few attribute reads)
         why = unreadable(t)
         if why is None:
             return where not in self._unread
@@ -238,14 +248,18 @@ class TorchEngine:
         return False
 
     def _reduce(self, fn: Callable[..., None], t: Optional[Tensor], where: str, **kwargs: Any) -> None:
-        """``fn(t)``: one watched tensor into the reducer. An error reading it skips that tensor from
-        now on (one info note); the rest stays watched."""
+        """``fn(t)``: one watched tensor into the reducer; an error reading it skips it (:meth:`_failed`)."""
         try:
             fn(t, **kwargs)
         except Exception as err:
-            if self.config.strict:
-                raise
-            self._skip(where, f"{where} could not be reduced ({type(err).__name__}: {err})")
+            self._failed(where, err)
+
+    def _failed(self, where: str, err: Exception) -> None:
+        """Reducing the tensor ``where`` raised: it is skipped from now on (one info note); the rest stays
+        watched (``strict=True`` re-raises)."""
+        if self.config.strict:
+            raise err
+        self._skip(where, f"{where} could not be reduced ({type(err).__name__}: {err})")
 
     def _skip(self, where: str, why: str) -> None:
         if where in self._unread:
@@ -490,36 +504,10 @@ class TorchEngine:
             self.reducer.shared = same
         if pre_site is not None and pre_site[0] in modules:
             self._hooks.append(modules[pre_site[0]].register_forward_hook(
-                MonitorHook(self._stats_hook(pre_site[1], "pre+pred" if same else "pre", _where(pre_site))),
-                prepend=True))
+                _StatsHook(self, pre_site[1], "pre+pred" if same else "pre", _where(pre_site)), prepend=True))
         if pred_site is not None and not same and pred_site[0] in modules:
             self._hooks.append(modules[pred_site[0]].register_forward_hook(
-                MonitorHook(self._stats_hook(pred_site[1], "pred", _where(pred_site)))))
-
-    def _stats_hook(self, path: tuple, what: str, where: str) -> Callable:
-        whole, from_input = not path, path[:1] == (INPUT,)
-
-        @_eager
-        def hook(module: nn.Module, args: Any, output: Any) -> None:
-            red = self.reducer
-            if not self.armed or red is None or not training_forward(module):  # (a monitor switched off
-                return None  # has removed its hooks; an evaluation forward is not a training statistic)
-            try:
-                t = output if whole else ((args[0] if args else None) if from_input else get_path(output, path))
-                if not isinstance(t, Tensor) or not self._readable(t, where):
-                    return None
-                if what == "pre+pred":  # identity head: one tensor is both
-                    self._reduce(red.pre, t, where, also_pred=True)
-                elif what == "pred":
-                    self._reduce(red.pred, t, where)
-                else:
-                    self._reduce(self._reduce_outputs, t, where, pred=None)
-            except Exception as e:  # never break the user's forward pass
-                if self.config.strict:
-                    raise
-                self.session.disable(e)
-            return None
-        return hook
+                _StatsHook(self, pred_site[1], "pred", _where(pred_site))))
 
     def _reduce_outputs(self, pre: Optional[Tensor], pred: Optional[Tensor]) -> None:
         red = self.reducer
@@ -551,6 +539,40 @@ class TorchEngine:
         return placed
 
 
+class _StatsHook(InertOnCopy):
+    """The forward hook that reduces the watched output of a module (a copy of the model gets an inert
+    hook instead: :class:`~.hooks.InertOnCopy`). ``what``: ``pre``, ``pred`` or ``pre+pred`` (an identity
+    head: one tensor is both)."""
+
+    __slots__ = ("engine", "path", "what", "where", "whole", "from_input")
+
+    def __init__(self, engine: TorchEngine, path: tuple, what: str, where: str) -> None:
+        self.engine, self.path, self.what, self.where = engine, path, what, where
+        self.whole, self.from_input = not path, path[:1] == (INPUT,)
+
+
+
+def _reduce_output(h: _StatsHook, module: nn.Module, args: Any, output: Any) -> None:
+    """:class:`_StatsHook`'s call (run eagerly under torch.compile: see :func:`_eager`)."""
+    e = h.engine
+    red = e.reducer
+    # (a monitor switched off has removed its hooks; an evaluation forward is not a training statistic)
+    if not e.armed or red is None or not (module.training and torch.is_grad_enabled()):
+        return
+    try:
+        t = output if h.whole else ((args[0] if args else None) if h.from_input else get_path(output, h.path))
+        if not isinstance(t, Tensor) or not e._readable(t, h.where):
+            return
+        if h.what == "pre+pred":  # identity head: one tensor is both
+            red.pre(t, also_pred=True)
+        elif h.what == "pred":
+            red.pred(t)
+        else:
+            e._reduce_outputs(t, None)
+    except Exception as err:  # never break the user's forward pass: this tensor is skipped from now on
+        e._failed(h.where, err)
+
+
 #: Losses that take class indices as targets (the first step's crash in one of them is explained).
 _CLASS_INDEX_LOSSES = frozenset({"cross_entropy", "nll_loss"})
 
@@ -562,6 +584,9 @@ def _eager(fn: Callable) -> Callable:
         return torch._dynamo.disable(fn, recursive=True)
     except Exception:  # pragma: no cover - torch without dynamo
         return fn
+
+
+_StatsHook.__call__ = _eager(_reduce_output)  # type: ignore[method-assign]  # (one frame: the hook itself)
 
 
 def _where(site: tuple[str, tuple]) -> str:

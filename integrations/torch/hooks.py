@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import torch
 
-__all__ = ["INERT", "MonitorHook", "training_forward"]
+__all__ = ["INERT", "InertOnCopy", "MonitorHook", "READABLE_DTYPES", "training_forward", "unreadable"]
 
 
 class _Inert:
@@ -42,8 +42,21 @@ def _inert() -> _Inert:
     return INERT
 
 
-class MonitorHook:
-    """A monitoring hook on a user's module: calls ``fn``; copied or pickled, it is :data:`INERT`."""
+class InertOnCopy:
+    """Base of boundguard's hooks on a user's modules: copied (``copy.deepcopy``) or pickled, one is
+    :data:`INERT`."""
+
+    __slots__ = ()
+
+    def __reduce__(self) -> tuple[Callable[[], _Inert], tuple]:
+        return _inert, ()
+
+    def __deepcopy__(self, memo: dict) -> _Inert:
+        return INERT
+
+
+class MonitorHook(InertOnCopy):
+    """A monitoring hook on a user's module that calls ``fn``; copied or pickled, it is :data:`INERT`."""
 
     __slots__ = ("fn",)
 
@@ -52,12 +65,6 @@ class MonitorHook:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.fn(*args, **kwargs)
-
-    def __reduce__(self) -> tuple[Callable[[], _Inert], tuple]:
-        return _inert, ()
-
-    def __deepcopy__(self, memo: dict) -> _Inert:
-        return INERT
 
     def __repr__(self) -> str:
         return f"<boundguard hook {getattr(self.fn, '__qualname__', self.fn)!r}>"
@@ -72,7 +79,7 @@ def training_forward(module: torch.nn.Module) -> bool:
 
 _STRIDED = torch.strided
 #: The dtypes the reducer reads (copied to float32); others (complex, quantised, float8, uint16..64) are not.
-_READABLE_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.uint8, torch.int8,
+READABLE_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.uint8, torch.int8,
                               torch.int16, torch.int32, torch.int64, torch.bool})
 _PLAIN = frozenset({torch.Tensor, torch.nn.Parameter})
 #: Tensor subclasses whose values are not in local memory (a fake or functional tensor of a trace; a
@@ -83,7 +90,7 @@ _NOT_LOCAL = ("FakeTensor", "FunctionalTensor", "DTensor")
 def unreadable(t: torch.Tensor) -> str | None:
     """Why the reducer cannot read ``t`` (a sparse, nested, quantised, meta or fake tensor, an unusual
     dtype), in words; None when it can (the common case costs a few attribute reads)."""
-    if t.layout is _STRIDED and t.dtype in _READABLE_DTYPES and type(t) in _PLAIN and not (t.is_nested or t.is_meta):
+    if t.layout is _STRIDED and t.dtype in READABLE_DTYPES and type(t) in _PLAIN and not (t.is_nested or t.is_meta):
         return None
     if t.layout is not _STRIDED:
         return f"a {str(t.layout).replace('torch.', '')} tensor"
@@ -91,7 +98,7 @@ def unreadable(t: torch.Tensor) -> str | None:
         return "a nested tensor"
     if t.is_meta:
         return "a meta tensor (no values)"
-    if t.dtype not in _READABLE_DTYPES:
+    if t.dtype not in READABLE_DTYPES:
         return f"a {str(t.dtype).replace('torch.', '')} tensor"
     names = {c.__name__ for c in type(t).__mro__}
     hit = next((n for n in _NOT_LOCAL if n in names), None)

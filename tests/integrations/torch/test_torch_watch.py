@@ -62,11 +62,11 @@ def train(model, loss_fn, data, steps=4, guard=None, lr=0.05, seed=0):
         loss = loss_fn(model(x), y)
         loss.backward()
         opt.step()
-        opt.zero_grad()
         if guard is not None:
-            guard.step(loss=loss, inputs=x, targets=y)
-            if guard.should_stop:
-                break
+            guard.step(loss=loss, inputs=x, targets=y)  # (before zero_grad: it reads the head's gradients)
+        opt.zero_grad()
+        if guard is not None and guard.should_stop:
+            break
         losses.append(float(loss.detach()))
     return losses
 
