@@ -229,6 +229,25 @@ class Session:
         every = self.config.check_every_n_steps
         return prev == 0 or self.step // every > prev // every
 
+    def set_epoch(self, epoch: Optional[int]) -> None:
+        """The epoch in progress (alerts carry it)."""
+        self.epoch = epoch
+
+    def restart_interval(self) -> None:
+        """Forget the steps not yet judged: the next check judges from the next step on (the step counter
+        was restored, or a new fit starts)."""
+        self.interval_start = self.step + 1
+
+    def begin_fit(self) -> None:
+        """A new fit with the same monitor: a halt decided in an earlier one does not carry over."""
+        self.should_stop = self._halt = False
+
+    def refuse(self, message: str) -> None:
+        """The adapter cannot monitor this run at all (an unsupported backend, say): switched off with one
+        warning saying why; training goes on untouched."""
+        self.disabled = True
+        warn_user(message)
+
     # ------------------------------------------------------------------ several processes
     def join(self, any_rank: Optional[Callable[[bool], bool]]) -> None:
         """Run as one rank of several: ``any_rank(flag)`` is a collective that is True when ``flag`` is True

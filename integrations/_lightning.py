@@ -141,7 +141,7 @@ class LightningGuard(SessionViews):
         self._engine.record_grads()  # unscaled by now under AMP; once per optimizer step
 
     def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
-        self._session.epoch = trainer.current_epoch  # once per epoch, not per step
+        self._session.set_epoch(trainer.current_epoch)  # once per epoch, not per step
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         s = self._session

@@ -23,7 +23,6 @@ from boundguard.model_facts import LossInfo, ModelFacts, classify_loss
 from boundguard.monitor import Monitor
 from boundguard.rules import TAIL_THRESHOLD
 from boundguard.session import Session, SessionViews, guarded
-from boundguard.sinks import warn_user
 from boundguard.stats import COLUMNS, KINDS, Snapshot, reduce_rows
 from boundguard.surgery import BoundRecord, CannotBound
 
@@ -137,12 +136,11 @@ class BoundGuard(SessionViews, keras.callbacks.Callback):
         s, model = self._session, self.model
         self._wmodel = model
         s.open()
-        s.should_stop = False  # a new fit: a halt of an earlier one does not carry over
+        s.begin_fit()  # a new fit: a halt of an earlier one does not carry over
         backend = keras.backend.backend()
         if not DeviceBuffer.supports(backend):
-            s.disabled = True
-            warn_user(f"boundguard's Keras callback supports the tensorflow, torch and jax backends, not "
-                      f"{backend!r}: training goes on unmonitored.")
+            s.refuse(f"boundguard's Keras callback supports the tensorflow, torch and jax backends, not "
+                     f"{backend!r}: training goes on unmonitored.")
             return
         if s.records:
             apply_bounds(model, s.records, retrace=False)

@@ -118,7 +118,7 @@ class TorchEngine:
 
     def restart_interval(self) -> None:
         """Drop rows not yet judged (the step counter was restored, or a new fit starts)."""
-        self.session.interval_start = self.session.step + 1
+        self.session.restart_interval()
         self.armed = False
         if self.reducer is not None:
             self.reducer.discard()
@@ -171,7 +171,7 @@ class TorchEngine:
             return
         if self.probe is not None and self.probe.active:
             self._finish_probe(loss)
-        if self.reducer is not None and self._readable(loss, "loss"):
+        if self.reducer is not None:  # (a loss that cannot be copied is dropped from the step at the commit)
             self.reducer.loss(loss)
             self.loss_seen = True
 
@@ -240,7 +240,7 @@ class TorchEngine:
     def _readable(self, t: Tensor, where: str) -> bool:
         """Whether the reducer can read ``t``; a tensor it cannot is skipped with one info note."""
         if t.layout is _STRIDED and t.dtype in READABLE_DTYPES and type(t) in _PLAIN and not (t.is_nested or t.is_meta):
-            return where not in self._unread  # (the usual case: a few attribute reads)
+            return not self._unread or where not in self._unread  # (the usual case: a few attribute reads)
         why = unreadable(t)
         if why is None:
             return where not in self._unread
