@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from boundguard.alerts import Alert
 from boundguard.config import Config
 from boundguard.integrations.torch.bounding import BoundHook, activation_fn, apply_bounds
-from boundguard.integrations.torch.facts import grad_params, locate_batch
+from boundguard.integrations.torch.facts import explicit_batch, grad_params, locate_batch
 from boundguard.integrations.torch.hooks import (
     _PLAIN, _STRIDED, READABLE_DTYPES, InertOnCopy, unreadable,
 )
@@ -59,6 +59,7 @@ class TorchEngine:
         self._hooks: list = []
         self._hooked_bounds = 0
         self._result: Optional[ProbeResult] = None
+        self._paused_probe: Optional[Probe] = None  # judged from an autograd hook; its mode is left later
         self._target_path: Optional[tuple] = None
         self._input_path: Optional[tuple] = None
         self._pred_from_pre: Optional[Callable[[Tensor], Tensor]] = None
@@ -132,6 +133,7 @@ class TorchEngine:
         self._batch_recorded = False
         if not self.probed and self.probe is None:
             self.probe = Probe(self.model)
+            self.probe.recorder.on_backward = self._probe_at_backward
             self.probe.start()
 
     def begin_micro_batch(self) -> None:
@@ -274,6 +276,9 @@ class TorchEngine:
 
     def end_step(self, epoch: Optional[int] = None) -> list[Decision]:
         """After the optimiser step. Returns the decisions of a check (empty between checks)."""
+        if self._paused_probe is not None:  # judged at the backward pass: leave its mode (this thread)
+            self._paused_probe.stop()
+            self._paused_probe = None
         if self.session.disabled:
             return []
         if self.probe is not None and self.probe.active:
@@ -387,6 +392,9 @@ class TorchEngine:
         if self.probe is not None:
             self.probe.stop()
             self.probe = None
+        if self._paused_probe is not None:
+            self._paused_probe.stop()
+            self._paused_probe = None
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
@@ -401,10 +409,29 @@ class TorchEngine:
         self.restart_interval()
 
     # ------------------------------------------------------------------ probe → hooks
-    def _finish_probe(self, loss: Optional[Tensor]) -> None:
+    def _probe_at_backward(self) -> None:
+        """The first backward pass of the probe step has reached the loss (an autograd hook): judge the
+        step now, while its forward tensors are alive anyway, rather than at the step's end, so the probe
+        keeps nothing alive through the backward pass (a language model's logits, their softmax, the fp32
+        copies). Never raises into the user's backward."""
+        probe = self.probe
+        if probe is None or not probe.active or self.session.disabled:
+            return
+        try:
+            self._finish_probe(probe.recorder.last_loss(), leave=False)
+            self._paused_probe = probe  # its function mode is left on the main thread (_stop_probe)
+        except Exception as err:
+            if self.config.strict:
+                raise
+            self.session.disable(err)
+
+    def _finish_probe(self, loss: Optional[Tensor], leave: bool = True) -> None:
         probe = self.probe
         assert probe is not None
-        probe.stop()
+        if leave:
+            probe.stop()
+        else:
+            probe.pause()
         self.probe = None
         self.probed = True
         try:
@@ -443,6 +470,7 @@ class TorchEngine:
         self._reduce(self._reduce_outputs, pre, facts.pre_where or "pre-activation", pred=pred)
         if target is not None and self._target_path is None:
             self._reduce(self.reducer.target, target, "targets")
+        r.forget_tensors()
 
     def _observe_probe_targets(self, t: Optional[Tensor]) -> None:
         """The first step's targets decide ``"auto"`` bounds (and so the bins every rank counts with): under
@@ -466,6 +494,10 @@ class TorchEngine:
             self.session.observe_targets(lo, hi, onehot=onehot > 0)
 
     def _locate_batch_tensors(self, r: ProbeResult, facts: ModelFacts) -> None:
+        if self.explicit_batch:  # guard.step(inputs=, targets=) hands them over: no batch to search
+            self._target_path = self._input_path = None
+            explicit_batch(r, facts)
+            return
         self._target_path, self._input_path, notes = locate_batch(self.batch, r, self.config, facts,
                                                                   self.explicit_batch)
         for key, message, fix in notes:
@@ -532,7 +564,7 @@ class TorchEngine:
         if r is None or site is None or self.model is None:
             raise CannotBound("on_violation='bound' could not insert a bound: the output layer was not located.")
         facts = self.session.facts
-        dim = 1 if (r.pred is not None and r.pred.dim() >= 2 and b is not None and b.kind == "distribution"
+        dim = 1 if ((r.pred_dim or 0) >= 2 and b is not None and b.kind == "distribution"
                     and facts.loss is not None and facts.loss.multiclass) else -1
         placed = record.at(site[0], tuple(site[1]), dim=dim)
         apply_bounds(self.model, [placed])

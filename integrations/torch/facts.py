@@ -13,7 +13,7 @@ from boundguard.integrations.torch.paths import INPUT_KEYS, TARGET_KEYS, describ
 from boundguard.integrations.torch.probe import ProbeResult, same_storage
 from boundguard.model_facts import ModelFacts
 
-__all__ = ["grad_params", "locate_batch"]
+__all__ = ["explicit_batch", "grad_params", "locate_batch"]
 
 #: A note for the user: (key, message, fix).
 Note = tuple[str, str, str]
@@ -74,14 +74,27 @@ def locate_batch(batch: Any, r: ProbeResult, cfg: Config, facts: ModelFacts,
     return target, inputs, notes
 
 
+def explicit_batch(r: ProbeResult, facts: ModelFacts) -> None:
+    """An adapter handed the targets and inputs at each step (``guard.step(inputs=, targets=)``): name them
+    so, with what the probe step showed of them (the loss's targets, the model's first input)."""
+    if r.target is not None:
+        facts.target_where, facts.target_integer = "targets", not r.target.is_floating_point()
+    root = [t for _, t in flatten(r.root_inputs)] if r.root_inputs else []
+    if root:
+        facts.input_where, facts.input_integer = "inputs", not root[0].is_floating_point()
+
+
 def _find_target(r: ProbeResult, tensors: list[tuple[tuple, Tensor]], cfg: Config) -> Optional[tuple]:
     if cfg.target_key is not None:
         return (cfg.target_key,)
     if r.target is None:
         return guess(tensors, TARGET_KEYS, position=1)
     y = r.target
+    for path, t in tensors:  # the loss's own target tensor first, then another view of it
+        if t is y:
+            return path
     for path, t in tensors:
-        if t is y or (t.numel() == y.numel() and t.numel() > 0 and same_storage(t, y)):
+        if t.numel() == y.numel() and t.numel() > 0 and same_storage(t, y):
             return path
     for path, t in tensors:  # a copy of the batch's targets (moved, cast): the same values
         if t.numel() == y.numel() and t.numel() > 0 and unreadable(t) is None and torch.equal(

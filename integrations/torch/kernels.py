@@ -3,7 +3,7 @@ memory: see ``Buffer.HOST_KERNELS``) side by side: a staged block of steps, a te
 bins, the head's gradients."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Iterator, Optional
 
 import numpy as np
 import torch
@@ -11,7 +11,17 @@ from torch import Tensor
 
 from boundguard.integrations.torch.layout import _GRAD_SQ_COLS, _NEUTRAL, Buffer, _same_bin
 
-__all__ = ["Kernels"]
+__all__ = ["Kernels", "chunks"]
+
+
+def chunks(x: Tensor, n: int) -> Iterator[Tensor]:
+    """``x`` in pieces of about ``n`` elements each: views of a contiguous tensor; of another, slices
+    along its first dimension (a slice longer than ``n`` elements is one piece)."""
+    if x.is_contiguous() or x.dim() == 0:
+        yield from x.reshape(-1).split(n)
+        return
+    rows = max(1, n // max(1, x[0].numel()))
+    yield from x.split(rows)
 
 
 class Kernels(Buffer):
@@ -94,6 +104,29 @@ class Kernels(Buffer):
                 self._ones.clear()
             ones = self._ones[n] = self.one.expand(n)  # batch sizes repeat: one view per size
         self.bins[kind].index_add_(0, idx, ones)
+
+    def _count(self, kind: str, x: Tensor) -> None:
+        """Count the values of ``x`` (any shape, any float dtype) into ``kind``'s bins as ``bucketize``
+        (``right=True``) would: a small tensor with ``bucketize``; a large one by comparing fp32 chunks of
+        :attr:`CHUNK` elements with each edge (the values at or above each edge; NaN in the last bin), so
+        the extra memory is one chunk, never an index per element or a full-size copy."""
+        n = x.numel()
+        if n <= self.CHUNK:
+            f = x.reshape(-1)
+            self._bucketize(kind, f if f.dtype == torch.float32 else f.float())
+            return
+        edges = self.edge_values[kind]
+        k = len(edges)
+        ge = torch.zeros(k + 1, dtype=torch.int64, device=self.device)  # ge[j]: values >= edges[j]; ge[k]: NaN
+        for chunk in chunks(x, self.CHUNK):
+            f = chunk.float()
+            for j, e in enumerate(edges):
+                ge[j] += (f >= e).sum()
+            ge[k] += torch.isnan(f).sum()
+        b = self.bins[kind]
+        b[0] += n - ge[k] - ge[0]
+        b[1:k] += ge[: k - 1] - ge[1:k]
+        b[k] += ge[k - 1] + ge[k]
 
     def _flush_grads(self, used: int) -> None:
         """The staged gradients (or per-parameter norms) of the block's steps into their ``grad`` cells: a

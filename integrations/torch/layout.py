@@ -63,6 +63,9 @@ class Buffer:
     #: A large tensor whose bins wait for its mirrored min/max is held at most this large (elements);
     #: a larger one is binned at once. (On the CPU nothing is held: the mirror is plain memory.)
     HOLD_MAX = 1 << 24
+    #: A tensor larger than this (elements) is reduced and counted in chunks of this size, at constant
+    #: extra memory (no full-size fp32 copy, no per-element bin index).
+    CHUNK = 1 << 20
     #: Rows of one block; a longer interval folds full blocks into the carry row on the device.
     ROW_CAP = 256
     #: Per-parameter gradient norms staged per step (a head with more parameters is reduced at once).

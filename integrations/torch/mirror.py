@@ -23,16 +23,27 @@ class Mirror(Kernels):
     _held: list[tuple[int, str, str, Tensor, int]]
     _bins0: Optional[Tensor]
 
-    def _bin(self, kind: str, bins_kind: str, f: Tensor) -> None:
-        """Count ``f`` (whose min/max this step's row of ``kind`` already holds) into ``bins_kind``: small
-        tensors at once, large ones lazily (:meth:`_resolve`)."""
-        n = f.shape[0]
+    def _bin(self, kind: str, bins_kind: str, x: Tensor) -> None:
+        """Count ``x`` (any shape and float dtype; its min/max are in this step's row of ``kind`` already)
+        into ``bins_kind``: a small tensor at once; a large one with one scalar add when its min and max lie
+        between the same two edges, which on the CPU (the row is host memory) is decided now and on a GPU
+        once the step's mirror has landed (:meth:`_resolve`: the tensor itself is held, never a copy)."""
+        n = x.numel()
+        if self._bins0 is None:  # the step's first count into the bins: keep what drop_step restores
+            self._bins0 = self.raw[self.bins_at:].clone()
         if n < self.FAST_COUNT_MIN or (self._cuda and n > self.HOLD_MAX):
-            if self._bins0 is None:  # the step's first count into the bins: keep what drop_step restores
-                self._bins0 = self.raw[self.bins_at:].clone()
-            self._bucketize(bins_kind, f)
+            self._count(bins_kind, x)
             return
-        self._held.append((self._slot, kind, bins_kind, f, n))
+        if not self._cuda:
+            off = self.offs[kind]
+            row = self._rows_np[self.row]
+            b = _same_bin(self.edge_values[bins_kind], float(row[off]), float(row[off + 1]))
+            if b is not None:
+                self.bin_cells[bins_kind][b].add_(n)
+            else:
+                self._count(bins_kind, x)
+            return
+        self._held.append((self._slot, kind, bins_kind, x, n))
 
     def _resolve(self, wait: bool = False) -> None:
         """Decide the lazy bins whose step's min/max are on the host: one scalar add when the whole
@@ -47,7 +58,7 @@ class Mirror(Kernels):
             if self._cuda:
                 ev = self._events[slot]
                 if ev is None:
-                    self._bucketize(bins_kind, f)
+                    self._count(bins_kind, f)
                     continue
                 if wait:
                     ev.synchronize()
@@ -55,7 +66,7 @@ class Mirror(Kernels):
                     if slot == self._slot:
                         keep.append((slot, kind, bins_kind, f, n))
                     else:
-                        self._bucketize(bins_kind, f)
+                        self._count(bins_kind, f)
                     continue
                 row = self._mirror_np[slot]
             else:
@@ -65,7 +76,7 @@ class Mirror(Kernels):
             if b is not None:
                 self.bin_cells[bins_kind][b].add_(n)
             else:
-                self._bucketize(bins_kind, f)
+                self._count(bins_kind, f)
         self._held = keep
 
     def _copy_mirror(self) -> None:

@@ -76,9 +76,16 @@ class _Recorder(TorchFunctionMode):
         self.calls: list[_Call] = []
         self.producer: dict[int, _Call] = {}
         self.failed: Optional[_Call] = None  # the call that raised (a loss refusing its targets, say)
+        #: called once when the backward pass reaches a recorded loss call's output (see Probe.on_backward)
+        self.on_backward: Optional[Any] = None
+        self._armed_backward = False
+        self.recording = True  # False: calls pass through unrecorded (paused, not yet left)
+        self.entered = False
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if not self.recording:
+            return func(*args, **kwargs)
         try:
             out = func(*args, **kwargs)
         except Exception:
@@ -91,7 +98,24 @@ class _Recorder(TorchFunctionMode):
         self.calls.append(call)
         if isinstance(out, Tensor):
             self.producer.setdefault(id(out), call)
+            if name in _LOSS_FUNCS and self.on_backward is not None and out.requires_grad and not self._armed_backward:
+                self._armed_backward = True
+                out.register_hook(self._backward_started)
         return out
+
+    def _backward_started(self, grad: Tensor) -> None:
+        callback, self.on_backward = self.on_backward, None
+        if callback is not None:
+            callback()
+
+    def last_loss(self) -> Optional[Tensor]:
+        """The training loss as the step recorded it: the last 0-d output with a gradient (the sum of the
+        loss calls, their scaling...), when the loss itself is not handed over."""
+        for call in reversed(self.calls):
+            out = call.out
+            if isinstance(out, Tensor) and out.dim() == 0 and out.requires_grad:
+                return out
+        return None
 
 
 class Probe:
@@ -113,15 +137,24 @@ class Probe:
             self._handles.append(m.register_forward_hook(MonitorHook(self._hook(name))))
         self._handles.append(self.model.register_forward_pre_hook(MonitorHook(self._root_pre)))
         self.recorder.__enter__()
+        self.recorder.entered = True
         self.active = True
 
     def stop(self) -> None:
-        if self.active:
-            self.active = False
+        """Stop recording: the module hooks go, and the function mode is left (on the thread that entered
+        it: from an autograd hook, :meth:`pause` instead, and :meth:`stop` later)."""
+        self.pause()
+        if self.recorder.entered:
+            self.recorder.entered = False
             try:
                 self.recorder.__exit__(None, None, None)
             except Exception:  # another mode was pushed on top: leave the stack to its owner
                 pass
+
+    def pause(self) -> None:
+        """Stop recording without leaving the function mode (it passes calls through from now on)."""
+        self.active = False
+        self.recorder.recording = False
         for h in self._handles:
             h.remove()
         self._handles.clear()
@@ -427,6 +460,19 @@ class ProbeResult:
         self.activation_params: dict = {}
         self.root_inputs: Optional[tuple] = None
         self.notes: list[tuple[str, str, str]] = []
+
+    @property
+    def pred_dim(self) -> Optional[int]:
+        return self.pred.dim() if self.pred is not None else self._pred_dim
+
+    _pred_dim: Optional[int] = None
+
+    def forget_tensors(self) -> None:
+        """Let go of the step's tensors once they are judged (a language model's logits are the largest
+        tensor of its step): only the sites, the activation and the shapes stay."""
+        self._pred_dim = self.pred_dim
+        self.pred = self.pre = self.target = None
+        self.root_inputs = None
 
 
 # ----------------------------------------------------------------------------------------- activations

@@ -8,6 +8,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from boundguard.integrations.torch.kernels import chunks
 from boundguard.integrations.torch.mirror import Mirror
 
 __all__ = ["Staging"]
@@ -54,6 +55,9 @@ class Staging(Mirror):
             self.counts[bins_kind] += n
 
     def _reduce_now(self, kind: str, t: Tensor, bins_kind: str) -> None:
+        if t.numel() > self.CHUNK and t.is_floating_point() and not (kind == "pred" and self.distribution):
+            self._reduce_large(kind, t.detach(), bins_kind)
+            return
         f = self._flat(t)
         self._reduced = True
         c, merge = self._cells(kind)
@@ -68,6 +72,31 @@ class Staging(Mirror):
             torch.amax((f.view(t.shape).sum(dim) - 1).abs(), out=c[col["rowsum_err"]])
         self._merge(kind, c, merge)
         self._bin(kind, bins_kind, f)
+
+    def _reduce_large(self, kind: str, x: Tensor, bins_kind: str) -> None:
+        """:meth:`_reduce_now` for a tensor of more than :attr:`CHUNK` elements (a language model's logits),
+        at constant extra memory: min and max in its own dtype in one pass (widening a bf16/fp16 extreme
+        to fp32 is exact), sums in fp32 over chunks, the bins from the tensor itself (:meth:`_bin`)."""
+        if x.device != self.device:  # (a head on another device than the buffer)
+            x = x.to(self.device, non_blocking=True)
+        self._reduced = True
+        c, merge = self._cells(kind)
+        col = self._col[kind]
+        mn, mx = torch.aminmax(x)
+        c[0].copy_(mn)
+        c[1].copy_(mx)
+        sums = [c[col[f]] for f in ("sum", "sumsq") if f in col]
+        for cell in sums:
+            cell.zero_()
+        if sums:
+            for chunk in chunks(x, self.CHUNK):
+                f = chunk.float().reshape(-1)
+                if "sum" in col:
+                    c[col["sum"]].add_(f.sum())
+                if "sumsq" in col:
+                    c[col["sumsq"]].add_(torch.dot(f, f))
+        self._merge(kind, c, merge)
+        self._bin(kind, bins_kind, x)
 
     def pred(self, p: Tensor) -> None:
         self._observe("pred", p, None, not self.distribution)

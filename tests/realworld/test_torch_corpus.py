@@ -468,7 +468,7 @@ def h_torch_vae(tmp_path):
     model = VAE()
     run = plain_loop(tmp_path, model, vae_loss, batches(x, x, 32, 60), lr=1e-2)
     return run, {"pred_where": "dec.3", "activation": "sigmoid", "loss": "binary_cross_entropy",
-                 "target_where": "batch[1]"}
+                 "target_where": "targets"}
 
 
 def h_torch_contrastive_infonce(tmp_path):

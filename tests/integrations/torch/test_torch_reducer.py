@@ -108,18 +108,21 @@ def assert_matches(snap: Snapshot, ref: dict) -> None:
     np.testing.assert_allclose(snap.losses, ref["losses"], rtol=1e-6, equal_nan=True)
 
 
-@pytest.fixture(autouse=True, params=["staged", "staged-torch-kernels", "per-step-folded"])
+@pytest.fixture(autouse=True, params=["staged", "staged-torch-kernels", "per-step-folded", "chunked"])
 def reduction_path(request, monkeypatch):
-    """Every test runs three times: small tensors staged and reduced at the check, in one block, by the
-    CPU's numpy kernels and by the torch kernels a GPU runs; and with blocks of 2 rows folded into the
-    carry row on the device, tensors of up to 4 elements staged and larger ones reduced every step with
-    the large-tensor (lazy) bins."""
+    """Every test runs four times: small tensors staged and reduced at the check, in one block, by the
+    CPU's numpy kernels and by the torch kernels a GPU runs; with blocks of 2 rows folded into the carry
+    row on the device, tensors of up to 4 elements staged and larger ones reduced every step with the
+    large-tensor (lazy) bins; and with every tensor of more than 3 elements reduced and counted in chunks
+    of 3 (a language model's logits at constant memory; sizes that do not divide the chunk)."""
     if request.param == "staged-torch-kernels":
         monkeypatch.setattr(Reducer, "HOST_KERNELS", False)
-    if request.param == "per-step-folded":
+    if request.param in ("per-step-folded", "chunked"):
         monkeypatch.setattr(Reducer, "ROW_CAP", 2)
-        monkeypatch.setattr(Reducer, "STAGE_ELEMENTS", 8)  # tensors up to 4 elements staged
+        monkeypatch.setattr(Reducer, "STAGE_ELEMENTS", 8 if request.param == "per-step-folded" else 0)
         monkeypatch.setattr(Reducer, "FAST_COUNT_MIN", 0)  # the large-tensor counting path for the rest
+    if request.param == "chunked":
+        monkeypatch.setattr(Reducer, "CHUNK", 3)
     return request.param
 
 
@@ -316,3 +319,35 @@ def test_grads_are_staged_per_step_and_reduced_at_the_check():
     assert snap.values["grad.sumsq"] == pytest.approx(169.0 + 4.0)
     assert snap.values["grad.normsq_max"] == pytest.approx(169.0)
     assert snap.values["grad.normsq_min"] == pytest.approx(4.0) and snap.nonfinite("grad") == 0
+
+
+def test_a_large_strided_low_precision_tensor_in_chunks(monkeypatch):
+    """A transposed bf16 tensor (not contiguous) larger than a chunk, straddling the bounds, with NaN and
+    Inf: counted by comparisons chunk by chunk, min/max/sumsq as numpy computes them on its fp32 values."""
+    monkeypatch.setattr(Reducer, "CHUNK", 64)
+    monkeypatch.setattr(Reducer, "STAGE_ELEMENTS", 0)
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(37, 23, generator=g) * 2).to(torch.bfloat16).t()  # 851 elements, strided
+    x[3, 5], x[7, 1], x[0, 0] = math.nan, math.inf, -math.inf
+    red = make_reducer(lo=0.0, hi=1.0, tail=2.0)
+    red.pre(x)
+    red.pred(x)
+    red.next_row()
+    rows, counts, seen, losses = red.read()
+    snap = Snapshot.from_rows(rows, counts, step=1, first_step=1, loss_seen=seen, losses=losses)
+    ref = x.float().numpy().reshape(-1)
+    fin = ref[np.isfinite(ref)]
+    assert snap.counts["pred"] == snap.counts["pre"] == ref.size
+    assert snap.values["pred.finite"] == snap.values["pre.finite"] == fin.size
+    assert snap.values["pred.below"] == np.sum(fin < 0) and snap.values["pred.above"] == np.sum(fin > 1)
+    assert snap.values["pre.tail"] == np.sum(np.abs(fin) > 2.0)
+    assert math.isnan(snap.values["pre.min"]) and math.isnan(snap.values["pre.max"])
+    assert math.isnan(snap.values["pre.sumsq"])  # (NaN squared)
+    finite = x.float().nan_to_num(0.0, 0.0, 0.0)  # the same tensor without its NaN/Inf: sums of squares agree
+    red.pre(finite)
+    red.next_row()
+    rows, counts, seen, losses = red.read()
+    snap = Snapshot.from_rows(rows, counts, step=2, first_step=2, loss_seen=seen, losses=losses)
+    ref = finite.numpy().astype(np.float64)
+    assert snap.values["pre.sumsq"] == pytest.approx(float(np.sum(ref ** 2)), rel=1e-5)
+    assert (snap.values["pre.min"], snap.values["pre.max"]) == (ref.min(), ref.max())

@@ -1,0 +1,119 @@
+"""Peak memory and step time of language-model heads with and without boundguard, on CPU.
+
+    python -m benchmarks.llm                      # every arm, about 3 minutes on 2 cores
+    python -m benchmarks.llm --shapes gpt2 --dtypes bf16 --steps 4
+
+Causal LMs built from configs (nothing downloaded): GPT-2-shaped (vocab 50257) and Llama-shaped (vocab
+128256), both 2 layers of width 64, batch 4 x 256 tokens, in a plain loop (``watch(model)`` with its
+defaults), fp32 and bf16 autocast. Each arm runs in its own process, so its peak resident memory
+(``ru_maxrss``) is its own; the arms of one shape and dtype run one after the other in one invocation,
+side by side. Reported: the peak with and without boundguard, the difference as a share of the logits'
+size (B x T x V elements in the logits' dtype), and the median step time after a warm-up step.
+
+The last stdout line is ``result: <json>``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+SHAPES = {"gpt2": 50257, "llama": 128256}
+ROOT = Path(__file__).resolve().parents[1]
+
+CHILD = r'''
+import json, resource, sys, time, warnings
+warnings.filterwarnings("ignore")
+import torch
+torch.manual_seed(0)
+torch.set_num_threads(1)
+shape, dtype, arm, steps, batch, seq = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])
+import transformers
+transformers.utils.logging.set_verbosity_error()
+if shape == "gpt2":
+    from transformers import GPT2Config, GPT2LMHeadModel
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=50257, n_layer=2, n_embd=64, n_head=2, n_positions=seq))
+else:
+    from transformers import LlamaConfig, LlamaForCausalLM
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=128256, hidden_size=64, intermediate_size=128,
+                                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+                                         max_position_embeddings=seq))
+vocab = model.config.vocab_size
+opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+guard = None
+if arm == "watch":
+    from boundguard.integrations.torch import watch
+    guard = watch(model, alerts_path=sys.argv[7], on_violation="log")
+g = torch.Generator().manual_seed(0)
+times = []
+for step in range(steps):
+    ids = torch.randint(0, vocab, (batch, seq), generator=g)
+    t0 = time.perf_counter()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
+        out = model(input_ids=ids, labels=ids)
+    out.loss.backward()
+    opt.step()
+    if guard is not None:
+        guard.step(loss=out.loss, inputs=None, targets=None)
+    opt.zero_grad()
+    del out
+    times.append(time.perf_counter() - t0)
+if guard is not None:
+    guard.close()
+    codes = sorted({a.code for a in guard.alerts if a.severity != "info"})
+else:
+    codes = []
+print("child: " + json.dumps({"peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                               "step_s": times, "codes": codes}))
+'''
+
+
+def run_arm(shape: str, dtype: str, arm: str, steps: int, batch: int, seq: int, out: Path) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run([sys.executable, "-c", CHILD, shape, dtype, arm, str(steps), str(batch), str(seq),
+                           str(out / f"{shape}-{dtype}-alerts.jsonl")], capture_output=True, text=True,
+                          env=env, cwd=ROOT, timeout=1200)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{shape}/{dtype}/{arm} failed:\n{proc.stderr[-3000:]}")
+    line = [x for x in proc.stdout.splitlines() if x.startswith("child: ")][-1]
+    return json.loads(line[len("child: "):])
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--shapes", default="gpt2,llama")
+    p.add_argument("--dtypes", default="fp32,bf16")
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--out", default="/tmp/boundguard-llm")
+    a = p.parse_args(argv)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    print("| shape | logits | logits size | peak without | peak with | extra, in logits | step time ratio | alerts |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |")
+    for shape in a.shapes.split(","):
+        for dtype in a.dtypes.split(","):
+            off = run_arm(shape, dtype, "off", a.steps, a.batch, a.seq, out)
+            on = run_arm(shape, dtype, "watch", a.steps, a.batch, a.seq, out)
+            logits_mb = a.batch * a.seq * SHAPES[shape] * (2 if dtype == "bf16" else 4) / 2**20
+            extra = (on["peak_mb"] - off["peak_mb"]) / logits_mb
+            t_off, t_on = statistics.median(off["step_s"][1:]), statistics.median(on["step_s"][1:])
+            row = {"shape": shape, "dtype": dtype, "logits_mb": logits_mb, "peak_off_mb": off["peak_mb"],
+                   "peak_on_mb": on["peak_mb"], "extra_in_logits": extra, "step_ratio": t_on / t_off,
+                   "codes": on["codes"]}
+            rows.append(row)
+            print(f"| {shape} (V={SHAPES[shape]}) | {dtype} | {logits_mb:.0f} MB | {off['peak_mb']:.0f} MB | "
+                  f"{on['peak_mb']:.0f} MB | {extra:.3f} | {t_on / t_off:.2f} | {', '.join(on['codes']) or '–'} |",
+                  flush=True)
+    print("result: " + json.dumps(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
