@@ -127,11 +127,14 @@ class ModelFacts:
     #: a layer at the model's input that scales what the first weighted layer sees (an adapted
     #: ``Normalization``, ``Rescaling(1/255)``, a normalisation layer): the raw inputs' scale is not judged
     input_scaled_by: Optional[str] = None
-    #: the parameters whose gradients are watched (the output layer), and whether a loss scaler (fp16
-    #: ``GradScaler``) may make a step's gradients overflow on purpose (it then skips that step)
     #: the training loss is that loss alone, averaged over the batch (no auxiliary terms, no sum
     #: reduction): its value can be compared with a constant predictor's loss
     loss_plain: bool = False
+    #: the target value the loss ignores (``ignore_index`` of a class-index loss: -100 by default, 255 for
+    #: the void label of segmentation data): left out of the target statistics
+    target_ignore: Optional[float] = None
+    #: the parameters whose gradients are watched (the output layer), and whether a loss scaler (fp16
+    #: ``GradScaler``) may make a step's gradients overflow on purpose (it then skips that step)
     grad_where: Optional[str] = None
     grad_scaled: bool = False
     classes: Optional[int] = None  # size of the class dimension of the prediction, when > 1

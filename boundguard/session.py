@@ -84,7 +84,8 @@ class Adapter(Protocol):
 class CountingPlan:
     """What the device counts for the prediction and pre-activation: values below ``lo`` / above ``hi``
     (the bounds in force), rows that should sum to 1 (``distribution``, along ``class_dim``), values
-    pinned at clamp points (``pin``), and pre-activations in the flat tail of sigmoid/tanh (``tail``)."""
+    pinned at clamp points (``pin``), pre-activations in the flat tail of sigmoid/tanh (``tail``), and which
+    target value the loss ignores (``target_ignore``: left out of the target statistics)."""
 
     lo: Optional[float] = None
     hi: Optional[float] = None
@@ -92,6 +93,7 @@ class CountingPlan:
     pin: Optional[tuple[Optional[float], Optional[float]]] = None
     tail: Optional[float] = None
     class_dim: int = -1
+    target_ignore: Optional[float] = None
 
     @classmethod
     def of(cls, bounds: Optional[Bounds], facts: ModelFacts) -> "CountingPlan":
@@ -105,7 +107,7 @@ class CountingPlan:
         if facts.activation == "clamp":
             pin = (facts.activation_params.get("lo"), facts.activation_params.get("hi"))
         return cls(lo, hi, bool(bounds is not None and bounds.kind == "distribution"), pin,
-                   TAIL_THRESHOLD.get(facts.activation), class_dim)
+                   TAIL_THRESHOLD.get(facts.activation), class_dim, facts.target_ignore)
 
 
 class SessionViews:

@@ -458,6 +458,7 @@ class TorchEngine:
         facts.grad_where, self._grad_params = grad_params(self.model, r)
         facts.grad_scaled = self.grad_scaled
         facts.loss_plain = r.loss_plain
+        facts.target_ignore = r.target_ignore
         self.session.set_facts(facts)
         target = r.target if r.target is not None and self._readable(r.target, "targets") else None
         if target is not None or self.distributed:  # (with several ranks a collective: every rank calls it)

@@ -54,6 +54,8 @@ class Kernels(Buffer):
         whole block per statistic instead of one per step."""
         c = self.cells[a][kind]
         col = self._col[kind]
+        if kind == "target" and self.target_ignore is not None:  # the loss ignores them: class 0 instead
+            block = torch.where(block == self.target_ignore, 0.0, block)
         mn, mx = torch.aminmax(block)
         torch.minimum(c[0], mn, out=c[0])
         torch.maximum(c[1], mx, out=c[1])
@@ -72,6 +74,8 @@ class Kernels(Buffer):
     def _reduce_block_np(self, kind: str, bins_kind: str, block: np.ndarray, a: int) -> None:
         """:meth:`_reduce_block` on the CPU, in numpy kernels on the same memory (see :attr:`HOST_KERNELS`)."""
         row, off, col = self._rows_np[a], self.offs[kind], self._col[kind]
+        if kind == "target" and self.target_ignore is not None:  # the loss ignores them: class 0 instead
+            block = np.where(block == self.target_ignore, np.float32(0), block)
         mn, mx, lo, hi = block.min(), block.max(), row[off], row[off + 1]
         row[off] = lo if lo != lo or lo <= mn else mn  # NaN-propagating, as torch.minimum/maximum
         row[off + 1] = hi if hi != hi or hi >= mx else mx

@@ -174,6 +174,7 @@ class Buffer:
         self.pin: Optional[tuple[Optional[float], Optional[float]]] = None
         self.tail: Optional[float] = None
         self.shared = False  # pred is the pre-activation tensor itself (identity head)
+        self.target_ignore: Optional[float] = None  # targets at this value are counted as 0 (see Kernels)
 
     def _init_staging(self, block: int, stage_elements: Optional[int]) -> None:
         """The staging rows (a block of raw values per kind) and the gradients' staging."""

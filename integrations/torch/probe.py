@@ -27,6 +27,8 @@ _LOSS_FUNCS = {
     "gaussian_nll_loss", "poisson_nll_loss", "soft_margin_loss", "multi_margin_loss", "hinge_embedding_loss",
     "margin_ranking_loss", "cosine_embedding_loss", "triplet_margin_loss", "ctc_loss",
 }
+#: Class-index losses with an ``ignore_index`` (its targets at that value do not count).
+_IGNORING_LOSSES = frozenset({"cross_entropy", "nll_loss"})
 _SHAPE_OPS = {
     "view", "reshape", "flatten", "squeeze", "unsqueeze", "__getitem__", "select", "contiguous", "float",
     "to", "type", "permute", "transpose", "view_as", "reshape_as", "double", "half", "bfloat16", "clone",
@@ -298,6 +300,9 @@ class Probe:
             r.loss_plain = _plain(chosen, loss, len(calls))
             pred = chosen.tensor_arg(0, "input")
             r.target = chosen.tensor_arg(1, "target")
+            if chosen.name in _IGNORING_LOSSES:  # (input, target, weight, size_average, ignore_index, ...)
+                ignore = chosen.arg(4, "ignore_index", -100)
+                r.target_ignore = float(ignore) if isinstance(ignore, (int, float)) else None
         else:
             pred = None
             r.notes.append(("loss", "no torch loss function (nn.*Loss or torch.nn.functional.*) was seen in the "
@@ -460,6 +465,7 @@ class ProbeResult:
         self.activation_params: dict = {}
         self.root_inputs: Optional[tuple] = None
         self.notes: list[tuple[str, str, str]] = []
+        self.target_ignore: Optional[float] = None  # the loss's ignore_index (class-index losses)
 
     @property
     def pred_dim(self) -> Optional[int]:

@@ -40,6 +40,7 @@ class Reducer(Staging):
         """Count what ``plan`` says (the bounds in force, clamp pins, the sigmoid/tanh tail) from now on."""
         self.lo, self.hi, self.distribution = plan.lo, plan.hi, plan.distribution
         self.class_dim, self.pin, self.tail = plan.class_dim, plan.pin, plan.tail
+        self.target_ignore = plan.target_ignore
         self.configure()
 
     def discard(self) -> None:

@@ -55,6 +55,8 @@ class Staging(Mirror):
             self.counts[bins_kind] += n
 
     def _reduce_now(self, kind: str, t: Tensor, bins_kind: str) -> None:
+        if kind == "target" and self.target_ignore is not None:  # the loss ignores them: class 0 instead
+            t = torch.where(t == self.target_ignore, torch.zeros((), dtype=t.dtype, device=t.device), t)
         if t.numel() > self.CHUNK and t.is_floating_point() and not (kind == "pred" and self.distribution):
             self._reduce_large(kind, t.detach(), bins_kind)
             return
