@@ -25,25 +25,29 @@ SCRIPT = textwrap.dedent('''
     fabric.launch()
     rank = fabric.global_rank
 
-    def run(name, steps, nan_at=None, break_at=None):
+    def run(name, steps, nan_at=None, break_at=None, head="logits", every=4, batch=16, width=1):
         torch.manual_seed(0)
-        model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1))
+        layers = [nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, width)] + ([nn.Sigmoid()] if head == "sigmoid" else [])
+        model = nn.Sequential(*layers)
         opt = torch.optim.SGD(model.parameters(), lr=0.05)
         model, opt = fabric.setup(model, opt)
-        guard = watch(fabric, model, on_violation="halt", check_every_n_steps=4,
+        guard = watch(fabric, model, on_violation="halt" if head == "logits" else "warn",
+                      bounds="auto" if head == "logits" else (0, 1), check_every_n_steps=every,
                       alerts_path=os.path.join(out, name, "alerts.jsonl"))
         g = torch.Generator().manual_seed(rank)
         stops, step = [], 0
         for step in range(1, steps + 1):
-            x = torch.randn(16, 8, generator=g)
-            y = (x[:, :1] > 0).float()
+            x = torch.randn(batch, 8, generator=g)
+            y = (x[:, :1] > 0).float() if head == "logits" else torch.rand(batch, width, generator=g)
             if rank == 1 and step == nan_at:
                 x[0, 0] = float("nan")  # the fault is on rank 1 only
             if rank == 1 and step == break_at:  # rank 1's monitor fails at its next read-back
                 def broken(*a, **k):
                     raise RuntimeError("injected internal error")
                 guard.engine.reducer.read = broken
-            loss = nn.functional.binary_cross_entropy_with_logits(model(x), y)
+            out_ = model(x)
+            loss = (nn.functional.binary_cross_entropy_with_logits(out_, y) if head == "logits"
+                    else nn.functional.mse_loss(out_, y))
             fabric.backward(loss)
             opt.step()
             opt.zero_grad()
@@ -56,9 +60,15 @@ SCRIPT = textwrap.dedent('''
                 "codes": sorted({a.code for a in guard.alerts}),
                 "nan_step": next((a.step for a in guard.alerts if a.code == "nonfinite_input"), None),
                 "where": sorted({a.where for a in guard.alerts}),
+                "first": sorted({a.code for a in guard.alerts if a.step == 1}),
+                "loud": sorted({a.code for a in guard.alerts if a.severity in ("warning", "error", "critical")}),
+                "pred_n": guard.engine.last_snapshot.counts["pred"] if guard.engine.last_snapshot else None,
                 "input_n": guard.engine.last_snapshot.counts["input"] if guard.engine.last_snapshot else None}
 
-    result = {"halt": run("halt", 30, nan_at=6), "off": run("off", 12, break_at=3)}
+    result = {"halt": run("halt", 30, nan_at=6), "off": run("off", 12, break_at=3),
+              "seed": run("seed", 5, head="raw"),  # the seed's bug: a raw head for targets in [0, 1]
+              # 1001 x 16411 predictions a step, the check of step 3 holds two: 32,854,822 a rank
+              "big": run("big", 3, head="sigmoid", every=3, batch=1001, width=16411)}
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump(result, f)
     # leave the process group before exit: gloo's threads torn down at interpreter exit can abort the
@@ -84,6 +94,13 @@ def test_fabric_ddp_fault_on_one_rank(tmp_path, two_ranks):
     assert h0["where"] == h1["where"] and not any("_forward_module" in w for w in h0["where"])
     lines = [json.loads(line) for line in (tmp_path / "halt" / "alerts.jsonl").read_text().splitlines()]
     assert sum(1 for r in lines if r.get("code") == "nonfinite_input" and r.get("event") == "new") == 1
+
+    # the seed's bug at step 1, written once; a healthy head past 2**24 predictions per check: silent, exact
+    s0, s1 = r0["seed"], r1["seed"]
+    assert {"output_out_of_range", "missing_output_activation"} <= set(s0["first"]) and s0["first"] == s1["first"]
+    lines = [json.loads(line) for line in (tmp_path / "seed" / "alerts.jsonl").read_text().splitlines()]
+    assert [r["code"] for r in lines if r.get("event") == "new"].count("output_out_of_range") == 1
+    assert r0["big"]["loud"] == r1["big"]["loud"] == [] and r0["big"]["pred_n"] == 2 * 2 * 1001 * 16411
 
     # rank 1's monitor hits an internal error: at the next check both ranks switch off, nobody hangs
     o0, o1 = r0["off"], r1["off"]
