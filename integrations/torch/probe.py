@@ -276,6 +276,18 @@ class Probe:
         """What the step showed. ``output_key``: the element of the model's output (tuple index or dict
         key) that is the prediction; the loss call it feeds is watched (default: the heaviest loss)."""
         r = ProbeResult()
+        pred = self._choose_loss(r, loss, output_key)
+        if pred is None:
+            r.notes.append(("prediction", "the prediction could not be located.",
+                            "Return the prediction from forward() and compute the loss on it."))
+            return r
+        r.pred = pred
+        self._locate_pre(r, pred)
+        r.root_inputs = self.root_inputs
+        return r
+
+    def _choose_loss(self, r: "ProbeResult", loss: Optional[Tensor], output_key: Any) -> Optional[Tensor]:
+        """The loss call that is watched (recorded in ``r``) and the prediction it consumes."""
         calls = [c for c in self.recorder.calls if c.name in _LOSS_FUNCS]
         chosen = None
         if calls:
@@ -317,11 +329,11 @@ class Probe:
                     pred = named if named is not None and named.is_floating_point() else next(
                         (t for _, t in flatten(out) if t.is_floating_point()), None)
                     break
-        if pred is None:
-            r.notes.append(("prediction", "the prediction could not be located.",
-                            "Return the prediction from forward() and compute the loss on it."))
-            return r
-        r.pred = pred
+        return pred
+
+    def _locate_pre(self, r: "ProbeResult", pred: Tensor) -> None:
+        """Where the prediction comes from (its module and pre-activation, the activation in between),
+        recorded in ``r`` with a note for what could not be located."""
         # where the prediction comes from: a module output reached through shape ops only
         site = self._site(pred)
         cur: Optional[Tensor] = pred
@@ -367,8 +379,6 @@ class Probe:
             r.notes.append(("pre-activation", "the output layer's pre-activation could not be located "
                             "(no parametrised layer leads to the prediction), so activation checks are off.",
                             "Make the head an nn.Module with parameters (e.g. nn.Linear) followed by its activation."))
-        r.root_inputs = self.root_inputs
-        return r
 
     def _activation_module_input(self, site: Optional[tuple]) -> Optional[Tensor]:
         """The input tensor of ``site``'s module when it is a parameter-free leaf (an activation module)."""
