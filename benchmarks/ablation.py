@@ -80,6 +80,8 @@ def patch(variant: str) -> None:
         orig = E.record_loss
         E.record_loss = lambda self, loss: orig(self, loss) if self.reducer is None else None
     elif variant in ("fwd_noop", "fwd_none"):
+        from boundguard.integrations.torch import hooks
+
         orig_install = E._install_hooks
 
         def install(self):
@@ -91,10 +93,12 @@ def patch(variant: str) -> None:
             self._hooks.clear()
             if variant == "fwd_noop" and self._result is not None and self._result.pre_site is not None:
                 m = dict(self.model.named_modules())[self._result.pre_site[0]]
-                self._hooks.append(m.register_forward_hook(engine._eager(lambda mod, a, o: None), prepend=True))
+                self._hooks.append(m.register_forward_hook(hooks._eager(lambda mod, a, o: None), prepend=True))
         E._install_hooks = install
     elif variant == "no_eager":
-        engine._eager = lambda fn: fn
+        from boundguard.integrations.torch import hooks
+
+        hooks.StatsHook.__call__ = hooks._reduce_output
 
 
 def zygote(args) -> int:

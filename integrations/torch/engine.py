@@ -24,11 +24,9 @@ from boundguard.alerts import Alert
 from boundguard.config import Config
 from boundguard.integrations.torch.bounding import BoundHook, activation_fn, apply_bounds
 from boundguard.integrations.torch.facts import explicit_batch, grad_params, locate_batch
-from boundguard.integrations.torch.hooks import (
-    _PLAIN, _STRIDED, READABLE_DTYPES, InertOnCopy, unreadable,
-)
+from boundguard.integrations.torch.hooks import _PLAIN, _STRIDED, READABLE_DTYPES, StatsHook, unreadable
 from boundguard.integrations.torch.paths import (
-    INPUT, describe_path, flatten, get_path,
+    describe_path, flatten, get_path,
 )
 from boundguard.integrations.torch.probe import Probe, ProbeResult
 from boundguard.integrations.torch.reducer import Reducer
@@ -537,10 +535,10 @@ class TorchEngine:
             self.reducer.shared = same
         if pre_site is not None and pre_site[0] in modules:
             self._hooks.append(modules[pre_site[0]].register_forward_hook(
-                _StatsHook(self, pre_site[1], "pre+pred" if same else "pre", _where(pre_site)), prepend=True))
+                StatsHook(self, pre_site[1], "pre+pred" if same else "pre", _where(pre_site)), prepend=True))
         if pred_site is not None and not same and pred_site[0] in modules:
             self._hooks.append(modules[pred_site[0]].register_forward_hook(
-                _StatsHook(self, pred_site[1], "pred", _where(pred_site))))
+                StatsHook(self, pred_site[1], "pred", _where(pred_site))))
 
     def _reduce_outputs(self, pre: Optional[Tensor], pred: Optional[Tensor]) -> None:
         red = self.reducer
@@ -572,54 +570,8 @@ class TorchEngine:
         return placed
 
 
-class _StatsHook(InertOnCopy):
-    """The forward hook that reduces the watched output of a module (a copy of the model gets an inert
-    hook instead: :class:`~.hooks.InertOnCopy`). ``what``: ``pre``, ``pred`` or ``pre+pred`` (an identity
-    head: one tensor is both)."""
-
-    __slots__ = ("engine", "path", "what", "where", "whole", "from_input")
-
-    def __init__(self, engine: TorchEngine, path: tuple, what: str, where: str) -> None:
-        self.engine, self.path, self.what, self.where = engine, path, what, where
-        self.whole, self.from_input = not path, path[:1] == (INPUT,)
-
-
-
-def _reduce_output(h: _StatsHook, module: nn.Module, args: Any, output: Any) -> None:
-    """:class:`_StatsHook`'s call (run eagerly under torch.compile: see :func:`_eager`)."""
-    e = h.engine
-    red = e.reducer
-    # (a monitor switched off has removed its hooks; an evaluation forward is not a training statistic)
-    if not e.armed or red is None or not (module.training and torch.is_grad_enabled()):
-        return
-    try:
-        t = output if h.whole else ((args[0] if args else None) if h.from_input else get_path(output, h.path))
-        if not isinstance(t, Tensor) or not e._readable(t, h.where):
-            return
-        if h.what == "pre+pred":  # identity head: one tensor is both
-            red.pre(t, also_pred=True)
-        elif h.what == "pred":
-            red.pred(t)
-        else:
-            e._reduce_outputs(t, None)
-    except Exception as err:  # never break the user's forward pass: this tensor is skipped from now on
-        e._failed(h.where, err)
-
-
 #: Losses that take class indices as targets (the first step's crash in one of them is explained).
 _CLASS_INDEX_LOSSES = frozenset({"cross_entropy", "nll_loss"})
-
-
-def _eager(fn: Callable) -> Callable:
-    """Run ``fn`` eagerly under torch.compile: statistics writes into the monitor's buffer are
-    side effects dynamo must not trace (they would break AOT autograd's view-mutation rules)."""
-    try:
-        return torch._dynamo.disable(fn, recursive=True)
-    except Exception:  # pragma: no cover - torch without dynamo
-        return fn
-
-
-_StatsHook.__call__ = _eager(_reduce_output)  # type: ignore[method-assign]  # (one frame: the hook itself)
 
 
 def _where(site: tuple[str, tuple]) -> str:

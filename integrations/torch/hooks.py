@@ -1,4 +1,5 @@
-"""The hooks boundguard places on a user's modules, and what counts as a training forward.
+"""The hooks boundguard places on a user's modules (the statistics hook among them), what counts as a
+training forward, and what the reducer cannot read.
 
 A watched model must stay an ordinary model: ``copy.deepcopy``, ``pickle``, ``torch.save(model)`` and
 ``torch.optim.swa_utils.AveragedModel`` copy a module's hooks with it. Every monitoring hook is a
@@ -13,8 +14,11 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import torch
+from torch import Tensor, nn
 
-__all__ = ["INERT", "InertOnCopy", "MonitorHook", "READABLE_DTYPES", "training_forward", "unreadable"]
+from boundguard.integrations.torch.paths import INPUT, get_path
+
+__all__ = ["INERT", "InertOnCopy", "MonitorHook", "READABLE_DTYPES", "StatsHook", "training_forward", "unreadable"]
 
 
 class _Inert:
@@ -103,3 +107,48 @@ def unreadable(t: torch.Tensor) -> str | None:
     names = {c.__name__ for c in type(t).__mro__}
     hit = next((n for n in _NOT_LOCAL if n in names), None)
     return f"a {hit} (its values are not in this process's memory)" if hit else None
+
+
+class StatsHook(InertOnCopy):
+    """The forward hook that reduces the watched output of a module (a copy of the model gets an inert
+    hook instead: :class:`~.hooks.InertOnCopy`). ``what``: ``pre``, ``pred`` or ``pre+pred`` (an identity
+    head: one tensor is both)."""
+
+    __slots__ = ("engine", "path", "what", "where", "whole", "from_input")
+
+    def __init__(self, engine: Any, path: tuple, what: str, where: str) -> None:
+        self.engine, self.path, self.what, self.where = engine, path, what, where
+        self.whole, self.from_input = not path, path[:1] == (INPUT,)
+
+
+def _reduce_output(h: StatsHook, module: nn.Module, args: Any, output: Any) -> None:
+    """:class:`StatsHook`'s call (run eagerly under torch.compile: see :func:`_eager`)."""
+    e = h.engine
+    red = e.reducer
+    # (a monitor switched off has removed its hooks; an evaluation forward is not a training statistic)
+    if not e.armed or red is None or not (module.training and torch.is_grad_enabled()):
+        return
+    try:
+        t = output if h.whole else ((args[0] if args else None) if h.from_input else get_path(output, h.path))
+        if not isinstance(t, Tensor) or not e._readable(t, h.where):
+            return
+        if h.what == "pre+pred":  # identity head: one tensor is both
+            red.pre(t, also_pred=True)
+        elif h.what == "pred":
+            red.pred(t)
+        else:
+            e._reduce_outputs(t, None)
+    except Exception as err:  # never break the user's forward pass: this tensor is skipped from now on
+        e._failed(h.where, err)
+
+
+def _eager(fn: Callable) -> Callable:
+    """Run ``fn`` eagerly under torch.compile: statistics writes into the monitor's buffer are
+    side effects dynamo must not trace (they would break AOT autograd's view-mutation rules)."""
+    try:
+        return torch._dynamo.disable(fn, recursive=True)
+    except Exception:  # pragma: no cover - torch without dynamo
+        return fn
+
+
+StatsHook.__call__ = _eager(_reduce_output)  # type: ignore[method-assign]  # (one frame: the hook itself)
