@@ -457,6 +457,7 @@ class TorchEngine:
         facts.grad_scaled = self.grad_scaled
         facts.loss_plain = r.loss_plain
         facts.target_ignore = r.target_ignore
+        facts.input_scaled_by = r.input_scaled_by
         self.session.set_facts(facts)
         target = r.target if r.target is not None and self._readable(r.target, "targets") else None
         if target is not None or self.distributed:  # (with several ranks a collective: every rank calls it)

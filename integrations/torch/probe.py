@@ -27,6 +27,10 @@ _LOSS_FUNCS = {
     "gaussian_nll_loss", "poisson_nll_loss", "soft_margin_loss", "multi_margin_loss", "hinge_embedding_loss",
     "margin_ranking_loss", "cosine_embedding_loss", "triplet_margin_loss", "ctc_loss",
 }
+#: Layers that normalise what they are given (the raw inputs' scale does not matter after them).
+_NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)  # (InstanceNorm is a _NormBase)
+#: Losses whose two arguments play the same part (a distance): the prediction may come second.
+_SYMMETRIC_LOSSES = frozenset({"mse_loss", "l1_loss", "smooth_l1_loss", "huber_loss"})
 #: Class-index losses with an ``ignore_index`` (its targets at that value do not count).
 _IGNORING_LOSSES = frozenset({"cross_entropy", "nll_loss"})
 _SHAPE_OPS = {
@@ -284,7 +288,21 @@ class Probe:
         r.pred = pred
         self._locate_pre(r, pred)
         r.root_inputs = self.root_inputs
+        r.input_scaled_by = self._input_normaliser()
         return r
+
+    def _input_normaliser(self) -> Optional[str]:
+        """A normalisation layer (``BatchNorm1d``, ``LayerNorm``, ...) that takes the model's input as it
+        is: the model scales its own inputs, so their raw scale is not judged (as Keras' ``Normalization``)."""
+        root = [t for _, t in flatten(self.root_inputs)] if self.root_inputs else []
+        if not root:
+            return None
+        modules = {n: m for m, n in self.names.items()}
+        for name, x in self.module_inputs.items():
+            m = modules.get(name)
+            if m is not None and m is not self.model and isinstance(m, _NORMS) and any(x is t for t in root):
+                return name
+        return None
 
     def _choose_loss(self, r: "ProbeResult", loss: Optional[Tensor], output_key: Any) -> Optional[Tensor]:
         """The loss call that is watched (recorded in ``r``) and the prediction it consumes."""
@@ -312,6 +330,10 @@ class Probe:
             r.loss_plain = _plain(chosen, loss, len(calls))
             pred = chosen.tensor_arg(0, "input")
             r.target = chosen.tensor_arg(1, "target")
+            if (chosen.name in _SYMMETRIC_LOSSES and pred is not None and r.target is not None
+                    and not pred.requires_grad and r.target.requires_grad):
+                # F.mse_loss(x, self(x)): the prediction is the argument the model made, whichever position
+                pred, r.target = r.target, pred
             if chosen.name in _IGNORING_LOSSES:  # (input, target, weight, size_average, ignore_index, ...)
                 ignore = chosen.arg(4, "ignore_index", -100)
                 r.target_ignore = float(ignore) if isinstance(ignore, (int, float)) else None
@@ -476,6 +498,7 @@ class ProbeResult:
         self.root_inputs: Optional[tuple] = None
         self.notes: list[tuple[str, str, str]] = []
         self.target_ignore: Optional[float] = None  # the loss's ignore_index (class-index losses)
+        self.input_scaled_by: Optional[str] = None  # a normalisation layer the raw inputs go through first
 
     @property
     def pred_dim(self) -> Optional[int]:
