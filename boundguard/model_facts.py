@@ -37,7 +37,7 @@ class LossInfo:
     def link_applied(self) -> bool:
         """The loss applies a link to its input (logits → sigmoid/softmax, log-probabilities → exp), so
         the predictions a user gets are link(raw) and raw values outside the bounds are no violation."""
-        return self.family in ("logits", "log_probs")
+        return self.family in ("logits", "log_probs", "log_rate")
 
 
 _LOSSES = {
@@ -52,6 +52,9 @@ _LOSSES = {
     "cross_entropy": ("logits", True, "softmax"),
     "nll_loss": ("log_probs", True, "exp"),
     "kl_div": ("log_probs", True, "exp"),
+    # a log-rate: the loss exponentiates its input (PoissonNLLLoss(log_input=True), the default); with
+    # log_input=False the input is the rate itself and the adapter reports the loss as another family
+    "poisson_nll_loss": ("log_rate", False, "exp"),
     # Keras (canonical names; from_logits handled in classify_loss)
     "mean_squared_error": ("regression", False, None),
     "mean_absolute_error": ("regression", False, None),

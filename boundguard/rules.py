@@ -292,8 +292,9 @@ class TargetOutOfRange(Rule):
             return []
         if f.target_integer and f.loss is not None and f.loss.multiclass:
             return self._class_indices(ctx)
-        if f.loss is not None and f.loss.link_applied:
-            rng, what = (0.0, 1.0), f"the {f.loss.link} of {f.loss.name}"
+        if f.loss is not None and f.loss.link_applied:  # (a log-rate's exp reaches any count)
+            rng = (0.0, math.inf) if f.loss.family == "log_rate" else (0.0, 1.0)
+            what = f"the {f.loss.link} of {f.loss.name}"
         elif f.output_range is not None:
             rng, what = f.output_range, f"the {f.activation} output"
         elif b is not None and not b.inferred:

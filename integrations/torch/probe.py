@@ -334,6 +334,8 @@ class Probe:
                     and not pred.requires_grad and r.target.requires_grad):
                 # F.mse_loss(x, self(x)): the prediction is the argument the model made, whichever position
                 pred, r.target = r.target, pred
+            if chosen.name == "poisson_nll_loss" and not chosen.arg(2, "log_input", True):
+                r.loss_name = "poisson_nll_loss(log_input=False)"  # the rate itself: no link
             if chosen.name in _IGNORING_LOSSES:  # (input, target, weight, size_average, ignore_index, ...)
                 ignore = chosen.arg(4, "ignore_index", -100)
                 r.target_ignore = float(ignore) if isinstance(ignore, (int, float)) else None

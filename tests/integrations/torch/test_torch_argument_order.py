@@ -77,3 +77,29 @@ def test_raw_features_into_a_normalising_first_layer(tmp_path, first):
     else:
         assert guard.engine.session.facts.input_scaled_by == "0"
         assert "inputs_not_scaled" not in codes, guard.alerts
+
+
+@pytest.mark.parametrize("log_input", [True, False])
+def test_poisson_log_rate_is_a_link(tmp_path, log_input):
+    """``PoissonNLLLoss(log_input=True)`` exponentiates a raw head's log-rate itself (a link, as logits are):
+    sparse counts (mostly 0 and 1, so ``bounds="auto"`` would infer [0, 1]) raise nothing; with
+    ``log_input=False`` the head must give the rate itself, and a softplus head is healthy too."""
+    torch.manual_seed(0)
+    head = [] if log_input else [nn.Softplus()]
+    model = nn.Sequential(nn.Linear(5, 16), nn.ReLU(), nn.Linear(16, 1), *head)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    loss_fn = nn.PoissonNLLLoss(log_input=log_input)
+    g = torch.Generator().manual_seed(3)
+    with watch(model, alerts_path=tmp_path / "a.jsonl", check_every_n_steps=5) as guard:
+        for _ in range(15):
+            x = torch.randn(64, 5, generator=g)
+            y = torch.poisson(0.3 * torch.exp(0.5 * x[:, :1]), generator=g)  # sparse counts
+            loss = loss_fn(model(x), y)
+            loss.backward()
+            opt.step()
+            guard.step(loss=loss, inputs=x, targets=y)
+            opt.zero_grad()
+    loud = [a for a in guard.alerts if a.severity in ("warning", "error", "critical")]
+    assert loud == [], loud
+    family = guard.engine.session.facts.loss.family
+    assert family == ("log_rate" if log_input else "other")
