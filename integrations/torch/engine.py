@@ -5,11 +5,13 @@ and the bound surgery. The run lifecycle itself (steps, checks, actions, state) 
 The adapter interface an integration drives (Lightning callback, ``watch()``, Fabric, Trainer):
 
 - :meth:`TorchEngine.attach` once per fit, :meth:`TorchEngine.begin_step` before the forward pass
-  (``batch`` set to the step's batch), :meth:`TorchEngine.record_loss` and
-  :meth:`TorchEngine.record_batch` during the step, :meth:`TorchEngine.end_step` after the optimiser
-  step (it judges at check steps), :meth:`TorchEngine.finish` at the end;
-- ``engine.session.should_stop`` after a check for ``halt``; ``engine.loss_seen`` says whether the
-  step's loss was recorded.
+  (``batch`` set to the step's batch), :meth:`TorchEngine.record_loss`,
+  :meth:`TorchEngine.record_batch` and :meth:`TorchEngine.record_grads` during the step; at the batch's
+  end ``session.count_batch()``, then (if it returns True) :meth:`TorchEngine.end_step` (it judges at
+  check steps), then ``session.settle_stop()``; :meth:`TorchEngine.finish` at the end;
+- ``engine.session.halted`` after a check for ``halt`` (the same on every rank); ``engine.loss_seen``
+  says whether the step's loss was recorded. With several ranks the adapter calls
+  ``engine.session.join(any_rank)`` once, before :meth:`TorchEngine.attach`.
 """
 from __future__ import annotations
 
