@@ -26,7 +26,7 @@ from boundguard.alerts import Alert
 from boundguard.config import Config
 from boundguard.integrations.torch.bounding import BoundHook, activation_fn, apply_bounds
 from boundguard.integrations.torch.facts import explicit_batch, grad_params, locate_batch
-from boundguard.integrations.torch.hooks import _PLAIN, _STRIDED, READABLE_DTYPES, StatsHook, unreadable
+from boundguard.integrations.torch.hooks import StatsHook, unreadable
 from boundguard.integrations.torch.paths import (
     describe_path, flatten, get_path,
 )
@@ -124,8 +124,9 @@ class TorchEngine:
         if self.reducer is not None:
             self.reducer.discard()
 
-    def begin_step(self) -> None:
-        """Before the forward pass of a training step."""
+    def begin_step(self, forward_args: Any = None) -> None:
+        """Before the forward pass of a training step (``forward_args``: the model's inputs, when it is
+        called from the model's own forward pre-hook, which the probe's hook cannot see any more)."""
         if self.session.disabled or self.model is None:
             return
         self.armed = True
@@ -134,7 +135,7 @@ class TorchEngine:
         if not self.probed and self.probe is None:
             self.probe = Probe(self.model)
             self.probe.recorder.on_backward = self._probe_at_backward
-            self.probe.start()
+            self.probe.start(forward_args)
 
     def begin_micro_batch(self) -> None:
         """Before each forward pass of a step made of several micro-batches (gradient accumulation): the
@@ -241,8 +242,6 @@ class TorchEngine:
 
     def _readable(self, t: Tensor, where: str) -> bool:
         """Whether the reducer can read ``t``; a tensor it cannot is skipped with one info note."""
-        if t.layout is _STRIDED and t.dtype in READABLE_DTYPES and type(t) in _PLAIN and not (t.is_nested or t.is_meta):
-            return not self._unread or where not in self._unread  # (the usual case: a few attribute reads)
         why = unreadable(t)
         if why is None:
             return where not in self._unread

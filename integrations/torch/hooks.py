@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from boundguard.integrations.torch.paths import INPUT, get_path
 
-__all__ = ["INERT", "InertOnCopy", "MonitorHook", "READABLE_DTYPES", "StatsHook", "training_forward", "unreadable"]
+__all__ = ["INERT", "InertOnCopy", "MonitorHook", "StatsHook", "training_forward", "unreadable"]
 
 
 class _Inert:
@@ -83,7 +83,7 @@ def training_forward(module: torch.nn.Module) -> bool:
 
 _STRIDED = torch.strided
 #: The dtypes the reducer reads (copied to float32); others (complex, quantised, float8, uint16..64) are not.
-READABLE_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.uint8, torch.int8,
+_READABLE_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.uint8, torch.int8,
                               torch.int16, torch.int32, torch.int64, torch.bool})
 _PLAIN = frozenset({torch.Tensor, torch.nn.Parameter})
 #: Tensor subclasses whose values are not in local memory (a fake or functional tensor of a trace; a
@@ -94,7 +94,7 @@ _NOT_LOCAL = ("FakeTensor", "FunctionalTensor", "DTensor")
 def unreadable(t: torch.Tensor) -> str | None:
     """Why the reducer cannot read ``t`` (a sparse, nested, quantised, meta or fake tensor, an unusual
     dtype), in words; None when it can (the common case costs a few attribute reads)."""
-    if t.layout is _STRIDED and t.dtype in READABLE_DTYPES and type(t) in _PLAIN and not (t.is_nested or t.is_meta):
+    if t.layout is _STRIDED and t.dtype in _READABLE_DTYPES and type(t) in _PLAIN and not (t.is_nested or t.is_meta):
         return None
     if t.layout is not _STRIDED:
         return f"a {str(t.layout).replace('torch.', '')} tensor"
@@ -102,7 +102,7 @@ def unreadable(t: torch.Tensor) -> str | None:
         return "a nested tensor"
     if t.is_meta:
         return "a meta tensor (no values)"
-    if t.dtype not in READABLE_DTYPES:
+    if t.dtype not in _READABLE_DTYPES:
         return f"a {str(t.dtype).replace('torch.', '')} tensor"
     names = {c.__name__ for c in type(t).__mro__}
     hit = next((n for n in _NOT_LOCAL if n in names), None)
@@ -126,7 +126,7 @@ def _reduce_output(h: StatsHook, module: nn.Module, args: Any, output: Any) -> N
     e = h.engine
     red = e.reducer
     # (a monitor switched off has removed its hooks; an evaluation forward is not a training statistic)
-    if not e.armed or red is None or not (module.training and torch.is_grad_enabled()):
+    if not e.armed or red is None or not training_forward(module):
         return
     try:
         t = output if h.whole else ((args[0] if args else None) if h.from_input else get_path(output, h.path))

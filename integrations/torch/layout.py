@@ -233,8 +233,10 @@ class Buffer:
                             for i, kind, cols in _COUNTED_COLS
                             for name, runs in _count_ranges(self.edge_values[kind], self._points(kind)).items()]
 
-    def _reset(self) -> None:
-        r = self.row  # a step in progress (a read in the middle of it) leaves nothing staged behind
+    def _forget_step_copies(self) -> None:
+        """The step in progress leaves nothing staged or pending behind (a read in the middle of it, or a
+        step dropped)."""
+        r = self.row
         if r < self.n_rows:
             for lens in self.staged.values():
                 lens[r] = 0
@@ -242,6 +244,9 @@ class Buffer:
         self._pending = []
         self._pdst = []
         self._psrc = []
+
+    def _reset(self) -> None:
+        self._forget_step_copies()
         if self._host:
             self._block_np[:] = self._neutral_np
             self._raw_np[self.bins_at:] = 0

@@ -138,7 +138,11 @@ class Probe:
         self._handles: list = []
         self.active = False
 
-    def start(self) -> None:
+    def start(self, root_inputs: Any = None) -> None:
+        """Record from now on; ``root_inputs``: the inputs of a forward call already under way (the
+        model's own pre-hook has run, so :meth:`_root_pre` will not see them)."""
+        if root_inputs is not None:
+            self.root_inputs = root_inputs
         for m, name in self.names.items():
             self._handles.append(m.register_forward_hook(MonitorHook(self._hook(name))))
         self._handles.append(self.model.register_forward_pre_hook(MonitorHook(self._root_pre)))

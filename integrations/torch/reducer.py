@@ -29,8 +29,6 @@ class Reducer(Staging):
 
     # (declared again for type checkers: each layer is checked on its own)
     _pending: list[Optional[str]]
-    _pdst: list[Tensor]
-    _psrc: list[Tensor]
     _counts0: dict[str, int]
     _bins0: Optional[Tensor]
     _held: list[tuple[int, str, str, Tensor, int]]
@@ -55,16 +53,10 @@ class Reducer(Staging):
     def drop_step(self) -> None:
         """Forget what the step in progress recorded (a forward pass that no step ended): its staged and
         pending values, its row, its counts and its bins; the interval stays as the last step left it."""
-        r = self.row
-        self._pending = []
-        self._pdst = []
-        self._psrc = []
+        self._forget_step_copies()
         self.loss_seen[self.i] = False
-        if r < self.n_rows:
-            for lens in self.staged.values():
-                lens[r] = 0
-            self._glen[r], self._graw_used[r] = 0, False
-            self.rows[r].copy_(self.neutral_row)
+        if self.row < self.n_rows:
+            self.rows[self.row].copy_(self.neutral_row)
         self._held = [h for h in self._held if h[0] != self._slot]
         if self._bins0 is not None:
             self.raw[self.bins_at:].copy_(self._bins0)

@@ -67,9 +67,7 @@ class Guard(SessionViews):
         e = self.engine
         if not e.armed and training_forward(module):  # an evaluation forward does not begin a step
             e.batch = args
-            e.begin_step()
-            if e.probe is not None and e.probe.root_inputs is None:  # (its own pre-hook came too late)
-                e.probe.root_inputs = args
+            e.begin_step(forward_args=args)
 
     def step(self, loss: Any = None, inputs: Any = None, targets: Any = None) -> list[Alert]:
         """Record one training batch; at a check, judge and act. Returns the alerts raised at this call."""
