@@ -21,8 +21,20 @@ How it sees the Trainer's step, with no change to the user's code (built on
   and restored by ``trainer.train(resume_from_checkpoint=...)``; an inserted bound is replayed on the
   model before the first resumed step.
 
-The callback finds its Trainer when the Trainer calls it (``on_init_end`` / ``on_train_begin``); for a
-Trainer that calls callbacks in an unusual way, ``callback.set_trainer(trainer)`` names it.
+What the Trainer hands its callbacks (``args``, ``state``, ``control`` and the keywords ``model``,
+``optimizer``, ``lr_scheduler``, ``train_dataloader``...) gives the model to watch and, through the
+prepared optimizer's ``scaler``, whether gradients are fp16-scaled. Two things it does not hand, and only
+the ``Trainer`` object has: ``Trainer.log`` (the one call that reaches ``state.log_history`` *and* every
+``report_to`` integration's ``on_log``; a callback sees neither the other callbacks nor the callback
+handler), and the loss of each micro-batch as ``Trainer.training_step`` returns it (after
+``compute_loss``, a ``compute_loss_func``, label smoothing and the gradient-accumulation scaling; no
+event carries a loss) or raises (a crash mid-step). So the callback takes the Trainer that holds it when
+the Trainer's ``__init__`` calls ``on_init_end`` (the Trainer does not pass itself; the caller's frame is
+read there, and again at ``on_train_begin`` if the callback moved to another Trainer), and for the run
+only wraps that Trainer's ``training_step`` on the instance (removed when training ends or raises).
+``callback.set_trainer(trainer)`` names the Trainer explicitly (as the Trainer does for its own
+``JITCheckpointCallback``). Without a Trainer the callback still watches the model: it takes the loss
+the model computes (``outputs.loss``) and logs nothing through the Trainer.
 """
 from __future__ import annotations
 
@@ -59,6 +71,8 @@ from boundguard.session import SessionViews, guarded
 __all__ = ["BoundGuardCallback", "apply_bounds"]
 
 _ENTRY = "BoundGuardCallback()"
+#: The callback's options: the Config options every adapter takes, and its own ``log_stats``.
+_ACCEPTED = OPTIONS + ("log_stats",)
 
 
 class BoundGuardCallback(SessionViews, TrainerCallback, ExportableState):
@@ -99,7 +113,9 @@ class BoundGuardCallback(SessionViews, TrainerCallback, ExportableState):
     ``boundguard/out_of_bounds_share`` share of predictions outside the bounds in force
     ``boundguard/preact_absmax``       largest magnitude of the output layer's pre-activation
     ``boundguard/preact_rms``          its root mean square
+    ``boundguard/logit_lse_mean``      mean log-sum-exp of the logits' rows (softmax heads only)
     ``boundguard/input_rms``           root mean square of floating-point inputs
+    ``boundguard/head_grad_norm_max``  largest gradient norm of the output layer in one step
     ``boundguard/loss_mean``           mean training loss of the interval
     ``boundguard/alerts``              alerts recorded so far
     ================================== ===========================================================
@@ -130,14 +146,12 @@ class BoundGuardCallback(SessionViews, TrainerCallback, ExportableState):
         strict: bool = False,
         **unknown: Any,
     ) -> None:
-        if unknown:  # every name here is unknown: the error names the entry point and the valid options
-            Config.from_options(_ENTRY, unknown, accepted=OPTIONS + ("log_stats",))
+        given = locals()  # the typed parameters above; the Config options among them are read by name
+        # an unknown keyword: the error names the entry point, the option, the closest match, the valid ones
+        self._config = Config.from_options(_ENTRY, {**{k: given[k] for k in OPTIONS if k in given}, **unknown},
+                                           accepted=_ACCEPTED)
         if not isinstance(log_stats, bool):
             raise TypeError(f"log_stats must be a bool, got {log_stats!r}")
-        self._config = Config(bounds=bounds, on_violation=on_violation, actions=actions,
-                              check_every_n_steps=check_every_n_steps, alerts_path=alerts_path,
-                              thresholds=thresholds, input_key=input_key, target_key=target_key,
-                              output_key=output_key, name=name, strict=strict)
         self._engine = TorchEngine(self._config)
         self._session = self._engine.session
         self._log_stats = log_stats
@@ -176,19 +190,16 @@ class BoundGuardCallback(SessionViews, TrainerCallback, ExportableState):
         self._engine.load_state_dict(dict(value))
 
     def _args(self) -> dict[str, Any]:
+        """The keyword arguments that rebuild this callback (the Trainer calls ``BoundGuardCallback(**args)``)."""
         c = self._config
+        args: dict[str, Any] = {k: getattr(c, k) for k in OPTIONS}
         b = c.bounds
-        bounds: Any = b
         if isinstance(b, Bounds):
-            bounds = "distribution" if b.kind == "distribution" else [b.lo, b.hi]
-        return _jsonable({
-            "bounds": bounds, "on_violation": c.on_violation, "actions": c.actions,
-            "check_every_n_steps": c.check_every_n_steps,
-            "alerts_path": str(c.alerts_path) if c.alerts_path is not None else None,
-            "thresholds": c.thresholds, "input_key": c.input_key, "target_key": c.target_key,
-            "output_key": c.output_key, "name": c.name,
-            "log_stats": self._log_stats, "strict": c.strict,
-        })
+            args["bounds"] = "distribution" if b.kind == "distribution" else [b.lo, b.hi]
+        if c.alerts_path is not None:
+            args["alerts_path"] = str(c.alerts_path)
+        args["log_stats"] = self._log_stats
+        return _jsonable(args)
 
     def _restore(self, state: Any) -> None:
         """Resuming (``resume_from_checkpoint``): take the monitor's state from the checkpoint's
@@ -207,21 +218,21 @@ class BoundGuardCallback(SessionViews, TrainerCallback, ExportableState):
             self._trainer = _calling_trainer(self)
 
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Optional[nn.Module] = None,
-                       **kwargs: Any) -> None:
+                       optimizer: Any = None, **kwargs: Any) -> None:
         if self._trainer is None or not _holds(self._trainer, self):
             self._trainer = _calling_trainer(self) or self._trainer
-        self._begin(args, state, model)
+        self._begin(args, state, model, optimizer)
         self._epoch = int(state.epoch or 0)
 
     @guarded
-    def _begin(self, args: Any, state: Any, model: Optional[nn.Module]) -> None:
+    def _begin(self, args: Any, state: Any, model: Optional[nn.Module], optimizer: Any) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"{_ENTRY} needs the Trainer's torch model, got {type(model).__name__}")
         self._restore(state)
         self._session.join(self._engine.any_rank if int(getattr(args, "world_size", 1)) > 1 else None)
         self._engine.attach(model, None, write=int(getattr(args, "process_index", 0)) == 0)
-        accelerator = getattr(self._trainer, "accelerator", None)
-        self._engine.grad_scaled = getattr(accelerator, "scaler", None) is not None
+        # the optimizer the Trainer prepared (accelerate's AcceleratedOptimizer) holds the fp16 GradScaler
+        self._engine.grad_scaled = getattr(optimizer, "scaler", None) is not None
         self._install(model)
         self._training = True
 
@@ -374,8 +385,10 @@ def _holds(trainer: Any, callback: TrainerCallback) -> bool:
 
 
 def _calling_trainer(callback: TrainerCallback, depth: int = 12) -> Any:
-    """The ``transformers.Trainer`` calling ``callback`` right now (the Trainer does not pass itself to
-    callbacks): the nearest caller frame whose ``self`` is a Trainer holding this callback."""
+    """The ``transformers.Trainer`` calling ``callback`` right now: the nearest caller frame whose ``self`` is
+    a Trainer holding this callback. The Trainer does not pass itself to callbacks (``CallbackHandler``
+    hands ``model``, ``processing_class``, ``optimizer``, ``lr_scheduler`` and the data loaders, none of
+    which refers back to it), and ``log`` / ``training_step`` exist only on it (see the module docstring)."""
     frame: Optional[FrameType] = sys._getframe(1)
     for _ in range(depth):
         if frame is None:

@@ -12,6 +12,7 @@ import pytest
 from hf_tiny import one_thread, Tokens, run_trainer, severe, tiny_bert, tiny_gpt2  # noqa: F401  (skips without transformers)
 
 from boundguard import BoundGuardError, BoundGuardWarning
+from boundguard.config import OPTIONS
 from boundguard.integrations.transformers import BoundGuardCallback
 from transformers import default_data_collator
 
@@ -115,10 +116,11 @@ def test_gradient_accumulation_counts_steps_as_the_trainer_does(tmp_path):
 def test_invalid_options_are_rejected_at_construction():
     with pytest.raises(TypeError) as info:
         BoundGuardCallback(check_every=10)
-    msg = str(info.value)
-    for w in ("BoundGuardCallback()", "'check_every'", "did you mean 'check_every_n_steps'", "bounds",
-              "on_violation", "log_stats"):
-        assert w in msg, msg
+    # the teaching message: the entry point, the option, the closest match, every valid option (Config's and log_stats)
+    assert str(info.value) == ("BoundGuardCallback() got an unknown option 'check_every' (did you mean "
+                               f"'check_every_n_steps'?); valid options: {', '.join(OPTIONS)}, log_stats")
+    with pytest.raises(TypeError, match=r"unknown option 'log_stat' \(did you mean 'log_stats'\?\)"):
+        BoundGuardCallback(log_stat=False)
     with pytest.raises(ValueError, match="on_violation"):
         BoundGuardCallback(on_violation="stop")
     with pytest.raises(ValueError, match="check_every_n_steps"):
@@ -136,6 +138,7 @@ def test_state_is_json_and_rebuilds_the_callback():
     copy = BoundGuardCallback(**state["args"])
     copy.session_state = state["attributes"]["session_state"]
     assert copy.state() == cb.state()
+    assert list(state["args"]) == [*OPTIONS, "log_stats"]  # one option list: Config's, plus the callback's own
     assert BoundGuardCallback(bounds="distribution").state()["args"]["bounds"] == "distribution"
 
 
