@@ -4,6 +4,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
+from boundguard.fmt import json_float, number
+
 __all__ = ["Alert", "BoundGuardError", "BoundGuardWarning", "SEVERITIES", "severity_rank", "SCHEMA_VERSION"]
 
 #: Version of the JSON-lines records (alerts and statistics). Bumped on incompatible change.
@@ -55,13 +57,13 @@ class Alert:
         record: dict[str, Any] = {"schema": SCHEMA_VERSION, "type": "alert", "event": event}
         record.update(asdict(self))
         for name in ("value", "threshold"):
-            record[name] = _json_float(record[name])
+            record[name] = json_float(record[name])
         return record
 
     @classmethod
     def from_record(cls, record: dict[str, Any]) -> "Alert":
         names = cls.__dataclass_fields__.keys()
-        fields: dict[str, Any] = {k: float(v) if k in ("value", "threshold") and isinstance(v, str) else v
+        fields: dict[str, Any] = {k: number(v) if k in ("value", "threshold") and isinstance(v, str) else v
                                   for k, v in record.items() if k in names}
         return cls(**fields)
 
@@ -72,18 +74,6 @@ class Alert:
 
     def __str__(self) -> str:
         return f"[{self.severity}] {self.code} at step {self.step} ({self.where}): {self.message} Fix: {self.fix}"
-
-
-def _json_float(x: Optional[float]) -> Any:
-    """JSON has no NaN/Inf; write them as strings so every line stays strict JSON."""
-    if x is None:
-        return None
-    x = float(x)
-    if x != x:
-        return "nan"
-    if x in (float("inf"), float("-inf")):
-        return "inf" if x > 0 else "-inf"
-    return x
 
 
 class BoundGuardError(RuntimeError):

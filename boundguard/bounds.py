@@ -6,6 +6,8 @@ import numbers
 from dataclasses import dataclass, replace
 from typing import Any, Literal, Optional, Union
 
+from boundguard.fmt import bounds_text
+
 __all__ = ["Bounds", "BoundsSpec", "resolve_bounds", "infer_bounds", "PRESETS"]
 
 
@@ -63,8 +65,7 @@ class Bounds:
         return replace(self, inferred=True)
 
     def describe(self) -> str:
-        text = "a distribution (rows in [0, 1] summing to 1)" if self.kind == "distribution" else f"[{_g(self.lo)}, {_g(self.hi)}]"
-        return text + (" (inferred from the targets and loss)" if self.inferred else "")
+        return bounds_text(self.to_dict())
 
     def to_dict(self) -> dict[str, Any]:
         return {"lo": self.lo, "hi": self.hi, "kind": self.kind, "inferred": self.inferred}
@@ -72,10 +73,6 @@ class Bounds:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Bounds":
         return cls(float(d["lo"]), float(d["hi"]), d.get("kind", "interval"), bool(d.get("inferred", False)))
-
-
-def _g(x: float) -> str:
-    return f"{x:g}"
 
 
 PRESETS = {"probability": Bounds.probability, "symmetric": Bounds.symmetric, "distribution": Bounds.distribution}

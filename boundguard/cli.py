@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Optional, Sequence, TextIO
 
 from boundguard.alerts import SEVERITIES, severity_rank
 from boundguard.catalogue import CATALOGUE, CODES, Entry
+from boundguard import fmt
 
 if TYPE_CHECKING:
     from boundguard.report import AlertGroup, RunReport
@@ -123,8 +124,6 @@ def _write_rich(runs: Sequence) -> None:
     from rich.table import Table
     from rich.text import Text
 
-    from boundguard import report as rp
-
     console = Console(force_terminal=True, highlight=False, soft_wrap=False)
     for run in runs:
         title = Text(run.name, style="bold")
@@ -148,9 +147,9 @@ def _write_rich(runs: Sequence) -> None:
                 body.append(g.fix)
                 if g.where:
                     body.append(f"\nwhere: {', '.join(g.where)}", style="dim")
-                worst = Text(rp._g(g.value) if g.value is not None else "-")
+                worst = Text(fmt.g(g.value))
                 if g.value is not None and g.threshold is not None:
-                    worst.append(f"\nthreshold {rp._g(g.threshold)}", style="dim")
+                    worst.append(f"\nthreshold {fmt.g(g.threshold)}", style="dim")
                 table.add_row(Text(g.severity, style=_RICH_STYLES.get(g.severity, "")), Text(g.code),
                               str(g.count), _steps(g), worst, body)
             console.print(table)
@@ -164,11 +163,9 @@ def _steps(g: AlertGroup) -> str:
 
 
 def _worst(g: AlertGroup) -> str:
-    from boundguard.report import _g
-
     if g.value is None:
         return "-"
-    return _g(g.value) + (f" (threshold {_g(g.threshold)})" if g.threshold is not None else "")
+    return fmt.g(g.value) + (f" (threshold {fmt.g(g.threshold)})" if g.threshold is not None else "")
 
 
 def _totals(runs: Sequence[RunReport]) -> str:

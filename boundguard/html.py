@@ -26,8 +26,9 @@ import tempfile
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from boundguard import fmt
 from boundguard.alerts import severity_rank
-from boundguard.report import AlertGroup, MissingDependency, ReportError, RunReport, _g, _num, worst_severity
+from boundguard.report import AlertGroup, MissingDependency, ReportError, RunReport, worst_severity
 
 __all__ = ["render_html", "run_record"]
 
@@ -175,14 +176,10 @@ def _bounds_text(b: Any) -> str:
         return _missing("none")
     if isinstance(b, str):
         return f"<code>{_e(b)}</code>"
-    if not isinstance(b, dict):
-        return _missing("unreadable")
     try:
-        text = ("distribution (rows in [0, 1] summing to 1)" if b.get("kind") == "distribution"
-                else f"[{_g(_num(b.get('lo')))}, {_g(_num(b.get('hi')))}]")
+        return _e(fmt.bounds_text(b))
     except ValueError:
         return _missing("unreadable")
-    return _e(text) + (" (inferred from the targets and loss)" if b.get("inferred") else "")
 
 
 def _bounds_in_force(run: RunReport, rec: dict) -> str:
@@ -248,7 +245,7 @@ def _alert_row(g: AlertGroup) -> str:
     where = "<br>".join(f"<code>{_e(w)}</code>" for w in g.where if w) or _missing("-")
     worst = ""
     if g.value is not None:
-        worst = f"worst {_e(_g(g.value))}" + (f" (threshold {_e(_g(g.threshold))})" if g.threshold is not None else "")
+        worst = f"worst {_e(fmt.g(g.value))}" + (f" (threshold {_e(fmt.g(g.threshold))})" if g.threshold is not None else "")
         worst = f'<div class="small">{worst}</div>'
     title = f'<span class="title">{_e(g.title)}</span>' if g.title != g.code else ""
     return (f'<tr class="sev-{_e(g.severity)}"><td>{_badge(g.severity)}</td>'

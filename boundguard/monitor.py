@@ -253,7 +253,7 @@ class Monitor:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.alerts = [Alert.from_record(_unjson(r)) for r in state.get("alerts", [])]
+        self.alerts = [Alert.from_record(r) for r in state.get("alerts", [])]
         self._active = {}
         for code, where, idx in state.get("active", []):
             if 0 <= idx < len(self.alerts):
@@ -313,12 +313,4 @@ def _worse(new: float, old: float) -> bool:
         return abs(float(new)) > abs(float(old))
     except (TypeError, ValueError):
         return False
-
-
-def _unjson(record: dict) -> dict:
-    r = dict(record)
-    for k in ("value", "threshold"):
-        if isinstance(r.get(k), str):
-            r[k] = float(r[k])
-    return r
 

@@ -14,7 +14,8 @@ from typing import Any, Optional
 import numpy as np
 
 from boundguard.alerts import SEVERITIES, severity_rank
-from boundguard.report import MissingDependency, PathLike, ReportError, RunReport, StatsLog, _num, stats_path_for
+from boundguard.fmt import number
+from boundguard.report import MissingDependency, PathLike, ReportError, RunReport, StatsLog, stats_path_for
 
 __all__ = ["plot_run"]
 
@@ -267,7 +268,7 @@ def _bound(b: Optional[dict], name: str) -> float:
     (inf, nan, nan)
     """
     try:
-        v = _num(b.get(name)) if b else None
+        v = number(b.get(name)) if b else None
     except ValueError:
         v = None
     return np.nan if v is None else v

@@ -25,6 +25,7 @@ import numpy as np
 
 from boundguard.alerts import SCHEMA_VERSION, SEVERITIES, severity_rank
 from boundguard.catalogue import CATALOGUE
+from boundguard.fmt import bounds_text, json_float, number
 
 __all__ = [
     "ReportError", "MissingDependency", "LineProblem", "JsonLines", "read_jsonl", "RunFiles", "find_runs",
@@ -235,17 +236,6 @@ def _scan_dir(d: Path) -> list[RunFiles]:
 
 
 # ---------------------------------------------------------------------------------------- alerts
-def _num(x: Any) -> Optional[float]:
-    """A JSON number, or the strings "nan"/"inf"/"-inf" the writers use for non-finite values."""
-    if x is None or isinstance(x, bool):
-        return None
-    if isinstance(x, (int, float)):
-        return float(x)
-    if isinstance(x, str) and x.strip().lower() in ("nan", "inf", "-inf", "+inf", "infinity", "-infinity"):
-        return float(x.strip().lower().replace("infinity", "inf"))
-    raise ValueError(f"not a number: {x!r}")
-
-
 def _int(x: Any, name: str, *, optional: bool = False) -> Optional[int]:
     if x is None and optional:
         return None
@@ -290,7 +280,7 @@ def _alert_record(rec: dict) -> _AlertRecord:
         step=step, last_step=max(step, last if last is not None else step), count=max(1, count),
         where=text("where", ""), message=text("message", ""),
         fix=text("fix", CATALOGUE[code].fix if code in CATALOGUE else ""),
-        value=_num(rec.get("value")), threshold=_num(rec.get("threshold")),
+        value=number(rec.get("value")), threshold=number(rec.get("threshold")),
     )
 
 
@@ -335,7 +325,7 @@ class AlertGroup:
     def to_dict(self) -> dict[str, Any]:
         return {"code": self.code, "title": self.title, "severity": self.severity, "count": self.count,
                 "first_step": self.first_step, "last_step": self.last_step, "where": list(self.where),
-                "value": _json_num(self.value), "threshold": _json_num(self.threshold),
+                "value": json_float(self.value), "threshold": json_float(self.threshold),
                 "message": self.message, "fix": self.fix,
                 "events": [{"step": s, "severity": v} for s, v in self.events]}
 
@@ -427,7 +417,7 @@ def read_stats(path: PathLike) -> StatsLog:
         col = np.full(len(recs), np.nan)
         for i, r in enumerate(recs):
             try:
-                v = _num(r.get(name))
+                v = number(r.get(name))
             except ValueError:
                 v = None
             if v is not None:
@@ -437,17 +427,15 @@ def read_stats(path: PathLike) -> StatsLog:
     return StatsLog(Path(path), columns, bounds, runs=len([s for s in segments if s]) or 1, read=jl)
 
 
-def _describe_bounds(b: Optional[dict]) -> str:
+def _bounds_words(b: Optional[dict]) -> str:
+    """The bounds of a statistics record in words (:func:`boundguard.fmt.bounds_text`), ``none`` or
+    ``unreadable``."""
     if not b:
         return "none"
     try:
-        if b.get("kind") == "distribution":
-            text = "distribution (rows in [0, 1] summing to 1)"
-        else:
-            text = f"[{_g(_num(b.get('lo')))}, {_g(_num(b.get('hi')))}]"
+        return bounds_text(b)
     except ValueError:
         return "unreadable"
-    return text + (" (inferred)" if b.get("inferred") else "")
 
 
 # ---------------------------------------------------------------------------------------- runs
@@ -476,7 +464,7 @@ class RunReport:
             return None
         steps = s.steps[np.isfinite(s.steps)]
         span = f"steps {int(steps.min())}-{int(steps.max())}" if steps.size else "no steps"
-        text = f"{s.checks} check{'s' if s.checks != 1 else ''}, {span}, bounds {_describe_bounds(s.bounds[-1])}"
+        text = f"{s.checks} check{'s' if s.checks != 1 else ''}, {span}, bounds {_bounds_words(s.bounds[-1])}"
         if s.runs > 1:
             text += f" (last of {s.runs} runs appended to the log)"
         return text
@@ -529,23 +517,7 @@ def worst_severity(runs: Sequence[RunReport]) -> Optional[str]:
     return max(sev, key=severity_rank) if sev else None
 
 
-# ---------------------------------------------------------------------------------------- numbers and JSON
-def _g(x: Optional[float], digits: int = 4) -> str:
-    if x is None:
-        return "-"
-    if math.isnan(x):
-        return "nan"
-    if math.isinf(x):
-        return "inf" if x > 0 else "-inf"
-    return f"{x:.{digits}g}"
-
-
-def _json_num(x: Optional[float]) -> Any:
-    if x is None or math.isfinite(x):
-        return x
-    return "nan" if math.isnan(x) else ("inf" if x > 0 else "-inf")
-
-
+# ---------------------------------------------------------------------------------------- JSON
 def report_dict(runs: Sequence[RunReport]) -> dict[str, Any]:
     """What ``boundguard report --format json`` prints: the worst severity and each run's report."""
     return {"schema": SCHEMA_VERSION, "severity": worst_severity(runs), "runs": [r.to_dict() for r in runs]}

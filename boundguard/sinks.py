@@ -13,6 +13,7 @@ from types import FrameType
 from typing import IO, Any, Iterator, Optional
 
 from boundguard.alerts import SCHEMA_VERSION, Alert, BoundGuardWarning
+from boundguard.fmt import json_default, jsonable
 
 __all__ = ["JsonLinesWriter", "logger", "emit_warning", "warn_user", "log_alert", "set_alert_channel"]
 
@@ -76,9 +77,9 @@ class JsonLinesWriter:
     def write(self, record: dict[str, Any]) -> None:
         record.setdefault("schema", SCHEMA_VERSION)
         try:
-            line = json.dumps(record, allow_nan=False, default=_default, separators=(",", ":"))
-        except ValueError:  # a non-finite float somewhere: spelled as a string (strict JSON)
-            line = json.dumps(_sanitize(record), allow_nan=False, default=_default, separators=(",", ":"))
+            line = json.dumps(record, allow_nan=False, default=json_default, separators=(",", ":"))
+        except ValueError:  # a non-finite float somewhere: spelled as a string (strict JSON, boundguard.fmt)
+            line = json.dumps(jsonable(record), allow_nan=False, default=json_default, separators=(",", ":"))
         self._guard(self._write_line, line)
 
     def _write_line(self, line: str) -> None:
@@ -97,30 +98,6 @@ class JsonLinesWriter:
 
     def __getstate__(self) -> dict:
         return {"path": self.path, "_fh": None, "failed": self.failed, "_failures": []}
-
-
-def _sanitize(o: Any) -> Any:
-    """Strict JSON: non-finite floats become the strings "nan", "inf", "-inf"."""
-    if isinstance(o, float):
-        if o != o:
-            return "nan"
-        if o in (float("inf"), float("-inf")):
-            return "inf" if o > 0 else "-inf"
-        return o
-    if isinstance(o, dict):
-        return {str(k): _sanitize(v) for k, v in o.items()}
-    if isinstance(o, (list, tuple)):
-        return [_sanitize(v) for v in o]
-    return o
-
-
-def _default(o: Any) -> Any:
-    """A number JSON does not know (a numpy scalar, a 0-d tensor) as a float, non-finite ones spelled as
-    :func:`_sanitize` spells them; anything else as its ``str``."""
-    try:
-        return _sanitize(float(o))
-    except (TypeError, ValueError):
-        return str(o)
 
 
 _CHANNELS = ("warnings", "logging")

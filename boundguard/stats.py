@@ -29,6 +29,8 @@ from typing import Any, Iterable, Optional
 
 import numpy as np
 
+from boundguard.fmt import json_float
+
 __all__ = ["Stat", "STATS", "COLUMNS", "KINDS", "LOSS_COLUMN", "columns_of", "fields_of", "row_stats",
            "count_stats", "neutral_row", "reduce_rows", "fold_rows", "merge_rows", "Snapshot"]
 
@@ -315,8 +317,8 @@ class Snapshot:
             if not n:
                 continue
             for key in keys:
-                v = values[key]  # finite as it is; NaN as null, infinities spelled (strict JSON)
-                rec[key] = v if v - v == 0.0 else (None if v != v else ("inf" if v > 0 else "-inf"))
+                v = values[key]  # finite as it is, non-finite spelled (strict JSON: boundguard.fmt)
+                rec[key] = v if v - v == 0.0 else json_float(v)
             rec[key_nonfinite] = max(0, int(round(n - values[key_finite])))  # (as nonfinite())
         for k, v in self.loss_summary().items():
             rec[_LOSS_KEYS[k]] = v
