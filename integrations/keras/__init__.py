@@ -34,8 +34,11 @@ with the model's metric variables (see :mod:`.buffer`). A custom ``train_step`` 
 Known limits: with ``bounds="auto"`` the targets are first seen at the first check, so the out-of-range
 *counts* of step 1 are taken against the bounds the loss implies (``(0, 1)`` / a distribution for
 probability losses, none for regression losses); min/max of step 1 are exact and the inferred bounds
-apply from step 2. Like any callback with a batch-end hook, this one turns off Keras' asynchronous
-callback dispatch (torch/JAX backends), so Keras converts each batch's ``logs`` on the main thread.
+apply from step 2. The callback is ``async_safe``: on torch and JAX Keras keeps dispatching batch-end hooks
+on its callback thread; the callback records only the running loss's finiteness there and does its work on
+the training thread (at the next batch's begin and at the epoch's end), so there a check of step ``n``
+runs before batch ``n + 1`` and a ``halt`` stops ``fit`` one batch later than on TensorFlow (whose
+batch-end hooks run synchronously, where a check and a halt act at the step itself).
 
 Modules: :mod:`.graph` (model inspection; every use of Keras internals), :mod:`.activations`
 (``BoundActivation``, the watch wrapper, ``apply_bounds``), :mod:`.buffer` (the device buffer, one

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import threading
+from dataclasses import dataclass
 from typing import Any, Callable, Optional, Union
 
 import keras
@@ -62,11 +64,23 @@ class BoundGuard(SessionViews, keras.callbacks.Callback):
     - ``boundguard/input_rms``: the input scale; ``boundguard/loss_mean``: the mean batch loss of the
       steps checked; ``boundguard/alerts``: the number of alerts so far.
 
+    Threads: the callback is ``async_safe``, so it leaves Keras' asynchronous dispatch of batch-end hooks
+    on (JAX and torch run them on a thread pool, possibly out of order, while the next batch trains). All
+    its work (counting steps, reading the device buffer, judging, acting) runs on the training thread:
+    in the batch-end hook when Keras calls it there (TensorFlow, or any fit with a callback that is not
+    async-safe), else at the next ``on_train_batch_begin`` and at ``on_epoch_end`` (after Keras has waited
+    for the pool). A batch-end hook on the pool only records, under a lock, whether the running loss was
+    finite (the NaN tripwire's hint). So under asynchronous dispatch the check of step ``n`` runs before
+    batch ``n + 1``, and a ``halt`` lets that one batch run before ``fit`` stops.
+
     Example:
         >>> from boundguard.integrations.keras import BoundGuard
         >>> guard = BoundGuard(bounds=(0, 1), on_violation="bound")
         >>> # model.fit(x, y, callbacks=[guard]); guard.alerts; model.save("m.keras")
     """
+
+    #: Keras keeps dispatching batch-end hooks asynchronously with this callback in the list (see above).
+    async_safe = True
 
     def __init__(self, bounds: Any = "auto", on_violation: str = "warn", actions: Optional[dict] = None,
                  check_every_n_steps: int = 50, alerts_path: Any = None, *, thresholds: Optional[dict] = None,
@@ -102,6 +116,10 @@ class BoundGuard(SessionViews, keras.callbacks.Callback):
         self._spilled = 0  # steps of this interval already moved to the host
         self._trip_armed = True
         self._logs_finite = True  # the running loss Keras reported last
+        self._last_begin = -1  # the batch of this epoch whose on_train_batch_begin came last
+        self._train_thread: Optional[int] = None  # the thread fit() runs on (set at on_train_begin)
+        self._lock = threading.Lock()  # guards _reported, the one field Keras' callback thread writes
+        self._reported = _Reported()
 
     # -------------------------------------------------------------- read-only views
     @property
@@ -135,6 +153,9 @@ class BoundGuard(SessionViews, keras.callbacks.Callback):
     def on_train_begin(self, logs: Optional[dict] = None) -> None:
         s, model = self._session, self.model
         self._wmodel = model
+        self._train_thread = threading.get_ident()
+        with self._lock:
+            self._reported = _Reported()
         s.open()
         s.begin_fit()  # a new fit: a halt of an earlier one does not carry over
         backend = keras.backend.backend()
@@ -149,26 +170,91 @@ class BoundGuard(SessionViews, keras.callbacks.Callback):
     @guarded
     def on_epoch_begin(self, epoch: int, logs: Optional[dict] = None) -> None:
         self._epoch = int(epoch)
-        self._last_batch = -1
+        self._last_batch = self._last_begin = -1
         self._epoch_stats = EpochStats()
+        with self._lock:  # (Keras waited for its callback thread at the end of the last epoch)
+            self._reported = _Reported()
 
     @guarded
-    def on_train_batch_end(self, batch: int, logs: Optional[dict] = None) -> None:
+    def on_train_batch_begin(self, batch: int, logs: Optional[dict] = None) -> None:
+        """Training thread. When the batch-end hooks of the batches before this one ran on Keras' callback
+        thread (asynchronous dispatch), their steps are counted, checked and acted on here."""
         if not self._installed:
             return
         batch = int(batch)
+        if batch - 1 > self._last_batch:
+            self._advance(batch - 1, self._reported_trip)
+        self._last_begin = batch
+
+    def on_train_batch_end(self, batch: int, logs: Optional[dict] = None) -> None:
+        if threading.get_ident() != self._train_thread:  # Keras' callback thread: record only
+            self._report(batch, logs)
+            return
+        self._batch_end(batch, logs)
+
+    @guarded
+    def _batch_end(self, batch: int, logs: Optional[dict]) -> None:
+        """The batch-end hook on the training thread (Keras dispatches it synchronously)."""
+        if not self._installed:
+            return
+        self._advance(self._clamp(int(batch)), lambda: self._tripped(logs))
+
+    def _clamp(self, batch: int) -> int:
         steps = (self.params or {}).get("steps")
         if isinstance(steps, int) and steps > 0:
             batch = min(batch, steps - 1)  # Keras reports a full last execution with steps_per_execution > 1
+        return batch
+
+    def _advance(self, batch: int, tripped: Callable[[], bool]) -> None:
+        """Training thread: count the steps of this epoch up to batch index ``batch``; check when a check is
+        due or ``tripped()`` (the NaN tripwire) says so, else move full blocks of rows to the host."""
         done, self._last_batch = batch - self._last_batch, batch
         s = self._session
-        if s.count_steps(done, self._epoch) or self._tripped(logs):
+        if s.count_steps(done, self._epoch) or tripped():
             self._check()
             return
         buffered = s.step - s.interval_start + 1 - self._spilled
         if buffered >= self._block:  # the next execution could overrun the device rows
             self._buf.spill(buffered)
             self._spilled += buffered
+
+    def _catch_up(self) -> None:
+        """Training thread, once Keras has waited for its callback thread (epoch end, end of fit): count the
+        batches whose batch-end hooks ran there and were not counted at a later batch's begin."""
+        if self._installed and self._last_begin > self._last_batch:
+            spe = getattr(self.model, "steps_per_execution", 1)
+            spe = spe if isinstance(spe, int) and spe > 0 else 1
+            self._advance(self._clamp(self._last_begin + spe - 1), self._reported_trip)
+
+    def _report(self, batch: Any, logs: Optional[dict]) -> None:
+        """Keras' callback thread (asynchronous dispatch): record whether the running loss Keras converted
+        there is finite, and nothing else. The hooks may run out of order, so the record keeps the first
+        batch with a non-finite loss and the finiteness of the latest batch. Never raises: a lost record
+        only delays a NaN to the next scheduled check."""
+        try:
+            b = int(batch)
+            loss = logs.get("loss") if isinstance(logs, dict) else None
+            finite = not isinstance(loss, (int, float)) or math.isfinite(loss)
+            with self._lock:
+                r = self._reported
+                if b >= r.batch:
+                    r.batch, r.finite = b, finite
+                if not finite and (r.nonfinite_at is None or b < r.nonfinite_at):
+                    r.nonfinite_at = b
+        except Exception:
+            pass
+
+    def _reported_trip(self) -> bool:
+        """The NaN tripwire under asynchronous dispatch: a batch-end hook on Keras' callback thread saw a
+        non-finite running loss. Which step that is known by depends on timing (the callback thread
+        converts the logs while the next batches train), so the check comes at a batch boundary after the
+        NaN step, before the next scheduled check."""
+        with self._lock:
+            nonfinite, self._logs_finite = self._reported.nonfinite_at is not None, self._reported.finite
+        if not self._trip_armed or not nonfinite:
+            return False
+        self._trip_armed = False
+        return True
 
     def _tripped(self, logs: Optional[dict]) -> bool:
         """The NaN tripwire: Keras hands every batch-end hook the epoch's running loss as a host number
@@ -185,6 +271,7 @@ class BoundGuard(SessionViews, keras.callbacks.Callback):
 
     @guarded
     def on_epoch_end(self, epoch: int, logs: Optional[dict] = None) -> None:
+        self._catch_up()  # (Keras waited for its callback thread before calling this)
         if logs is None or not self._installed:
             return
         metrics = self._epoch_stats.metrics()
@@ -205,6 +292,7 @@ class BoundGuard(SessionViews, keras.callbacks.Callback):
     @guarded
     def _final_check(self) -> None:
         """The steps since the last check are judged at the end of ``fit`` (a NaN in the last batches too)."""
+        self._catch_up()
         s = self._session
         if self._installed and s.step >= s.interval_start:
             self._check()
@@ -392,6 +480,17 @@ class BoundGuard(SessionViews, keras.callbacks.Callback):
             plan = s.counting_plan(provisional_loss=self._loss,
                                    facts=ModelFacts(activation=self._act[0], activation_params=dict(self._act[1])))
         self._buffer.apply(plan)
+
+
+@dataclass
+class _Reported:
+    """What batch-end hooks on Keras' callback thread saw in this epoch (guarded by ``BoundGuard._lock``):
+    the latest batch reported and whether its running loss was finite, and the first batch whose running
+    loss was not."""
+
+    batch: int = -1
+    finite: bool = True
+    nonfinite_at: Optional[int] = None
 
 
 class EpochStats:

@@ -26,6 +26,11 @@ from boundguard.integrations.keras import BoundGuard  # noqa: E402
 
 BACKEND = keras.backend.backend()
 SEVERE = {"warning", "error", "critical"}
+#: Keras dispatches batch-end hooks asynchronously on this backend (torch and JAX: ``IS_THREAD_SAFE``) when
+#: every callback is async-safe, as BoundGuard is. Its check of step n then runs on the training thread
+#: before batch n + 1, so a halt lets that one batch run: ``LAG`` batches more than on TensorFlow.
+ASYNC = bool(keras.src.backend.IS_THREAD_SAFE)
+LAG = 1 if ASYNC else 0
 
 
 def severe(alerts) -> set[str]:
@@ -172,5 +177,5 @@ def predict(model, x) -> np.ndarray:
     return np.asarray(model.predict(x, verbose=0))
 
 
-__all__ = ["BACKEND", "SEVERE", "severe", "codes", "describe", "data", "dense", "guard", "fit", "Script",
+__all__ = ["BACKEND", "ASYNC", "LAG", "SEVERE", "severe", "codes", "describe", "data", "dense", "guard", "fit", "Script",
            "clip_activation", "watched_activation", "quiet_warnings", "assert_clean", "predict", "Optional"]

@@ -85,7 +85,8 @@ def test_jax_data_parallel_watches_the_global_batch(tmp_path):
     seed, halt, ok = r["seed"], r["halt"], r["ok"]
     assert {"output_out_of_range", "missing_output_activation"} <= set(seed["first"]) and not seed["disabled"]
     assert seed["n"]["pred"] == 16  # step 1: the whole global batch, both devices' shares
-    assert halt["nan"] is not None and 6 <= halt["nan"] <= 8 and halt["steps"] == halt["nan"], halt
+    # Keras dispatches batch-end hooks asynchronously on JAX: the halt lets one more batch run
+    assert halt["nan"] is not None and 6 <= halt["nan"] <= 8 and halt["steps"] == halt["nan"] + 1, halt
     assert ok["codes"] == [] and ok["notes"] == [] and ok["steps"] == 16, ok
 
 

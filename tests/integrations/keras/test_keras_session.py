@@ -15,7 +15,7 @@ from boundguard import BoundGuardError, BoundGuardWarning
 from boundguard.integrations.keras import BoundActivation, BoundGuard, apply_bounds
 from boundguard.surgery import BoundRecord
 
-from conftest import assert_clean, data, dense, fit, guard, keras, predict
+from conftest import ASYNC, LAG, assert_clean, data, dense, fit, guard, keras, predict
 
 RANGE = ("output_out_of_range", "missing_output_activation")
 
@@ -126,7 +126,10 @@ def test_the_end_of_fit_is_judged(tmp_path):
 @pytest.mark.parametrize("action", ["halt", "raise"])
 def test_nan_tripwire_acts_at_the_nan_step(tmp_path, action):
     """A NaN input in batch 8 with checks every 50 steps: judged, and acted on, at step 8 (Keras hands the
-    batch-end hook the running loss as a host number; a NaN step makes it NaN)."""
+    batch-end hook the running loss as a host number; a NaN step makes it NaN). Under asynchronous dispatch
+    (torch, JAX) Keras' callback thread sees that loss while the next batches train: the check comes at a
+    batch boundary after step 8 that depends on timing, before the end of fit (step 40), and a halt lets
+    one more batch run."""
     x, y = data("binary", n=40 * 32)
     x = x.copy()
     x[7 * 32 + 3, 0] = np.nan
@@ -137,10 +140,16 @@ def test_nan_tripwire_acts_at_the_nan_step(tmp_path, action):
             fit(model, x, y, g, epochs=1, shuffle=False)
     else:
         fit(model, x, y, g, epochs=1, shuffle=False)
-        assert g._session.step == 8  # no batch ran after the halt
     steps = {a.code: a.step for a in g.alerts}
-    assert steps["nonfinite_input"] == 8 and steps["nonfinite_loss"] == 8
-    assert g.last_snapshot.step == 8
+    judged = steps["nonfinite_input"]
+    assert steps["nonfinite_loss"] == judged
+    if ASYNC:
+        assert 8 <= judged <= 40, steps
+    else:
+        assert judged == 8, steps
+    if action == "halt":  # no batch ran after the halt (one under async dispatch; none after the last)
+        assert g._session.step == min(judged + LAG, 40)
+    assert g.last_snapshot.step == g._session.step
 
 
 def test_one_cadence_no_epoch_end_check(tmp_path):
@@ -166,9 +175,9 @@ def test_a_halt_does_not_carry_over_to_the_next_fit(tmp_path):
     model = dense()
     g = guard(tmp_path, bounds=(0, 1), on_violation="halt", check_every_n_steps=4)
     fit(model, x, y, g, epochs=1)
-    assert int(model.optimizer.iterations.numpy()) == 1
-    fit(model, x, y, g, epochs=1, compile=False)  # steps 2-9: the same alerts are active, nothing new halts
-    assert int(model.optimizer.iterations.numpy()) == 9
+    assert int(model.optimizer.iterations.numpy()) == 1 + LAG
+    fit(model, x, y, g, epochs=1, compile=False)  # 8 more steps: the same alerts are active, nothing new halts
+    assert int(model.optimizer.iterations.numpy()) == 9 + LAG
 
 
 def test_old_state_and_record_dicts_still_load(tmp_path):

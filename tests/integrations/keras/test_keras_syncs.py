@@ -9,7 +9,8 @@ does not see device→host reads. (TensorFlow runs the step as one graph call; t
 
 The count starts before each batch and stops after every batch-end hook, so it covers the train step and all
 callback code of that step. Both runs carry the same two counting callbacks, so Keras dispatches its
-batch-end hooks the same way in both (a batch-end hook turns off Keras' asynchronous callback dispatch)."""
+batch-end hooks the same way in both (synchronously: a batch-end hook of a callback that is not async-safe
+turns off Keras' asynchronous callback dispatch)."""
 from __future__ import annotations
 
 import collections
