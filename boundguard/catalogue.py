@@ -1,9 +1,17 @@
-"""The alert catalogue: one entry per stable code, with what it means and what to change."""
+"""The alert catalogue: one entry per stable code, with what it means and what to change; and the README's
+table of it (``python -m boundguard.catalogue`` prints it, ``--write-readme README.md`` updates it)."""
 from __future__ import annotations
 
+import argparse
+import sys
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
 
-__all__ = ["Entry", "CATALOGUE", "CODES", "RANGE_CODES", "entry"]
+from boundguard.fmt import md_cell
+
+__all__ = ["Entry", "CATALOGUE", "CODES", "RANGE_CODES", "catalogue_markdown", "replace_catalogue", "CATALOGUE_START",
+           "CATALOGUE_END", "entry"]
 
 
 @dataclass(frozen=True)
@@ -226,3 +234,60 @@ def entry(code: str) -> Entry:
         return CATALOGUE[code]
     except KeyError:
         raise KeyError(f"unknown alert code {code!r}; valid codes: {', '.join(CODES)}") from None
+
+
+# ---------------------------------------------------------------------------------------- the README's table
+CATALOGUE_START = "<!-- catalogue:start -->"
+CATALOGUE_END = "<!-- catalogue:end -->"
+
+
+def catalogue_markdown() -> str:
+    """The README's alert catalogue table, generated from :data:`CATALOGUE`.
+
+    >>> catalogue_markdown().splitlines()[0]
+    '| code | default severity | fires when | fix |'
+    """
+    rows = ["| code | default severity | fires when | fix |", "| --- | --- | --- | --- |"]
+    for code in CODES:
+        e = CATALOGUE[code]
+        rows.append(f"| `{e.code}` | {e.severity} | {md_cell(e.meaning)} | {md_cell(e.fix)} |")
+    return "\n".join(rows) + "\n"
+
+
+def replace_catalogue(text: str) -> str:
+    """``text`` with the table between the catalogue markers replaced by :func:`catalogue_markdown`.
+
+    Raises:
+        ValueError: the markers are missing or out of order.
+    """
+    start, end = text.find(CATALOGUE_START), text.find(CATALOGUE_END)
+    if start < 0 or end < start:
+        raise ValueError(f"the markers {CATALOGUE_START} and {CATALOGUE_END} were not found (in that order)")
+    return text[: start + len(CATALOGUE_START)] + "\n" + catalogue_markdown() + text[end:]
+
+
+def main(argv: Optional[Sequence[str]] = None, prog: str = "python -m boundguard.catalogue") -> int:
+    """Print the README's catalogue table, or (``--write-readme README.md``) replace it between the markers."""
+    parser = argparse.ArgumentParser(prog=prog, description="Print or update the README's alert catalogue table.")
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--catalogue", action="store_true", help="print the catalogue table (Markdown; the default)")
+    group.add_argument("--write-readme", metavar="README", help="replace the table between the catalogue markers")
+    args = parser.parse_args(argv)
+    if args.write_readme is None:
+        sys.stdout.write(catalogue_markdown())
+        return 0
+    path = Path(args.write_readme)
+    try:
+        text = path.read_text(encoding="utf-8")
+        new = replace_catalogue(text)
+    except (OSError, ValueError) as err:
+        print(f"error: {path}: {getattr(err, 'strerror', None) or err}", file=sys.stderr)
+        return 2
+    if new != text:
+        path.write_text(new, encoding="utf-8")
+    print(f"{path}: catalogue table {'updated' if new != text else 'already up to date'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -21,24 +21,22 @@ import json
 import os
 import sys
 import textwrap
-from typing import TYPE_CHECKING, Optional, Sequence, TextIO
+from typing import Optional, Sequence, TextIO
 
+from boundguard import fmt
 from boundguard.alerts import SEVERITIES, severity_rank
 from boundguard.catalogue import CATALOGUE, CODES, Entry
-from boundguard import fmt
-
-if TYPE_CHECKING:
-    from boundguard.report import AlertGroup, RunReport
+from boundguard.fmt import md_cell
+from boundguard.report import (AlertGroup, MissingDependency, ReportError, RunReport, find_runs, load_run,
+                               report_dict, runs_summary, worst_severity)
 
 __all__ = ["main", "build_parser", "EXIT_OK", "EXIT_ALERTS", "EXIT_ERROR", "render_text", "render_markdown",
-           "render_json", "catalogue_markdown", "replace_catalogue", "CATALOGUE_START", "CATALOGUE_END"]
+           "render_json"]
 
 EXIT_OK = 0
 EXIT_ALERTS = 1
 EXIT_ERROR = 2
 PROG = "boundguard"
-CATALOGUE_START = "<!-- catalogue:start -->"
-CATALOGUE_END = "<!-- catalogue:end -->"
 
 
 class _Usage(Exception):
@@ -55,15 +53,13 @@ def _warn(message: str) -> None:
 
 # ---------------------------------------------------------------------------------------- report
 def _cmd_report(args: argparse.Namespace) -> int:
-    from boundguard import report as rp
-
-    runs = [rp.load_run(f) for f in rp.find_runs(args.paths)]
+    runs = [load_run(f) for f in find_runs(args.paths)]
     for run in runs:
         for w in run.warnings:
             _warn(w)
     code = EXIT_OK
     if args.fail_on is not None:
-        worst = rp.worst_severity(runs)
+        worst = worst_severity(runs)
         if worst is not None and severity_rank(worst) >= severity_rank(args.fail_on):
             code = EXIT_ALERTS
     errors = [r.error for r in runs if r.error]
@@ -91,14 +87,12 @@ def _cmd_report(args: argparse.Namespace) -> int:
     if errors:
         return EXIT_ERROR
     if code == EXIT_ALERTS:
-        print(f"{PROG}: alerts at or above '{args.fail_on}' found (highest: {rp.worst_severity(runs)})",
+        print(f"{PROG}: alerts at or above '{args.fail_on}' found (highest: {worst_severity(runs)})",
               file=sys.stderr)
     return code
 
 
 def _write_output(path: str, text: str) -> None:
-    from boundguard.report import ReportError
-
     try:
         with open(path, "w", encoding="utf-8", newline="") as fh:
             fh.write(text)
@@ -154,7 +148,7 @@ def _write_rich(runs: Sequence) -> None:
                               str(g.count), _steps(g), worst, body)
             console.print(table)
         console.print()
-    console.print(Text(_totals(runs)))
+    console.print(Text(runs_summary(runs)))
 
 
 # ---------------------------------------------------------------------------------------- report: text, Markdown, JSON
@@ -168,19 +162,8 @@ def _worst(g: AlertGroup) -> str:
     return fmt.g(g.value) + (f" (threshold {fmt.g(g.threshold)})" if g.threshold is not None else "")
 
 
-def _totals(runs: Sequence[RunReport]) -> str:
-    from boundguard.report import worst_severity
-
-    n_alerting = sum(1 for r in runs if r.groups)
-    worst = worst_severity(runs)
-    text = f"{len(runs)} run{'s' if len(runs) != 1 else ''}, {n_alerting} with alerts"
-    return text + (f"; highest severity: {worst}." if worst else ".")
-
-
 def render_text(runs: Sequence[RunReport]) -> str:
     """Plain text, one block per run: a row per code, its message and fix beneath it."""
-    from boundguard.report import worst_severity
-
     out: list[str] = []
     for run in runs:
         out.append(run.name)
@@ -195,7 +178,7 @@ def render_text(runs: Sequence[RunReport]) -> str:
         else:
             out += _text_table(run.groups)
         out.append("")
-    out.append(_totals(runs) + (" Details of a code: boundguard explain CODE" if worst_severity(runs) else ""))
+    out.append(runs_summary(runs) + (" Details of a code: boundguard explain CODE" if worst_severity(runs) else ""))
     return "\n".join(out) + "\n"
 
 
@@ -217,25 +200,16 @@ def _text_table(groups: Sequence[AlertGroup]) -> list[str]:
     return out
 
 
-def _md_cell(text: str) -> str:
-    r"""One Markdown table cell: on one line, with ``|`` and ``\`` escaped.
-
-    >>> _md_cell("a | b\n  c")
-    'a \\| b c'
-    """
-    return " ".join(str(text).split()).replace("\\", "\\\\").replace("|", "\\|")
-
-
 def render_markdown(runs: Sequence[RunReport]) -> str:
     """A Markdown section per run with a table of its codes (for CI summaries and issues)."""
-    out = ["# boundguard report", "", _totals(runs), ""]
+    out = ["# boundguard report", "", runs_summary(runs), ""]
     for run in runs:
         out += [f"## `{run.name}`", ""]
         summary = run.stats_summary()
         if summary:
             out += [summary[0].upper() + summary[1:] + ".", ""]
         if run.error:
-            out += [f"**Unreadable:** {_md_cell(run.error)}", ""]
+            out += [f"**Unreadable:** {md_cell(run.error)}", ""]
             continue
         if not run.groups:
             out += ["No alerts.", ""]
@@ -243,15 +217,13 @@ def render_markdown(runs: Sequence[RunReport]) -> str:
         out.append("| severity | code | count | steps | worst (threshold) | where | message | fix |")
         out.append("| --- | --- | ---: | --- | --- | --- | --- | --- |")
         for g in run.groups:
-            out.append(f"| {g.severity} | `{g.code}` | {g.count} | {_steps(g)} | {_md_cell(_worst(g))} | "
-                       f"{_md_cell(', '.join(g.where))} | {_md_cell(g.message)} | {_md_cell(g.fix)} |")
+            out.append(f"| {g.severity} | `{g.code}` | {g.count} | {_steps(g)} | {md_cell(_worst(g))} | "
+                       f"{md_cell(', '.join(g.where))} | {md_cell(g.message)} | {md_cell(g.fix)} |")
         out.append("")
     return "\n".join(out)
 
 
 def render_json(runs: Sequence[RunReport]) -> str:
-    from boundguard.report import report_dict
-
     return json.dumps(report_dict(runs), indent=2, allow_nan=False) + "\n"
 
 
@@ -267,13 +239,11 @@ def _parse_size(text: str) -> tuple[int, int]:
 
 
 def _cmd_plot(args: argparse.Namespace) -> int:
-    from boundguard import report as rp
-
-    runs = rp.find_runs([args.path])
+    runs = find_runs([args.path])
     if len(runs) > 1:
         names = "\n  ".join(r.name for r in runs)
         raise _Usage(f"{args.path} holds {len(runs)} runs; plot one of them:\n  {names}")
-    run = rp.load_run(runs[0])
+    run = load_run(runs[0])
     for w in run.warnings:
         _warn(w)
     if run.stats is not None and run.stats.runs > 1:
@@ -355,63 +325,6 @@ def _terminal_width() -> int:
         return 100
 
 
-# ---------------------------------------------------------------------------------------- the README's catalogue table
-def catalogue_markdown() -> str:
-    """The README's alert catalogue table, generated from :data:`boundguard.catalogue.CATALOGUE`.
-
-    >>> catalogue_markdown().splitlines()[0]
-    '| code | default severity | fires when | fix |'
-    """
-    rows = ["| code | default severity | fires when | fix |", "| --- | --- | --- | --- |"]
-    for code in CODES:
-        e = CATALOGUE[code]
-        rows.append(f"| `{e.code}` | {e.severity} | {_md_cell(e.meaning)} | {_md_cell(e.fix)} |")
-    return "\n".join(rows) + "\n"
-
-
-def replace_catalogue(text: str) -> str:
-    """``text`` with the table between the catalogue markers replaced by :func:`catalogue_markdown`.
-
-    Raises:
-        ReportError: the markers are missing or out of order.
-    """
-    from boundguard.report import ReportError
-
-    start, end = text.find(CATALOGUE_START), text.find(CATALOGUE_END)
-    if start < 0 or end < start:
-        raise ReportError(f"the markers {CATALOGUE_START} and {CATALOGUE_END} were not found (in that order)")
-    return text[: start + len(CATALOGUE_START)] + "\n" + catalogue_markdown() + text[end:]
-
-
-def catalogue_main(argv: Optional[Sequence[str]] = None) -> int:
-    """``python -m boundguard.report --catalogue`` prints the README's catalogue table;
-    ``--write-readme README.md`` replaces it between the catalogue markers."""
-    from pathlib import Path
-
-    from boundguard.report import ReportError
-
-    parser = argparse.ArgumentParser(prog="python -m boundguard.report",
-                                     description="Print or update the README's alert catalogue table.")
-    group = parser.add_mutually_exclusive_group(required=True)
-    group.add_argument("--catalogue", action="store_true", help="print the catalogue table (Markdown)")
-    group.add_argument("--write-readme", metavar="README", help="replace the table between the catalogue markers")
-    args = parser.parse_args(argv)
-    if args.catalogue:
-        sys.stdout.write(catalogue_markdown())
-        return 0
-    path = Path(args.write_readme)
-    try:
-        text = path.read_text(encoding="utf-8")
-        new = replace_catalogue(text)
-    except (OSError, ReportError) as err:
-        print(f"error: {path}: {getattr(err, 'strerror', None) or err}", file=sys.stderr)
-        return 2
-    if new != text:
-        path.write_text(new, encoding="utf-8")
-    print(f"{path}: catalogue table {'updated' if new != text else 'already up to date'}")
-    return 0
-
-
 # ---------------------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     from boundguard import __version__
@@ -465,8 +378,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``boundguard`` console script and of ``python -m boundguard``."""
-    from boundguard.report import MissingDependency, ReportError
-
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:

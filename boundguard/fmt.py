@@ -19,7 +19,7 @@ import math
 from collections.abc import Mapping
 from typing import Any, Optional, Union
 
-__all__ = ["g", "json_float", "jsonable", "json_default", "number", "bounds_text", "BOUND_DIGITS"]
+__all__ = ["g", "json_float", "jsonable", "json_default", "number", "bounds_text", "md_cell", "BOUND_DIGITS"]
 
 #: Significant digits of a bound in text: a declared bound is shown as given (0.99999 is not "1").
 BOUND_DIGITS = 6
@@ -96,3 +96,12 @@ def bounds_text(b: Mapping) -> str:
             raise ValueError(f"a bounds record without lo and hi: {dict(b)!r}")
         text = f"[{g(lo, BOUND_DIGITS)}, {g(hi, BOUND_DIGITS)}]"
     return text + (" (inferred from the targets and loss)" if b.get("inferred") else "")
+
+
+def md_cell(text: str) -> str:
+    r"""One Markdown table cell: on one line, with ``|`` and ``\`` escaped.
+
+    >>> md_cell("a | b\n  c")
+    'a \\| b c'
+    """
+    return " ".join(str(text).split()).replace("\\", "\\\\").replace("|", "\\|")

@@ -28,7 +28,7 @@ from typing import Any, Optional, Sequence
 
 from boundguard import fmt
 from boundguard.alerts import severity_rank
-from boundguard.report import AlertGroup, MissingDependency, ReportError, RunReport, worst_severity
+from boundguard.report import AlertGroup, MissingDependency, ReportError, RunReport, runs_summary, worst_severity
 
 __all__ = ["render_html", "run_record"]
 
@@ -344,13 +344,9 @@ def render_html(runs: Sequence[RunReport], *, plots: bool = True, dpi: int = 100
     missing). Inline CSS only, no script and no external reference; ASCII only."""
     from boundguard import __version__
 
-    worst = worst_severity(runs)
-    n_alerting = sum(1 for r in runs if r.groups)
-    lead = (f"{len(runs)} run{'s' if len(runs) != 1 else ''}, {n_alerting} with alerts"
-            + (f"; highest severity: {worst}." if worst else "."))
     body = [
         f"<header><h1>{_e(title)}</h1>",
-        f'<p class="lead">{_badge(worst)} {_e(lead)}</p></header>',
+        f'<p class="lead">{_badge(worst_severity(runs))} {_e(runs_summary(runs))}</p></header>',
         _overview(runs) if len(runs) > 1 else "",
         *(_run_section(r, i, plots, dpi) for i, r in enumerate(runs, 1)),
         f"<footer>Written by boundguard {_e(__version__)}. The alert codes are explained by "

@@ -3,9 +3,9 @@
 The files are untrusted data (a run killed mid-write leaves a partial last line; files get
 concatenated, edited, or come from a newer boundguard), so every reader here skips what it cannot
 use and says how much it skipped instead of raising. Only numpy is needed. The text, Markdown and
-JSON renderings of a report are in :mod:`boundguard.cli`, the plot in :mod:`boundguard.plot`;
-``python -m boundguard.report --catalogue`` (or ``--write-readme README.md``) still prints (or
-updates) the README's catalogue table, through :func:`boundguard.cli.catalogue_main`.
+JSON renderings of a report are in :mod:`boundguard.cli`, the HTML page in :mod:`boundguard.html`, the
+plot in :mod:`boundguard.plot`. (``python -m boundguard.report --catalogue`` still prints the README's
+catalogue table for this release: it moved to ``python -m boundguard.catalogue``.)
 
 Example:
     >>> from boundguard.report import stats_path_for
@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence, Union
@@ -30,7 +31,7 @@ from boundguard.fmt import bounds_text, json_float, number
 __all__ = [
     "ReportError", "MissingDependency", "LineProblem", "JsonLines", "read_jsonl", "RunFiles", "find_runs",
     "stats_path_for", "AlertGroup", "RunReport", "load_run", "group_alerts", "StatsLog", "read_stats",
-    "report_dict", "worst_severity", "MAX_LINE_BYTES", "LINE_KEY",
+    "report_dict", "worst_severity", "runs_summary", "MAX_LINE_BYTES", "LINE_KEY",
 ]
 
 #: Lines longer than this are skipped unread (an alert record is a few kilobytes).
@@ -517,13 +518,21 @@ def worst_severity(runs: Sequence[RunReport]) -> Optional[str]:
     return max(sev, key=severity_rank) if sev else None
 
 
+def runs_summary(runs: Sequence[RunReport]) -> str:
+    """The report's closing line: how many runs, how many with alerts, the highest severity."""
+    worst = worst_severity(runs)
+    text = f"{len(runs)} run{'s' if len(runs) != 1 else ''}, {sum(1 for r in runs if r.groups)} with alerts"
+    return text + (f"; highest severity: {worst}." if worst else ".")
+
+
 # ---------------------------------------------------------------------------------------- JSON
 def report_dict(runs: Sequence[RunReport]) -> dict[str, Any]:
     """What ``boundguard report --format json`` prints: the worst severity and each run's report."""
     return {"schema": SCHEMA_VERSION, "severity": worst_severity(runs), "runs": [r.to_dict() for r in runs]}
 
 
-if __name__ == "__main__":  # python -m boundguard.report --catalogue | --write-readme README.md
-    from boundguard.cli import catalogue_main
+if __name__ == "__main__":  # the README table's old command, kept for this release (see CHANGELOG.md)
+    from boundguard.catalogue import main
 
-    raise SystemExit(catalogue_main())
+    print("python -m boundguard.report is now python -m boundguard.catalogue", file=sys.stderr)
+    raise SystemExit(main(prog="python -m boundguard.report"))
