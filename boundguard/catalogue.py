@@ -11,7 +11,7 @@ from typing import Optional, Sequence
 from boundguard.fmt import md_cell
 
 __all__ = ["Entry", "CATALOGUE", "CODES", "RANGE_CODES", "catalogue_markdown", "replace_catalogue", "CATALOGUE_START",
-           "CATALOGUE_END", "entry"]
+           "CATALOGUE_END", "SOFTCAP_CODES", "BOUND_CODES", "entry"]
 
 
 @dataclass(frozen=True)
@@ -89,6 +89,19 @@ _ENTRIES = [
         "Huge pre-activations saturate any bounding activation and precede overflow to Inf/NaN.",
         "Trainer(gradient_clip_val=1.0)",
         "keras.optimizers.Adam(1e-3, clipnorm=1.0)",
+    ),
+    Entry(
+        "logits_growing", "warning", "Logits running away",
+        "The logits a softmax cross-entropy reads (a classifier's or a language model's head) grow check "
+        "after check: their largest magnitude far above its early level and their mean logsumexp, what "
+        "z-loss penalises, tens of nats above its own.",
+        "Lower the learning rate or clip gradients; add a z-loss term (1e-4 * logsumexp(logits)**2); or "
+        "soft-cap the logits, cap * tanh(z / cap) (Gemma 2 uses 30): on_violation='bound' (or "
+        "actions={'logits_growing': 'bound'}) inserts it, with the cap taken from the run's early logits.",
+        "Runaway logits make the softmax one-hot, its gradients vanish or spike, and the loss diverges "
+        "or turns NaN a few hundred steps later.",
+        "BoundGuard(actions={'logits_growing': 'bound'})",
+        "BoundGuard(actions={'logits_growing': 'bound'})",
     ),
     Entry(
         "regression_loss_on_probabilities", "info", "Regression loss on probabilities",
@@ -224,8 +237,12 @@ _ENTRIES = [
 
 CATALOGUE: dict[str, Entry] = {e.code: e for e in _ENTRIES}
 CODES: tuple[str, ...] = tuple(CATALOGUE)
-#: Codes the ``bound`` action answers by inserting a bounding activation.
+#: The range codes: the ``bound`` action answers them with the bounding activation of the bounds.
 RANGE_CODES = frozenset({"output_out_of_range", "missing_output_activation"})
+#: Codes the ``bound`` action answers with a soft cap ``cap * tanh(z / cap)`` on the logits.
+SOFTCAP_CODES = frozenset({"logits_growing"})
+#: Codes the ``bound`` action answers by inserting a bounding activation (the others: ``warn``).
+BOUND_CODES = RANGE_CODES | SOFTCAP_CODES
 
 
 def entry(code: str) -> Entry:

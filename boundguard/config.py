@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from typing import Any, Literal, Optional, Union
 
 from boundguard.bounds import Bounds, resolve_bounds
-from boundguard.catalogue import CATALOGUE, CODES, RANGE_CODES
+from boundguard.catalogue import BOUND_CODES, CATALOGUE, CODES
 from boundguard.rules import default_rules
 
 __all__ = ["Config", "ACTIONS", "OPTIONS", "Action"]
@@ -73,9 +73,9 @@ class Config:
                 if code in INFO_ONLY and act != "log":
                     raise ValueError(f"actions[{code!r}] = {act!r} can never act: {code} alerts are info, and "
                                      f"actions apply to warnings and above; use 'log' or drop the entry")
-                if act == "bound" and code not in RANGE_CODES:
+                if act == "bound" and code not in BOUND_CODES:
                     raise ValueError(f"actions[{code!r}] = 'bound' can never act: a bounding activation answers "
-                                     f"only the range alerts {sorted(RANGE_CODES)}; choose one of "
+                                     f"only {sorted(BOUND_CODES)}; choose one of "
                                      f"{[a for a in ACTIONS if a != 'bound']}")
             self.actions = dict(self.actions)
         n = self.check_every_n_steps

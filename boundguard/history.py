@@ -19,7 +19,7 @@ from numpy.lib.stride_tricks import as_strided
 from boundguard.stats import Snapshot
 
 __all__ = ["History", "update_loss_history", "LEVEL_STEPS", "LEVEL_MIN", "WINDOW", "NOISE_BLOCK",
-           "MIN_REFERENCE", "TOP_RISES", "GRAD_WARMUP"]
+           "MIN_REFERENCE", "TOP_RISES", "GRAD_WARMUP", "LOGIT_EARLY"]
 
 # The loss rules' memory (see History and update_loss_history).
 #: A level is the median of the last LEVEL_STEPS losses (at least LEVEL_MIN of them).
@@ -30,6 +30,11 @@ WINDOW = NOISE_BLOCK = 50
 MIN_REFERENCE, TOP_RISES = 10, 5
 #: The first GRAD_WARMUP checks with gradients set the head's own gradient scale.
 GRAD_WARMUP = 3
+#: At most LEVELS_KEPT (step, level) pairs are kept, thinned to every other one when full: their spacing
+#: grows with the run, so the level of any earlier point of the run (half the run ago) is at hand.
+LEVELS_KEPT = 64
+#: The first LOGIT_EARLY checks that saw logits set their own early scale (``logits_growing``).
+LOGIT_EARLY = 3
 #: q90 of |x_t - x_(t-1)| of Gaussian noise of sd 1 (1.645 sqrt 2).
 _DIFF_Q90 = 2.3262
 
@@ -40,9 +45,15 @@ class History:
 
     window: deque = field(default_factory=lambda: deque(maxlen=WINDOW))
     initial_level: Optional[float] = None
+    #: The loss level at checks, [step, level] (see LEVELS_KEPT): how it moved over any horizon.
+    levels: list = field(default_factory=list)
     best_level: Optional[float] = None
     best_step: int = 0
     pre_absmax: deque = field(default_factory=lambda: deque(maxlen=8))
+    #: Of logits a softmax cross-entropy reads, per check: [largest magnitude, mean logsumexp (None when
+    #: not read)], the first LOGIT_EARLY checks (their early scale) and the last 8.
+    logit_early: list = field(default_factory=list)
+    logit_recent: deque = field(default_factory=lambda: deque(maxlen=8))
     target_min: float = math.inf
     target_max: float = -math.inf
     target_nonbinary: float = 0.0
@@ -79,6 +90,15 @@ class History:
         """The loss level now: the median of the last LEVEL_STEPS losses."""
         return _level(self)
 
+    def level_at(self, step: float) -> Optional[tuple[int, float]]:
+        """The last (step, level) recorded at or before ``step``; None before the first."""
+        found = None
+        for s, v in self.levels:
+            if s > step:
+                break
+            found = (s, v)
+        return found
+
     @property
     def tail(self) -> float:
         """The run's own tail: the TOP_RISES-th largest rise of a step above its running median seen so
@@ -106,6 +126,8 @@ class History:
             "target_moments_n": self.target_moments_n,
             "noise_pending": self.noise_pending, "top_rises": list(self.top_rises),
             "grad_norms": list(self.grad_norms),
+            "levels": [list(x) for x in self.levels],
+            "logit_early": [list(x) for x in self.logit_early], "logit_recent": [list(x) for x in self.logit_recent],
         }
 
     def copy(self) -> "History":
@@ -113,6 +135,8 @@ class History:
         h = copy.copy(self)
         h.window, h.pre_absmax = deque(self.window, maxlen=WINDOW), deque(self.pre_absmax, maxlen=8)
         h.top_rises, h.grad_norms, h.windows = list(self.top_rises), list(self.grad_norms), None
+        h.logit_early, h.logit_recent = list(self.logit_early), deque(self.logit_recent, maxlen=8)
+        h.levels = list(self.levels)
         return h
 
     def fold(self, snap: Snapshot, min_improvement: float) -> None:
@@ -120,6 +144,12 @@ class History:
         self.update_targets(snap)
         if snap.seen("pre") and not snap.nonfinite("pre"):
             self.pre_absmax.append(snap.absmax("pre"))
+            lse = snap.mean_lse()
+            if lse is not None and math.isfinite(lse):
+                entry = [snap.absmax("pre"), lse]
+                self.logit_recent.append(entry)
+                if len(self.logit_early) < LOGIT_EARLY:
+                    self.logit_early.append(entry)
         if len(self.grad_norms) < GRAD_WARMUP and snap.seen("grad") and not snap.nonfinite("grad"):
             peak = math.sqrt(max(snap.values["grad.normsq_max"], 0.0))
             if peak > 0:
@@ -138,6 +168,9 @@ class History:
                 setattr(h, k, d[k])
         h.top_rises = sorted((float(x) for x in d.get("top_rises", [])), reverse=True)[:TOP_RISES]
         h.grad_norms = [float(x) for x in d.get("grad_norms", [])][:GRAD_WARMUP]
+        h.levels = [[int(a), float(b)] for a, b in d.get("levels", [])][-LEVELS_KEPT:]
+        h.logit_early = [[float(a), float(b)] for a, b in d.get("logit_early", [])][:LOGIT_EARLY]
+        h.logit_recent.extend([float(a), float(b)] for a, b in d.get("logit_recent", []))
         return h
 
 
@@ -277,5 +310,9 @@ def update_loss_history(h: History, snap: Snapshot, min_improvement: float) -> N
         return
     if h.initial_level is None:
         h.initial_level = level
+    if fin:
+        h.levels.append([snap.step, level])
+        if len(h.levels) > LEVELS_KEPT:  # (LEVELS_KEPT + 1, odd: every other keeps the first and the last)
+            h.levels = h.levels[::2]
     if h.best_level is None or level < h.best_level - min_improvement * abs(h.best_level):
         h.best_level, h.best_step = level, snap.step

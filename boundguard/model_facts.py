@@ -141,6 +141,8 @@ class ModelFacts:
     grad_where: Optional[str] = None
     grad_scaled: bool = False
     classes: Optional[int] = None  # size of the class dimension of the prediction, when > 1
+    #: a soft cap ``cap * tanh(z / cap)`` inserted on logits (``logits_growing`` with ``bound``): its ``cap``
+    logit_cap: Optional[float] = None
     pre_dtype: Optional[str] = None  # e.g. "float16" under fp16 autocast
     notes: list = field(default_factory=list)  # (what could not be located, option that fixes it)
 

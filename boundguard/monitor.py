@@ -13,13 +13,13 @@ from typing import Any, Optional
 
 from boundguard.alerts import SCHEMA_VERSION, Alert, severity_rank
 from boundguard.bounds import Bounds, infer_bounds
-from boundguard.catalogue import CATALOGUE, RANGE_CODES
+from boundguard.catalogue import BOUND_CODES, CATALOGUE, RANGE_CODES
 from boundguard.config import Config
 from boundguard.model_facts import ModelFacts
 from boundguard.rules import Context, Finding, History, default_rules
 from boundguard.sinks import JsonLinesWriter, emit_warning, log_alert
 from boundguard.stats import Snapshot
-from boundguard.surgery import BoundRecord
+from boundguard.surgery import BoundRecord, apply_record
 
 __all__ = ["Monitor", "Decision", "STATS_FILENAME"]
 
@@ -215,7 +215,7 @@ class Monitor:
             if (action in ("halt", "raise") and alert.bounds_inferred and alert.code in RANGE_CODES
                     and alert.code not in (self.config.actions or {})):
                 action = "warn"  # a range guessed from the targets never stops a run; bounds= enforces it
-            if action == "bound" and alert.code not in RANGE_CODES:
+            if action == "bound" and alert.code not in BOUND_CODES:
                 action = "warn"
         alert.action = action
         return Decision(alert, action, event)
@@ -227,7 +227,7 @@ class Monitor:
     def record_bound(self, record: BoundRecord) -> None:
         """An adapter inserted ``record``: keep it (state, resume) and take its activation as the fact."""
         self.inserted.append(record)
-        self.facts.activation, self.facts.activation_params = record.activation()
+        apply_record(self.facts, record)
 
     def finish(self) -> None:
         """Write the final counts of alerts that repeated after they were written, then close the files."""

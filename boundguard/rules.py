@@ -14,7 +14,7 @@ import numpy as np
 
 from boundguard.bounds import Bounds
 from boundguard.history import (  # noqa: F401  (History is part of this module's interface)
-    _DIFF_Q90, LEVEL_MIN, LEVEL_STEPS, MIN_REFERENCE, NOISE_BLOCK, TOP_RISES, WINDOW, History, _level,
+    _DIFF_Q90, LEVEL_MIN, LOGIT_EARLY, LEVEL_STEPS, MIN_REFERENCE, NOISE_BLOCK, TOP_RISES, WINDOW, History, _level,
     _loss_scale, _noise, _one_centre_spread, _q, centre_spread, update_loss_history,
 )
 from boundguard.model_facts import ModelFacts
@@ -26,6 +26,9 @@ __all__ = ["Finding", "History", "Context", "Rule", "RULES", "default_rules", "T
 TAIL_THRESHOLD = {"sigmoid": 6.0, "scaled_sigmoid": 6.0, "tanh": 3.0, "scaled_tanh": 3.0}
 #: The largest finite float16.
 FP16_MAX = 65504.0
+#: Targets this close to constant (a positive rate within it of 0 or 1, a variance below it of their
+#: mean square) leave no constant-predictor loss to compare with (``loss_at_baseline`` is silent).
+DEGENERATE = 1e-3
 #: Distribution rows may sum to 1 only up to rounding in low precision.
 ROWSUM_TOL = 1e-2
 
@@ -99,10 +102,10 @@ class Rule:
 
 #: Threshold names that are shares (in [0, 1]), counts (whole numbers >= the minimum), ratios (>= 1)
 #: and margins (>= 0, where 0 switches that test off); all others are positive finite numbers.
-_SHARES = ("pinned_share", "tail_share", "fp16_share", "min_improvement", "loss_share", "ratio", "share",
+_SHARES = ("pinned_share", "tail_share", "fp16_share", "min_improvement", "loss_share", "ratio", "share", "min_fall",
            "best_share")
 _COUNTS = {"growth_checks": 2, "min_history": 1, "patience": 1, "warmup_steps": 1}
-_RATIOS = ("factor", "growth")
+_RATIOS = ("factor", "growth")  # (growth of logits_growing too)
 _MARGINS = ("mad_sigmas", "min_rise", "growth_floor", "noise_sigmas", "tail_factor")
 
 
@@ -392,12 +395,52 @@ class PreactivationExploding(Rule):
                             absmax, limit)]
         k = int(self.p["growth_checks"])
         recent = list(h.pre_absmax)[-k:]
-        if (len(recent) == k and all(b > a for a, b in zip(recent, recent[1:]))
+        if (len(recent) == k and not h.logit_recent  # (logits a softmax reads: logits_growing judges growth) and all(b > a for a, b in zip(recent, recent[1:]))
                 and recent[-1] >= self.p["growth"] * recent[0] and recent[-1] >= self.p["growth_floor"] * scale):
             return [Finding(self.code, ctx.where("pre"),
                             f"pre-activation magnitude grew {_g(recent[-1] / recent[0])}x over the last {k} checks "
                             f"({_g(recent[0])} → {_g(recent[-1])}).", recent[-1] / recent[0], self.p["growth"])]
         return []
+
+
+class LogitsGrowing(Rule):
+    """The logits a softmax cross-entropy reads run away: their mean logsumexp (what z-loss penalises) rose
+    at all but at most one of the last ``growth_checks`` checks, and their largest magnitude reached
+    ``growth`` times its early level (the first checks' median, :data:`LOGIT_EARLY`) and past
+    ``absmax_floor`` (where the softmax is one-hot: a Gemma-2 soft cap is 30), the mean logsumexp
+    ``lse_rise`` nats above its early level. A healthy language model's logits grow too, slowly, as it
+    learns: to a few times their start and a handful of nats. The fix may be a soft cap,
+    ``cap * tanh(z / cap)`` (``on_violation="bound"``), with ``cap`` from the run's early scale."""
+
+    code = "logits_growing"
+    params = {"growth": 5.0, "absmax_floor": 50.0, "lse_rise": 20.0, "growth_checks": 3, "cap_floor": 30.0}
+
+    def evaluate(self, ctx):
+        f, h = ctx.facts, ctx.history
+        k = int(self.p["growth_checks"])
+        if f.logit_cap is not None or len(h.logit_early) < LOGIT_EARLY or len(h.logit_recent) < k + 1:
+            return []
+        early_max = _median_of([a for a, _ in h.logit_early])
+        early_lse = _median_of([b for _, b in h.logit_early])
+        recent = list(h.logit_recent)[-(k + 1):]
+        rises = sum(b[1] > a[1] for a, b in zip(recent, recent[1:]))  # (the mean logsumexp: a smooth signal)
+        rising = rises >= k - 1 and recent[-1][1] > recent[0][1]
+        absmax, lse = recent[-1]
+        if not (rising and absmax >= self.p["absmax_floor"] and absmax >= self.p["growth"] * max(early_max, 1e-6)
+                and lse >= early_lse + self.p["lse_rise"]):
+            return []
+        cap = float(max(self.p["cap_floor"], 2 * early_max))
+        return [Finding(self.code, ctx.where("pre"),
+                        f"the logits grew over the last {k} checks: largest magnitude {_g(absmax)} "
+                        f"({_g(absmax / max(early_max, 1e-6))}x its early {_g(early_max)}), mean logsumexp "
+                        f"{_g(lse)} (early {_g(early_lse)}) in {ctx.span}.", absmax / max(early_max, 1e-6),
+                        self.p["growth"], details={"cap": cap, "absmax": absmax, "lse": lse,
+                                                   "early_absmax": early_max, "early_lse": early_lse})]
+
+
+def _median_of(xs: list[float]) -> float:
+    srt, n = sorted(xs), len(xs)
+    return srt[n // 2] if n % 2 else (srt[n // 2 - 1] + srt[n // 2]) / 2
 
 
 class RegressionLossOnProbabilities(Rule):
@@ -556,31 +599,46 @@ class LossPlateau(Rule):
 
 
 class LossAtBaseline(Rule):
-    """After ``warmup_steps`` steps, the loss level is still ``share`` or more of what a constant
-    predictor scores on a batch of the run's targets (and its best level ``best_share`` or more): for MSE
-    their variance (the loss of predicting their mean; a batch's variance is (1 - 1/B) of it), for a
-    binary cross-entropy the entropy of the positive rate, for a multi-class cross-entropy on class
-    indices log(K). The model has learnt nothing beyond the targets' average. Judged only when the
-    training loss is that loss alone, averaged over the batch (:attr:`ModelFacts.loss_plain`)."""
+    """After ``warmup_steps`` steps the loss level is still ``share`` or more of what a constant predictor
+    scores on a batch of the run's targets, its best level ``best_share`` or more, and it has stopped
+    falling: over the last half of the run (a horizon that grows with the run, :meth:`History.level_at`)
+    it fell by no more than ``min_fall`` of that baseline and three times the noise of a level. The model
+    predicts the targets' average and learns nothing beyond it (a learning rate so large that the output
+    settles at the mean); a slow start, still falling, is not that.
+
+    The baseline: for MSE the targets' variance (the loss of predicting their mean; a batch's variance is
+    (1 - 1/B) of it), for a binary cross-entropy the entropy of the positive rate, for a multi-class
+    cross-entropy on class indices log(K). Judged only when the training loss is that loss alone,
+    unweighted and averaged over the batch (:attr:`ModelFacts.loss_plain`), and silent where the baseline
+    is degenerate (constant targets: a GAN generator's all-ones labels)."""
 
     code = "loss_at_baseline"
-    params = {"share": 0.8, "best_share": 0.6, "warmup_steps": 100}
+    params = {"share": 0.8, "best_share": 0.6, "warmup_steps": 100, "min_fall": 0.005}
 
     def evaluate(self, ctx):
-        f, h = ctx.facts, ctx.history
+        f, h, s = ctx.facts, ctx.history, ctx.snap
         if f.loss is None or not f.loss_plain or h.steps_seen < self.p["warmup_steps"] or h.best_level is None:
             return []
         base, what = _constant_loss(f, h)
-        if base is None or not base > 0:
-            return []
         level, best = h.level, h.best_level
-        if level is None or best < self.p["best_share"] * base or level < self.p["share"] * base:
+        if base is None or not base > 0 or level is None:
             return []
+        if best < self.p["best_share"] * base or level < self.p["share"] * base:
+            return []
+        then = h.level_at(s.step - h.steps_seen / 2)
+        if then is None:
+            return []
+        fall = then[1] - level
+        if fall > max(self.p["min_fall"] * base, 3 * h.noise / math.sqrt(LEVEL_STEPS)):
+            return []  # still falling: a slow start
+        how = f"down {_g(fall)} from" if fall > 0 else ("up from" if fall < 0 else "level with")
         return [Finding(self.code, ctx.where("loss"),
-                        f"after {h.steps_seen} steps the loss ({_g(level)} now, {_g(best)} at best) has never gone "
-                        f"below what a constant prediction scores: {what} {_g(base)}. The model predicts the "
-                        f"targets' average and learns nothing beyond it.", best / base, self.p["share"],
-                        details={"baseline": base, "level": level, "best": best})]
+                        f"after {h.steps_seen} steps the loss level {_g(level)} is {_pct(level / base)} of what a "
+                        f"constant prediction scores ({what} {_g(base)}; best {_g(best)}) and no longer falls: "
+                        f"{how} {_g(then[1])} at step {then[0]}. The model predicts the targets' average and "
+                        f"learns nothing beyond it.", level / base, self.p["share"],
+                        details={"baseline": base, "level": level, "best": best, "then_step": then[0],
+                                 "then_level": then[1]})]
 
 
 def _constant_loss(f: ModelFacts, h: History) -> tuple[Optional[float], str]:
@@ -593,10 +651,14 @@ def _constant_loss(f: ModelFacts, h: History) -> tuple[Optional[float], str]:
         mean = h.target_sum / n
         per_step = n / max(h.steps_seen, 1)  # targets per step: a batch's variance is (1 - 1/B) of theirs
         shrink = 1.0 - 1.0 / per_step if per_step > 1 else 1.0
+        if h.target_sumsq / n - mean * mean <= DEGENERATE * h.target_sumsq / n:
+            return None, ""  # (nearly) constant targets
         return max(h.target_sumsq / n - mean * mean, 0.0) * shrink, "the variance of a batch of targets"
     binary = loss.family in ("probability", "logits") and not loss.multiclass
     if n and binary and h.target_min >= 0 and h.target_max <= 1:
-        p = min(max(h.target_sum / n, 1e-12), 1 - 1e-12)
+        p = h.target_sum / n
+        if not DEGENERATE < p < 1 - DEGENERATE:
+            return None, ""  # (nearly) constant targets: any loss is "at" a baseline near 0
         return -(p * math.log(p) + (1 - p) * math.log(1 - p)), f"the entropy of the positive rate {_g(p)}"
     if loss.multiclass and f.target_integer and f.classes and f.classes > 1:
         return math.log(f.classes), f"log of the {f.classes} classes"
@@ -672,7 +734,7 @@ class GradientVanishing(Rule):
 
 RULES: tuple[type[Rule], ...] = (
     NonfiniteInput, NonfiniteOutput, NonfiniteLoss, OutputOutOfRange, MissingOutputActivation,
-    ActivationLossMismatch, TargetOutOfRange, OutputSaturated, PreactivationExploding,
+    ActivationLossMismatch, TargetOutOfRange, OutputSaturated, PreactivationExploding, LogitsGrowing,
     RegressionLossOnProbabilities, InputsNotScaled, LossSpike, LossDiverging, LossPlateau,
     LossAtBaseline, NonfiniteGradient, GradientExploding, GradientVanishing,
 )

@@ -53,13 +53,14 @@ import numpy as np
 
 from boundguard.alerts import Alert, BoundGuardError
 from boundguard.bounds import Bounds
+from boundguard.catalogue import SOFTCAP_CODES
 from boundguard.config import Config
 from boundguard.model_facts import LossInfo, ModelFacts
 from boundguard.monitor import Decision, Monitor
 from boundguard.rules import TAIL_THRESHOLD
 from boundguard.sinks import above_progress_bars, logger, warn_user
 from boundguard.stats import Snapshot
-from boundguard.surgery import BoundRecord, CannotBound, plan_bound
+from boundguard.surgery import BoundRecord, CannotBound, apply_record, plan_bound, plan_softcap
 
 __all__ = ["Session", "Adapter", "CountingPlan", "SessionViews", "guarded", "DEFAULT_ALERTS_PATH"]
 
@@ -310,8 +311,8 @@ class Session:
     # ------------------------------------------------------------------ facts
     def set_facts(self, facts: ModelFacts) -> None:
         """What the probe found; an inserted bound (restored from a checkpoint) stays the activation."""
-        if self.monitor.inserted:
-            facts.activation, facts.activation_params = self.monitor.inserted[-1].activation()
+        for record in self.monitor.inserted:
+            apply_record(facts, record)
         self.monitor.set_facts(facts)
 
     def observe_targets(self, tmin: float, tmax: float, *, onehot: bool = False) -> None:
@@ -378,7 +379,8 @@ class Session:
     def _bound(self, d: Decision) -> Optional[str]:
         """Plan the bound, have the adapter insert it, record it; returns the message to show, or None
         (the decision became ``warn`` with a note saying why)."""
-        plan = plan_bound(self.bounds, self.step)
+        cap = d.alert.details.get("cap") if d.alert.code in SOFTCAP_CODES else None
+        plan = plan_softcap(cap, self.step) if cap is not None else plan_bound(self.bounds, self.step)
         try:
             if plan is None:
                 raise CannotBound(f"on_violation='bound' cannot bound to "
@@ -394,6 +396,10 @@ class Session:
         self.monitor.record_bound(rec)
         d.alert.details["inserted"] = rec.to_dict()
         b = self.bounds
+        if rec.kind == "softcap":
+            return (f"boundguard inserted a soft cap {rec.hi:g} * tanh(z / {rec.hi:g}) on the logits of "
+                    f"{rec.module or 'the model'} at step {self.step}: the loss now reads logits within "
+                    f"(-{rec.hi:g}, {rec.hi:g}).")
         return (f"boundguard inserted {rec.kind} on the output of {rec.module or 'the model'} at step {self.step}: "
                 f"predictions are now in {b.describe() if b else '[lo, hi]'}.")
 

@@ -15,7 +15,7 @@ here, with numpy; :func:`merge_rows` is the same merge a cross-process all-reduc
 
 Example:
     >>> [s.field for s in row_stats("pre")]
-    ['min', 'max', 'sumsq']
+    ['min', 'max', 'sumsq', 'lse', 'lse_rows']
     >>> Stat("loss", "value", "step").sync
     'mean'
     >>> Stat("grad", "sumsq", "sum").sync, Stat("pred", "finite", "sum", "count").dtype
@@ -96,7 +96,10 @@ def _declare(kind: str, *fields: tuple[str, str]) -> list[Stat]:
 STATS: tuple[Stat, ...] = tuple(
     _declare("pred", ("min", "min"), ("max", "max"), ("finite", "sum"), ("below", "sum"), ("above", "sum"),
              ("pinned", "sum"), ("rowsum_err", "max"))
-    + _declare("pre", ("min", "min"), ("max", "max"), ("finite", "sum"), ("sumsq", "sum"), ("tail", "sum"))
+    + _declare("pre", ("min", "min"), ("max", "max"), ("finite", "sum"), ("sumsq", "sum"), ("tail", "sum"),
+               # logits over classes (a softmax head fed to a cross-entropy on logits): the sum of
+               # logsumexp over the rows read and how many rows (an adapter may read a sample of them)
+               ("lse", "sum"), ("lse_rows", "sum"))
     + _declare("target", ("min", "min"), ("max", "max"), ("finite", "sum"), ("nonbinary", "sum"), ("sum", "sum"),
                ("sumsq", "sum"))
     + _declare("input", ("min", "min"), ("max", "max"), ("finite", "sum"), ("sumsq", "sum"))
@@ -259,6 +262,12 @@ class Snapshot:
     def absmax(self, kind: str) -> float:
         return max(abs(self.values[f"{kind}.min"]), abs(self.values[f"{kind}.max"]))
 
+    def mean_lse(self) -> Optional[float]:
+        """The mean logsumexp of the logits' rows over the interval (what z-loss penalises); None when no
+        rows were read (a head that is not softmax logits, or an adapter that does not read them)."""
+        rows = self.values.get("pre.lse_rows", 0.0)
+        return self.values["pre.lse"] / rows if rows > 0 else None
+
     def rms(self, kind: str) -> float:
         """Root mean square of the finite values. When the fp32 sum of squares overflowed (values near
         1e19 and above, e.g. raw timestamps) the result is the lower bound ``absmax / sqrt(n)``."""
@@ -297,6 +306,9 @@ class Snapshot:
         if self.seen("pre"):
             m["boundguard/preact_absmax"] = self.absmax("pre")
             m["boundguard/preact_rms"] = self.rms("pre")
+            lse = self.mean_lse()
+            if lse is not None:
+                m["boundguard/logit_lse_mean"] = lse
         if self.seen("input"):
             m["boundguard/input_rms"] = self.rms("input")
         if self.seen("grad") and not self.nonfinite("grad"):

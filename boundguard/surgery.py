@@ -19,15 +19,16 @@ Example:
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Optional
 
 from boundguard.bounds import Bounds
 
-__all__ = ["BoundRecord", "CannotBound", "plan_bound", "KINDS"]
+__all__ = ["BoundRecord", "CannotBound", "apply_record", "plan_bound", "plan_softcap", "KINDS"]
 
-#: The bounding activations boundguard inserts.
-KINDS = ("sigmoid", "tanh", "scaled_sigmoid", "softmax")
+#: The bounding activations boundguard inserts (``softcap``: ``hi * tanh(z / hi)`` on logits a loss reads).
+KINDS = ("sigmoid", "tanh", "scaled_sigmoid", "softmax", "softcap")
 
 
 class CannotBound(Exception):
@@ -44,7 +45,8 @@ class BoundRecord:
     """One inserted bounding activation.
 
     ``kind``: ``sigmoid`` (0, 1), ``tanh`` (-1, 1), ``scaled_sigmoid`` (``lo + (hi - lo) * sigmoid(z)``)
-    or ``softmax`` (a distribution over ``dim``). ``module`` and ``path`` say where (the adapter's
+    or ``softmax`` (a distribution over ``dim``), or ``softcap`` (``hi * tanh(z / hi)``, ``lo = -hi``: logits
+    kept within ``(-hi, hi)``, for a loss that applies its own softmax). ``module`` and ``path`` say where (the adapter's
     names: a module name and the path of the tensor in its output; Keras adds the model attribute
     ``attr`` and ``output=True`` for the model's output layer). ``step`` is when it was inserted.
     """
@@ -68,8 +70,11 @@ class BoundRecord:
         """The same bound, placed: ``module``/``path`` (and ``attr``, ``output``, ``dim``) filled in."""
         return replace(self, module=module, path=tuple(path), **where)
 
-    def activation(self) -> tuple[str, dict]:
-        """The output activation (core name and parameters) the model has once this bound is in."""
+    def activation(self) -> Optional[tuple[str, dict]]:
+        """The output activation (core name and parameters) the model has once this bound is in; None for a
+        soft cap, which leaves logits logits (:attr:`ModelFacts.logit_cap` records it)."""
+        if self.kind == "softcap":
+            return None
         if self.kind == "scaled_sigmoid":
             return "scaled_sigmoid", {"lo": self.lo, "hi": self.hi}
         if self.kind == "softmax":
@@ -95,6 +100,28 @@ class BoundRecord:
             if k in known and known[k] is not None:
                 known[k] = float(known[k])
         return cls(**known, extra={k: v for k, v in d.items() if k not in names})
+
+
+def apply_record(facts: Any, record: BoundRecord) -> None:
+    """What the model is once ``record`` is in: its activation becomes the facts' output activation, or
+    a soft cap their :attr:`~boundguard.model_facts.ModelFacts.logit_cap`."""
+    act = record.activation()
+    if act is None:
+        facts.logit_cap = record.hi
+    else:
+        facts.activation, facts.activation_params = act
+
+
+def plan_softcap(cap: float, step: int) -> BoundRecord:
+    """A soft cap ``cap * tanh(z / cap)`` on logits (what ``bound`` inserts for ``logits_growing``).
+
+    Example:
+        >>> plan_softcap(30.0, step=40).activation() is None
+        True
+    """
+    if not (math.isfinite(cap) and cap > 0):
+        raise ValueError(f"a soft cap must be a positive, finite number, got {cap!r}")
+    return BoundRecord("softcap", -float(cap), float(cap), -1, step)
 
 
 def plan_bound(bounds: Optional[Bounds], step: int, dim: int = -1) -> Optional[BoundRecord]:

@@ -47,7 +47,8 @@ def activation_fn(name: str, params: dict) -> Optional[Callable[[Tensor], Tensor
 class BoundHook:
     """A picklable forward hook that bounds one tensor of a module's output.
 
-    ``kind``: ``sigmoid`` | ``tanh`` | ``scaled_sigmoid`` (``lo + (hi - lo) * sigmoid(z)``) | ``softmax``.
+    ``kind``: ``sigmoid`` | ``tanh`` | ``scaled_sigmoid`` (``lo + (hi - lo) * sigmoid(z)``) | ``softmax`` |
+    ``softcap`` (``hi * tanh(z / hi)``).
     """
 
     def __init__(self, record: dict) -> None:
@@ -62,6 +63,9 @@ class BoundHook:
             return torch.tanh(z)
         if kind == "softmax":
             return torch.softmax(z, dim=r.get("dim", -1))
+        if kind == "softcap":  # logits kept within (-cap, cap); the loss applies its own softmax
+            cap = float(r["hi"])
+            return cap * torch.tanh(z / cap)
         lo, hi = float(r["lo"]), float(r["hi"])
         return lo + (hi - lo) * torch.sigmoid(z)
 

@@ -64,6 +64,7 @@ class TorchEngine:
         self._input_path: Optional[tuple] = None
         self._pred_from_pre: Optional[Callable[[Tensor], Tensor]] = None
         self._logits = False
+        self._lse_dim: Optional[int] = None  # the class dimension of logits a softmax cross-entropy reads
         self._plan: Optional[CountingPlan] = None
         self._grad_params: list[nn.Parameter] = []  # the output layer's (see record_grads)
         self._unread: set[str] = set()  # the watched tensors that could not be reduced (see _skip)
@@ -453,6 +454,7 @@ class TorchEngine:
             facts.pre_dtype = str(r.pre.dtype).replace("torch.", "")
         if r.pred is not None and r.pred.dim() >= 2:
             facts.classes = int(r.pred.shape[1 if facts.loss and facts.loss.multiclass else -1])
+        self._lse_dim = _class_dim(r.pre, facts)
         self._locate_batch_tensors(r, facts)
         facts.grad_where, self._grad_params = grad_params(self.model, r)
         facts.grad_scaled = self.grad_scaled
@@ -550,6 +552,8 @@ class TorchEngine:
             return
         if pre is not None:
             red.pre(pre)
+            if self._lse_dim is not None:
+                red.logits(pre, self._lse_dim)
         if self._logits:
             return
         if pred is not None and self._result is not None and self._result.pred_site is not None:
@@ -574,6 +578,18 @@ class TorchEngine:
 
 #: Losses that take class indices as targets (the first step's crash in one of them is explained).
 _CLASS_INDEX_LOSSES = frozenset({"cross_entropy", "nll_loss"})
+
+
+def _class_dim(pre: Optional[Tensor], facts: ModelFacts) -> Optional[int]:
+    """The class dimension of raw logits a softmax cross-entropy consumes (the last, or the second, of the
+    size of the classes): where their logsumexp is read. None for any other head."""
+    loss = facts.loss
+    if pre is None or loss is None or not (loss.multiclass and loss.link_applied) or not facts.classes \
+            or pre.dim() < 2 or facts.activation not in ("identity", "unknown"):
+        return None
+    if pre.shape[-1] == facts.classes:
+        return -1
+    return 1 if pre.shape[1] == facts.classes else None
 
 
 def _where(site: tuple[str, tuple]) -> str:

@@ -66,6 +66,8 @@ class Buffer:
     #: A tensor larger than this (elements) is reduced and counted in chunks of this size, at constant
     #: extra memory (no full-size fp32 copy, no per-element bin index).
     CHUNK = 1 << 20
+    #: Of a language model's logits, the logsumexp is read on at most this many elements a step.
+    LSE_ELEMENTS = 1 << 22
     #: Rows of one block; a longer interval folds full blocks into the carry row on the device.
     ROW_CAP = 256
     #: Per-parameter gradient norms staged per step (a head with more parameters is reduced at once).

@@ -63,13 +63,16 @@ class _Call:
 
 def _plain(call: _Call, loss: Optional[Tensor], n_calls: int) -> bool:
     """The training loss is this one loss call's value, averaged over the batch (no auxiliary terms,
-    no sum reduction; a trainer's division by 1 is fine). Probe step only: one small read."""
+    no sum reduction, no class weights or label smoothing; a trainer's division by 1 is fine). Probe step only: one small read."""
     out = call.out
     if n_calls != 1 or loss is None or not isinstance(out, Tensor) or out.numel() != 1 or loss.numel() != 1:
         return False
     if call.kwargs.get("reduction", "mean") != "mean" or any(a in ("sum", "none") for a in call.args
                                                                if isinstance(a, str)):
         return False
+    if any(isinstance(call.kwargs.get(k), Tensor) for k in ("weight", "pos_weight")) \
+            or isinstance(call.arg(2, "weight"), Tensor) or call.kwargs.get("label_smoothing") or 0.0:
+        return False  # weighted or smoothed: a constant prediction scores another loss than the plain one
     a, b = float(out.detach()), float(loss.detach())
     return math.isfinite(a) and abs(a - b) <= 1e-6 * max(1.0, abs(a))
 

@@ -100,6 +100,40 @@ class Staging(Mirror):
         self._merge(kind, c, merge)
         self._bin(kind, bins_kind, x)
 
+    def logits(self, z: Tensor, dim: int) -> None:
+        """The logsumexp of the rows of ``z`` along its class dimension ``dim`` (logits a softmax
+        cross-entropy consumes), added to this step's ``pre.lse`` and ``pre.lse_rows``: at most
+        :attr:`LSE_ELEMENTS` elements a step (a language model's logits: the first rows of the batch, a
+        sample), read in fp32 chunks of :attr:`CHUNK` elements, so the cost and the extra memory are
+        bounded whatever the vocabulary and the batch."""
+        z = z.detach()
+        if z.dim() == 0 or not z.is_floating_point() or z.numel() == 0:
+            return
+        dim = dim % z.dim()
+        if dim == z.dim() - 1 and z.is_contiguous():
+            width = z.shape[-1]
+            rows = z.view(-1, width)[: max(1, self.LSE_ELEMENTS // max(width, 1))]
+            pieces, dim = rows.split(max(1, self.CHUNK // max(width, 1))), 1
+        elif dim > 0:  # (batch, classes, ...): whole examples
+            per = max(1, z[0].numel())
+            pieces = z[: max(1, self.LSE_ELEMENTS // per)].split(max(1, self.CHUNK // per))
+        else:
+            return  # classes along the batch dimension: not logits of examples
+        if z.device != self.device:
+            pieces = [p.to(self.device, non_blocking=True) for p in pieces]
+        c = self.cells[self.row]["pre"]
+        col = self._col["pre"]
+        total, rows_read = None, 0
+        for piece in pieces:
+            lse = torch.logsumexp(piece.float(), dim=dim)
+            total = lse.sum() if total is None else total + lse.sum()
+            rows_read += lse.numel()
+        if total is None:
+            return
+        self._reduced = True
+        c[col["lse"]].add_(total)
+        c[col["lse_rows"]].add_(float(rows_read))
+
     def pred(self, p: Tensor) -> None:
         self._observe("pred", p, None, not self.distribution)
 

@@ -58,11 +58,16 @@ def facts(activation: str = "identity", loss: str | None = "mse_loss", **kw) -> 
 def history(**kw) -> History:
     h = History()
     for k, v in kw.items():
-        if k in ("window", "pre_absmax"):
+        if k in ("window", "pre_absmax", "logit_recent"):
             getattr(h, k).extend(v)
         else:
             setattr(h, k, v)
     return h
+
+
+def at(step: int) -> Snapshot:
+    """An empty interval ending at ``step``."""
+    return make_snap(step=step, first_step=step)
 
 
 def ctx(snap=None, f=None, bounds=None, h=None) -> Context:
@@ -73,11 +78,13 @@ def ctx(snap=None, f=None, bounds=None, h=None) -> Context:
     return Context(snap, f or facts(), bounds, h, before)
 
 
-def _stuck(level: float, var: float, *, mean: float = 0.0, binary: bool = False, steps: int = 300) -> History:
+def _stuck(level: float, var: float, *, mean: float = 0.0, binary: bool = False, steps: int = 300,
+           then: float | None = None) -> History:
     """A run whose loss sits at ``level`` (its best too) after ``steps`` steps, on 1000 targets of the
-    given mean and variance."""
+    given mean and variance; its level half the run ago was ``then`` (default: ``level``)."""
     n = 1000
-    return history(window=[level] * 20, initial_level=level * 1.1, best_level=level, steps_seen=steps,
+    levels = [[1, level * 1.1], [steps // 4, then if then is not None else level], [steps, level]]
+    return history(window=[level] * 20, initial_level=level * 1.1, best_level=level, steps_seen=steps, levels=levels,
                    target_sum=mean * n, target_sumsq=(var + mean * mean) * n, target_moments_n=n, target_seen=n,
                    target_min=0.0 if binary else -3.0, target_max=1.0 if binary else 3.0)
 
@@ -169,11 +176,20 @@ FIRING: dict[str, list[tuple[str, Callable[[], Context]]]] = {
                                 h=history(window=[1.0] * 20, best_level=1.0, best_step=10, steps_seen=2000))),
     ],
     "loss_at_baseline": [
-        ("mse-at-target-variance", lambda: ctx(f=facts("identity", "mse_loss", loss_plain=True), h=_stuck(1.0, 1.0))),
-        ("bce-at-label-entropy", lambda: ctx(f=facts("sigmoid", "binary_cross_entropy", loss_plain=True),
+        ("mse-at-target-variance", lambda: ctx(at(300), facts("identity", "mse_loss", loss_plain=True),
+                                               h=_stuck(1.0, 1.0))),
+        ("bce-at-label-entropy", lambda: ctx(at(300), facts("sigmoid", "binary_cross_entropy", loss_plain=True),
                                              h=_stuck(0.69, 0.25, mean=0.5, binary=True))),
-        ("ce-at-log-k", lambda: ctx(f=facts("identity", "cross_entropy", loss_plain=True, target_integer=True,
-                                            classes=4), h=_stuck(1.38, 1.0))),
+        ("ce-at-log-k", lambda: ctx(at(300), facts("identity", "cross_entropy", loss_plain=True, target_integer=True,
+                                                   classes=4), h=_stuck(1.38, 1.0))),
+        # a learning rate so large that the output settles at the mean: back up to the baseline
+        ("settled-back-at-the-mean", lambda: ctx(at(300), facts("sigmoid", "binary_cross_entropy", loss_plain=True),
+                                                 h=_stuck(0.69, 0.25, mean=0.5, binary=True, then=0.62))),
+    ],
+    "logits_growing": [
+        ("runaway", lambda: ctx(at(80), facts(loss="cross_entropy"),
+                                h=history(logit_early=[[2.0, 5.5]] * 3,
+                                          logit_recent=[[10.0, 8.0], [20.0, 12.0], [40.0, 20.0], [80.0, 40.0]]))),
     ],
     "nonfinite_gradient": [
         ("nan-grads-finite-loss", lambda: ctx(make_snap({"grad": 10}, {"grad.finite": 7.0, "grad.normsq_max": math.nan},
@@ -272,7 +288,27 @@ HEALTHY: dict[str, list[tuple[str, Callable[[], Context]]]] = {
         ("level-within-the-noise", lambda: ctx(h=history(window=[0.5] * 20, initial_level=1.0, best_level=-1.0,
                                                          best_step=100, noise=3.0))),
     ],
+    "logits_growing": [
+        # a healthy language model's logits grow slowly as it learns
+        ("slow-growth", lambda: ctx(at(80), facts(loss="cross_entropy"),
+                                    h=history(logit_early=[[2.0, 5.5]] * 3,
+                                              logit_recent=[[3.0, 6.0], [4.0, 6.5], [5.0, 7.0], [6.0, 7.5]]))),
+        # large, but no longer growing
+        ("large-and-steady", lambda: ctx(at(80), facts(loss="cross_entropy"),
+                                         h=history(logit_early=[[2.0, 5.5]] * 3,
+                                                   logit_recent=[[80.0, 40.0], [79.0, 40.0], [81.0, 39.0], [80.0, 40.0]]))),
+        # a soft cap is in: the loss reads logits within (-cap, cap)
+        ("soft-capped", lambda: ctx(at(80), facts(loss="cross_entropy", logit_cap=30.0),
+                                    h=history(logit_early=[[2.0, 5.5]] * 3,
+                                              logit_recent=[[10.0, 8.0], [20.0, 12.0], [40.0, 20.0], [80.0, 40.0]]))),
+    ],
     "loss_at_baseline": [
+        # a slow start: near the baseline, but still falling over the last half of the run
+        ("slow-start-still-falling", lambda: ctx(at(300), facts("sigmoid", "binary_cross_entropy", loss_plain=True),
+                                                 h=_stuck(0.66, 0.25, mean=0.5, binary=True, then=0.69))),
+        # constant targets (a GAN generator's all-ones labels): no baseline to compare with
+        ("constant-targets", lambda: ctx(at(300), facts("sigmoid", "binary_cross_entropy", loss_plain=True),
+                                         h=_stuck(0.69, 0.0, mean=1.0, binary=True))),
         ("learnt", lambda: ctx(f=facts("identity", "mse_loss", loss_plain=True), h=_stuck(0.1, 1.0))),
         ("still-warming-up", lambda: ctx(f=facts("identity", "mse_loss", loss_plain=True),
                                          h=_stuck(1.0, 1.0, steps=50))),

@@ -351,3 +351,42 @@ def test_a_large_strided_low_precision_tensor_in_chunks(monkeypatch):
     ref = finite.numpy().astype(np.float64)
     assert snap.values["pre.sumsq"] == pytest.approx(float(np.sum(ref ** 2)), rel=1e-5)
     assert (snap.values["pre.min"], snap.values["pre.max"]) == (ref.min(), ref.max())
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("layout", ["tokens-last", "classes-second", "strided-last"])
+def test_logsumexp_of_logits_in_bounded_chunks(monkeypatch, dtype, layout):
+    """The mean logsumexp of logits' rows (what z-loss penalises) against numpy: the class dimension last
+    (a language model's (batch, tokens, vocabulary)) or second ((batch, classes, H, W)), a transposed
+    non-contiguous tensor, low precision, a chunk that does not divide the rows, a row budget that reads
+    only the first rows, and a NaN row that makes the sum NaN (as the loss would be)."""
+    monkeypatch.setattr(Reducer, "CHUNK", 50)  # 50 // 7 = 7 rows of 7 classes a piece: 3 pieces and a rest
+    monkeypatch.setattr(Reducer, "LSE_ELEMENTS", 7 * 19)  # 19 rows read of the 24 (or 4 examples of 6)
+    g = torch.Generator().manual_seed(1)
+    x = (torch.randn(4, 6, 7, generator=g) * 3).to(DTYPES[dtype])
+    if layout == "classes-second":
+        x, dim = x.permute(0, 2, 1).contiguous(), 1  # (4, 7, 6)
+    elif layout == "strided-last":
+        x, dim = x.transpose(0, 1), -1  # (6, 4, 7), not contiguous
+    else:
+        dim = -1
+    red = make_reducer()
+    red.logits(x, dim)
+    red.next_row()
+    rows, counts, seen, losses = red.read()
+    snap = Snapshot.from_rows(rows, counts, step=1, first_step=1, loss_seen=seen, losses=losses)
+    ref = x.float().numpy().astype(np.float64)
+    per_row = np.log(np.exp(ref).sum(axis=dim))
+    if layout == "tokens-last":
+        read = per_row.reshape(-1)[:19]
+    else:  # whole examples along the first dimension, as many as the budget holds
+        read = per_row[: 7 * 19 // x[0].numel()].reshape(-1)
+    assert snap.values["pre.lse_rows"] == read.size
+    assert snap.mean_lse() == pytest.approx(float(read.mean()), rel=1e-5)
+    nan = x.clone()
+    nan[0, 0, 0] = math.nan
+    red.logits(nan, dim)
+    red.next_row()
+    rows, counts, seen, losses = red.read()
+    snap = Snapshot.from_rows(rows, counts, step=2, first_step=2, loss_seen=seen, losses=losses)
+    assert math.isnan(snap.mean_lse())
