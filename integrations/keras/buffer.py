@@ -6,7 +6,8 @@ kind (``<kind>.n``), whether the step's loss was recorded (``loss.seen``) and wh
 one-hot rows (``target.onehot``). :meth:`DeviceBuffer.write` (the row writer) computes the statistics of one
 step by column name and places them; :meth:`DeviceBuffer.read` is the one device→host transfer of a check.
 
-What the device counts against (bounds, clamp pins, the sigmoid/tanh tail, distribution rows) comes from
+What the device counts against (bounds, clamp pins, the sigmoid/tanh tail, distribution rows, the target
+value the loss ignores) comes from
 the session's :class:`~boundguard.session.CountingPlan`, written by the host only when it changes.
 
 Backends. Where the state lives is one :class:`Strategy` per backend behind :class:`DeviceBuffer`:
@@ -58,7 +59,7 @@ _INDEX = {name: i for i, name in enumerate(NAMES)}
 _CORE = len(COLUMNS)
 _NEUTRAL = np.concatenate([neutral_row(), np.zeros(len(EXTRA))]).astype(np.float32)
 #: What the device reads every step, in order (see :func:`_settings_of`).
-SETTINGS = ("lo", "hi", "pin_lo", "pin_hi", "tail", "distribution")
+SETTINGS = ("lo", "hi", "pin_lo", "pin_hi", "tail", "distribution", "ignore")
 _S = {name: i for i, name in enumerate(SETTINGS)}
 #: At most this many rows of an interval stay on the device (plus one execution's steps); a longer interval
 #: moves full blocks to the host (:meth:`DeviceBuffer.spill`).
@@ -87,6 +88,8 @@ class Wants:
     range: bool = True
     pin: bool = True
     tail: bool = True
+    #: the loss ignores a target value (``ignore_class``): targets at the plan's ``target_ignore`` count as 0
+    ignore: bool = False
 
 
 @dataclass
@@ -107,7 +110,8 @@ def _settings_of(plan: CountingPlan) -> np.ndarray:
     hi = math.inf if plan.hi is None else plan.hi
     pin_lo, pin_hi = plan.pin or (None, None)
     return np.array([lo, hi, math.nan if pin_lo is None else pin_lo, math.nan if pin_hi is None else pin_hi,
-                     math.inf if plan.tail is None else plan.tail, 1.0 if plan.distribution else 0.0], np.float32)
+                     math.inf if plan.tail is None else plan.tail, 1.0 if plan.distribution else 0.0,
+                     math.nan if plan.target_ignore is None else plan.target_ignore], np.float32)
 
 
 # ------------------------------------------------------------------------------------------ strategies
@@ -514,7 +518,7 @@ class DeviceBuffer:
             if wants.tail:
                 vals["pre.tail"] = _count(ops.greater(ops.abs(f), s[_S["tail"]]))
         if t.target is not None and _nonempty(t.target):
-            vals.update(self._target(t.target, c))
+            vals.update(self._target(t.target, c, s[_S["ignore"]] if wants.ignore else None))
         if t.input is not None and _nonempty(t.input):
             f = _flat(t.input)
             vals.update(self._basic("input", f))
@@ -545,8 +549,10 @@ class DeviceBuffer:
             v["pred.pinned"] = _count(ops.logical_or(ops.equal(f, s[_S["pin_lo"]]), ops.equal(f, s[_S["pin_hi"]])))
         return v
 
-    def _target(self, target: Any, c: dict) -> dict[str, Any]:
+    def _target(self, target: Any, c: dict, ignore: Any = None) -> dict[str, Any]:
         t = _f32(target)
+        if ignore is not None:  # the loss ignores these positions (ignore_class): class 0 instead, as on torch
+            t = ops.where(ops.equal(t, ignore), c["zero"], t)
         f = ops.reshape(t, (-1,))
         v = self._basic("target", f)
         v["target.nonbinary"] = _count(ops.not_equal(ops.multiply(f, ops.subtract(c["one"], f)), c["zero"]))

@@ -18,7 +18,7 @@ from boundguard.integrations.keras.activations import (
 from boundguard.integrations.keras.buffer import ROW_CAP, DeviceBuffer, Wants
 from boundguard.integrations.keras.graph import (
     Head, attr_of, classify, drop_compute_loss_tap, find_head, flat_layers, activation_attr, layer_name,
-    loss_info, output_index, output_names, tap_compute_loss, units,
+    loss_ignore, loss_info, output_index, output_names, tap_compute_loss, units,
 )
 from boundguard.integrations.keras.probe import Trace, input_scaler, model_facts, notes, pick, resolve_head
 from boundguard.model_facts import LossInfo, ModelFacts, classify_loss
@@ -99,6 +99,7 @@ class BoundGuard(SessionViews, keras.callbacks.Callback):
         self._act: tuple[str, dict] = ("unknown", {})  # its activation, as found at install
         self._loss: Optional[LossInfo] = None
         self._loss_name: Optional[str] = None
+        self._ignore: Optional[float] = None  # the target value the loss ignores (ignore_class)
         self._logits = False
         self._trace = Trace()
         self._facts_ready = False
@@ -310,6 +311,7 @@ class BoundGuard(SessionViews, keras.callbacks.Callback):
         self._out = (index, names[index] if index < len(names) else None)
         self._loss_name, from_logits = loss_info(model, index)
         self._loss = classify_loss(self._loss_name, from_logits)
+        self._ignore = loss_ignore(model, index)
         self._logits = bool(self._loss and self._loss.link_applied)
         head = self._head = find_head(model, index=index)
         self._owner = head.owner if head.static else None
@@ -421,7 +423,7 @@ class BoundGuard(SessionViews, keras.callbacks.Callback):
         # a bound insertion retraces the step)
         act = (self._session.facts.activation if self._facts_ready else self._act[0]) if head.static else None
         wants = Wants(range=self._session.config.bounds is not None, pin=act in (None, "clamp", "unknown"),
-                      tail=act is None or act in TAIL_THRESHOLD)
+                      tail=act is None or act in TAIL_THRESHOLD, ignore=self._ignore is not None)
         buf.write(tensors, wants)
         if probe is not None and tensors.pre is not None:
             shape = buf.store_probe(tensors.pre, probe)
@@ -462,6 +464,7 @@ class BoundGuard(SessionViews, keras.callbacks.Callback):
             self._wrapped = keep
         facts = model_facts(head, self._trace, self._owner, self._act, self._loss, self._loss_name)
         facts.input_scaled_by = input_scaler(self.model)
+        facts.target_ignore = self._ignore
         model = self.model
         facts.loss_plain = (not isinstance(getattr(model, "loss", None), (dict, list, tuple))
                             and len(getattr(model, "outputs", None) or [None]) == 1 and not model.losses)
@@ -478,7 +481,8 @@ class BoundGuard(SessionViews, keras.callbacks.Callback):
             plan = s.counting_plan()
         else:
             plan = s.counting_plan(provisional_loss=self._loss,
-                                   facts=ModelFacts(activation=self._act[0], activation_params=dict(self._act[1])))
+                                   facts=ModelFacts(activation=self._act[0], activation_params=dict(self._act[1]),
+                                                    target_ignore=self._ignore))
         self._buffer.apply(plan)
 
 

@@ -3,7 +3,7 @@
 - :func:`find_head`: the output layer of a Sequential or functional model (through trailing
   parameter-free layers, an Operation or a nested model at the output); subclassed models: found while
   the step is traced.
-- :func:`loss_info`: the compiled loss's name and ``from_logits``.
+- :func:`loss_info`: the compiled loss's name and ``from_logits``; :func:`loss_ignore`: its ``ignore_class``.
 - :func:`flat_layers`, :func:`activation_attr`, :func:`attr_of`, :func:`locate`: finding layers again.
 - :func:`tap_compute_loss`: the instance-attribute wrapper of ``model.compute_loss``.
 - :func:`classify`: which activation a chain of callables applies (run on a grid).
@@ -26,7 +26,7 @@ from keras import ops
 
 from boundguard.model_facts import classify_loss, infer_activation
 
-__all__ = ["Head", "find_head", "loss_info", "flat_layers", "activation_attr", "layer_name", "attr_of",
+__all__ = ["Head", "find_head", "loss_info", "loss_ignore", "flat_layers", "activation_attr", "layer_name", "attr_of",
            "locate", "classify", "units", "tap_compute_loss", "is_compute_loss_tap", "SHAPE_ONLY"]
 
 #: Parameter-free layers that only move values around: a bound can go on the layer before them.
@@ -202,8 +202,8 @@ def units(model: Any, owner: Any) -> int:
     return 1
 
 
-def loss_info(model: Any, index: int = 0) -> tuple[Optional[str], bool]:
-    """The compiled loss's name and ``from_logits`` (for a multi-output model: output ``index``'s loss)."""
+def _compiled_loss(model: Any, index: int = 0) -> Any:
+    """The loss ``compile`` was given for output ``index`` (as given: a name, a function, a Loss)."""
     loss = getattr(model, "loss", None)
     if isinstance(loss, dict):
         names = output_names(model)
@@ -211,6 +211,30 @@ def loss_info(model: Any, index: int = 0) -> tuple[Optional[str], bool]:
         loss = loss.get(name) if name in loss else next(iter(loss.values()), None)
     if isinstance(loss, (list, tuple)):
         loss = loss[index] if index < len(loss) else (loss[0] if loss else None)
+    return loss
+
+
+def loss_ignore(model: Any, index: int = 0) -> Optional[float]:
+    """The target value the compiled loss of output ``index`` ignores: ``ignore_class`` of
+    ``SparseCategoricalCrossentropy(ignore_class=...)``, of a ``LossFunctionWrapper`` or a
+    ``functools.partial`` of ``sparse_categorical_crossentropy``; None when it ignores none."""
+    loss = _compiled_loss(model, index)
+    if isinstance(loss, functools.partial):
+        value = loss.keywords.get("ignore_class")
+    elif isinstance(loss, keras.losses.Loss):
+        value = getattr(loss, "ignore_class", None)
+        if value is None:
+            value = (getattr(loss, "_fn_kwargs", None) or {}).get("ignore_class")
+    else:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        return None
+    return float(value)
+
+
+def loss_info(model: Any, index: int = 0) -> tuple[Optional[str], bool]:
+    """The compiled loss's name and ``from_logits`` (for a multi-output model: output ``index``'s loss)."""
+    loss = _compiled_loss(model, index)
     if loss is None:
         return None, False
     if isinstance(loss, str):
