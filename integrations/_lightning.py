@@ -12,11 +12,14 @@ from typing import Any, Optional, Union
 
 from boundguard.alerts import BoundGuardError
 from boundguard.bounds import BoundsSpec
-from boundguard.config import Action, Config
-from boundguard.integrations.torch import DEFAULT_ALERTS_PATH, TorchEngine, apply_bounds
+from boundguard.config import OPTIONS, Action, Config
+from boundguard.integrations.torch import DEFAULT_ALERTS_PATH, TorchEngine
 from boundguard.session import SessionViews, guarded
 
 __all__ = ["LightningGuard"]
+
+#: The callback's options: the Config options every adapter takes, and its own ``log_stats``.
+_ACCEPTED = OPTIONS + ("log_stats",)
 
 
 class LightningGuard(SessionViews):
@@ -45,14 +48,25 @@ class LightningGuard(SessionViews):
         log_stats: log ``boundguard/<stat>`` metrics through the trainer's loggers at each check.
         strict: re-raise internal errors instead of switching the monitor off (for tests).
 
+    Raises:
+        TypeError: an unknown option (naming it, the closest valid one and every valid one) or an option
+            of the wrong type.
+        ValueError: an option with an invalid value.
+
     Logged metrics (at check steps only): ``boundguard/output_min``, ``boundguard/output_max``,
     ``boundguard/out_of_bounds_share``, ``boundguard/preact_absmax``, ``boundguard/preact_rms``,
-    ``boundguard/input_rms``, ``boundguard/loss_mean``, ``boundguard/alerts``.
+    ``boundguard/logit_lse_mean`` (softmax heads), ``boundguard/input_rms``,
+    ``boundguard/head_grad_norm_max`` (the output layer's largest gradient norm in one step),
+    ``boundguard/loss_mean``, ``boundguard/alerts``.
 
     Example:
         >>> from boundguard.integrations.lightning import BoundGuard
         >>> guard = BoundGuard(bounds=(0, 1), on_violation="bound")
         >>> # Trainer(callbacks=[guard]).fit(model); guard.alerts
+        >>> BoundGuard(check_every=10)
+        Traceback (most recent call last):
+        ...
+        TypeError: BoundGuard() got an unknown option 'check_every' (did you mean 'check_every_n_steps'?); valid options: bounds, on_violation, actions, check_every_n_steps, alerts_path, thresholds, input_key, target_key, output_key, name, strict, log_stats
     """
 
     def __init__(
@@ -70,14 +84,16 @@ class LightningGuard(SessionViews):
         name: Optional[str] = None,
         log_stats: bool = True,
         strict: bool = False,
+        **unknown: Any,
     ) -> None:
+        given = locals()  # the typed parameters above; the Config options among them are read by name
         super().__init__()
+        # an unknown keyword: the error names the class, the option, the closest match and the valid ones
+        self._config = Config.from_options(f"{type(self).__name__}()",
+                                           {**{k: given[k] for k in OPTIONS if k in given}, **unknown},
+                                           accepted=_ACCEPTED)
         if not isinstance(log_stats, bool):
             raise TypeError(f"log_stats must be a bool, got {log_stats!r}")
-        self._config = Config(bounds=bounds, on_violation=on_violation, actions=actions,
-                              check_every_n_steps=check_every_n_steps, alerts_path=alerts_path,
-                              thresholds=thresholds, input_key=input_key, target_key=target_key,
-                              output_key=output_key, name=name, strict=strict)
         self._engine = TorchEngine(self._config)
         self._session = self._engine.session
         self._log_stats = log_stats
@@ -119,11 +135,6 @@ class LightningGuard(SessionViews):
                            if trainer.world_size > 1 else None)
         self._engine.attach(pl_module, default, write=trainer.is_global_zero)
         self._engine.grad_scaled = getattr(trainer.precision_plugin, "scaler", None) is not None
-
-    @guarded
-    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
-        if self._session.records:  # replay bounds restored from a checkpoint
-            apply_bounds(pl_module, self._session.records)
 
     @guarded
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
