@@ -23,8 +23,9 @@ Model shapes: Sequential and functional models (the output layer found from the 
 parameter-free layers such as ``Softmax``/``Activation``/``Reshape``/``Dropout``, also through a nested
 model at the output) and subclassed models (the layer whose activation output *is* ``y_pred`` is found
 while the step is traced; an activation applied outside any layer is inferred from the first batch).
-Models with several outputs are watched on their first output. Backends: TensorFlow (graph and eager,
-``steps_per_execution`` > 1 included) and torch (eager, and ``jit_compile=True``, where the callback's
+Models with several outputs are watched on one output, with its own targets and loss: ``output_key=``
+names it (an output name or an index in Keras' order of the outputs; default the first), and one info note
+says which. Backends: TensorFlow (graph and eager, ``steps_per_execution`` > 1 included) and torch (eager, and ``jit_compile=True``, where the callback's
 Python side runs outside the compiled graph: one graph break per step instead of a recompile) and JAX
 (jitted or eager, ``steps_per_execution`` > 1 included), whose stateless train step carries the buffer:
 its variables belong to a ``keras.metrics.Metric`` the model holds while ``fit`` runs, so they travel

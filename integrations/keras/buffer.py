@@ -7,8 +7,8 @@ one-hot rows (``target.onehot``). :meth:`DeviceBuffer.write` (the row writer) co
 step by column name and places them; :meth:`DeviceBuffer.read` is the one device→host transfer of a check.
 
 What the device counts against (bounds, clamp pins, the sigmoid/tanh tail, distribution rows, the target
-value the loss ignores) comes from
-the session's :class:`~boundguard.session.CountingPlan`, written by the host only when it changes.
+value the loss ignores) comes from the session's :class:`~boundguard.session.CountingPlan`, written by the
+host only when it changes.
 
 Backends. Where the state lives is one :class:`Strategy` per backend behind :class:`DeviceBuffer`:
 TensorFlow and torch assign to callback-owned, non-trainable ``keras.Variable`` s from inside the step

@@ -10,7 +10,7 @@ from typing import Any, Callable, Optional, Union
 import keras
 import numpy as np
 
-from boundguard.config import Config
+from boundguard.config import OPTIONS, Config
 from boundguard.integrations.keras.activations import (
     BoundActivation, apply_bounds, remove_leftovers, retrace_step, set_activation, unwatch_activation, unwrap,
     watch_activation,
@@ -30,6 +30,9 @@ from boundguard.surgery import BoundRecord, CannotBound
 
 __all__ = ["BoundGuard", "EpochStats"]
 
+#: The options the Keras callback takes (the shared ones, less the torch adapters' input and target keys).
+ACCEPTED: tuple[str, ...] = tuple(o for o in OPTIONS if o not in ("input_key", "target_key"))
+
 
 class BoundGuard(SessionViews, keras.callbacks.Callback):
     """Watch a Keras model's predictions, output pre-activations, targets, inputs and batch loss during ``fit``.
@@ -48,12 +51,17 @@ class BoundGuard(SessionViews, keras.callbacks.Callback):
         alerts_path: the JSON-lines alerts file (``stats.jsonl`` goes beside it); ``None``:
             ``./boundguard/alerts.jsonl``.
         thresholds: per-code rule thresholds, e.g. ``{"loss_spike": {"factor": 6}}``.
-        output_key: which output of a multi-output model is the prediction (index or output name).
+        output_key: which output of a model with several outputs is the prediction, watched with its own
+            targets and loss: an output name or an index in Keras' order of the outputs. ``None``: the first
+            output. A key that names no output is an info note (and the first output is watched).
         name: names this monitor (recorded in the run record of ``stats.jsonl``).
         strict: re-raise internal errors instead of switching the callback off (for tests).
 
     Raises:
-        ValueError, TypeError: an invalid option (the message names it, what was expected and what was given).
+        TypeError: an unknown option (the message names it, the closest valid one and every valid one), or
+            an option of the wrong type.
+        ValueError: an option with an invalid value (the message names it, what was expected and what was
+            given).
 
     Keys added to each epoch's ``logs`` (so ``History``, ``CSVLogger`` and ``TensorBoard`` listed after this
     callback record them), from the checks made during the epoch (NaN where a statistic was not seen):
@@ -77,6 +85,10 @@ class BoundGuard(SessionViews, keras.callbacks.Callback):
         >>> from boundguard.integrations.keras import BoundGuard
         >>> guard = BoundGuard(bounds=(0, 1), on_violation="bound")
         >>> # model.fit(x, y, callbacks=[guard]); guard.alerts; model.save("m.keras")
+        >>> BoundGuard(check_every=10)
+        Traceback (most recent call last):
+        ...
+        TypeError: BoundGuard() got an unknown option 'check_every' (did you mean 'check_every_n_steps'?); valid options: bounds, on_violation, actions, check_every_n_steps, alerts_path, thresholds, output_key, name, strict
     """
 
     #: Keras keeps dispatching batch-end hooks asynchronously with this callback in the list (see above).
@@ -85,11 +97,13 @@ class BoundGuard(SessionViews, keras.callbacks.Callback):
     def __init__(self, bounds: Any = "auto", on_violation: str = "warn", actions: Optional[dict] = None,
                  check_every_n_steps: int = 50, alerts_path: Any = None, *, thresholds: Optional[dict] = None,
                  output_key: Union[int, str, None] = None, name: Optional[str] = None,
-                 strict: bool = False) -> None:
+                 strict: bool = False, **unknown: Any) -> None:
         super().__init__()
-        config = Config(bounds=bounds, on_violation=on_violation, actions=actions,
-                        check_every_n_steps=check_every_n_steps, alerts_path=alerts_path,
-                        thresholds=thresholds, output_key=output_key, name=name, strict=strict)
+        # an unknown keyword: the error names the option, the closest valid one and every valid one
+        config = Config.from_options("BoundGuard()", dict(
+            bounds=bounds, on_violation=on_violation, actions=actions, check_every_n_steps=check_every_n_steps,
+            alerts_path=alerts_path, thresholds=thresholds, output_key=output_key, name=name, strict=strict,
+            **unknown), accepted=ACCEPTED)
         self._out: tuple[int, Optional[str]] = (0, None)  # the watched output: its index and name
         self._session = Session(config, adapter=self)
         self._buffer: Optional[DeviceBuffer] = None

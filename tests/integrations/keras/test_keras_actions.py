@@ -402,9 +402,17 @@ def test_invalid_options_are_named(kw, exc, words):
 
 
 @pytest.mark.one_backend
-def test_unknown_keyword_is_rejected():
-    with pytest.raises(TypeError, match="target_key"):
-        BoundGuard(target_key="y")
+@pytest.mark.parametrize("option, closest", [("check_every", "check_every_n_steps"), ("target_key", "output_key")])
+def test_unknown_keyword_teaches_the_valid_ones(option, closest):
+    """As watch() does: the option, the closest valid one and every option the Keras callback takes (it has
+    no input_key / target_key: Keras hands it x and y)."""
+    with pytest.raises(TypeError) as err:
+        BoundGuard(**{option: 5})
+    msg = str(err.value)
+    assert msg.startswith(f"BoundGuard() got an unknown option {option!r}"), msg
+    assert f"(did you mean {closest!r}?)" in msg, msg
+    assert msg.endswith("valid options: bounds, on_violation, actions, check_every_n_steps, alerts_path, "
+                        "thresholds, output_key, name, strict"), msg
 
 
 @pytest.mark.one_backend
