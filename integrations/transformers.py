@@ -401,7 +401,12 @@ def _calling_trainer(callback: TrainerCallback, depth: int = 12) -> Any:
 
 
 def _jsonable(obj: Any) -> Any:
-    """Plain JSON types (the Trainer writes the state with ``json.dumps``): numpy scalars become numbers."""
+    """Plain JSON types (the Trainer writes the state with ``json.dumps``): numpy scalars become numbers.
+
+    Non-finite floats stay floats on purpose (not :func:`boundguard.fmt.jsonable`'s ``"inf"``): this state
+    goes back through ``Session.load_state_dict``, whose history and bounds read floats (a fresh history's
+    ``target_min`` is ``inf``), and the Trainer's ``json.dumps`` / ``json.loads`` round-trip them as
+    ``Infinity`` / ``NaN``."""
     if isinstance(obj, Mapping):
         return {k if isinstance(k, str) else str(k): _jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
