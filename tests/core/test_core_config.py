@@ -8,7 +8,7 @@ import pytest
 
 from boundguard import Bounds
 from boundguard.catalogue import CODES, RANGE_CODES
-from boundguard.config import ACTIONS, INFO_ONLY, Config
+from boundguard.config import ACTIONS, INFO_ONLY, OPTIONS, Config
 
 DIR = object()  # placeholder: replaced by an existing directory in the test
 
@@ -87,8 +87,18 @@ def test_malformed_threshold_values_name_the_option(value):
     {"input_key": 0, "target_key": "label"},
 ])
 def test_good_options_are_accepted(kwargs):
+    """Each option given is kept (a bounds spec as the Bounds it names, a path as a Path); the others keep
+    their defaults."""
     cfg = Config(**kwargs)
-    assert cfg.check_every_n_steps >= 1
+    want = {name: getattr(Config(), name) for name in OPTIONS}
+    want.update(kwargs)
+    if "alerts_path" in kwargs:
+        want["alerts_path"] = Path(kwargs["alerts_path"])
+    if kwargs.get("bounds") == "distribution":
+        want["bounds"] = Bounds(0.0, 1.0, "distribution")
+    elif isinstance(kwargs.get("bounds"), list):
+        want["bounds"] = Bounds(*map(float, kwargs["bounds"]))
+    assert {name: getattr(cfg, name) for name in OPTIONS} == want
 
 
 def test_defaults_and_normalisation(tmp_path):

@@ -66,9 +66,6 @@ def test_resume_with_changed_options_keeps_the_bound_and_the_alerts(tmp_path):
         t2 = trainer([g2], max_steps=20)
         t2.fit(fresh, loader(x, y), ckpt_path=str(ckpt))
     assert g2.bounds_inserted == g.bounds_inserted
-    with torch.no_grad():
-        out = fresh(torch.as_tensor(x[:64]))
-    assert float(out.min()) >= 0.0 and float(out.max()) <= 1.0  # the bound was replayed on the resumed model
     assert [a.code for a in g2.alerts][: len(g.alerts)] == [a.code for a in g.alerts]
     assert g2._session.step == 20 and not g2._session.disabled
     with torch.no_grad():

@@ -32,6 +32,7 @@ def test_regression_head_without_sigmoid_is_caught_at_step_1(tmp_path):
     at1 = {a.code: a for a in cb.alerts if a.step == 1}
     assert {"output_out_of_range", "missing_output_activation"} <= set(at1), cb.alerts
     assert at1["output_out_of_range"].severity == "error" and at1["output_out_of_range"].where == "classifier"
+    assert at1["output_out_of_range"].epoch == 0  # the Trainer's epoch (one epoch holds 8 steps of 8 rows)
     assert cb._session.facts.loss.name == "mse_loss" and cb._session.facts.target_where == "batch['labels']"
     assert t.state.global_step == 6  # "warn" never stops the run
     lines = [json.loads(line) for line in (tmp_path / "alerts.jsonl").read_text().splitlines()]
