@@ -17,13 +17,12 @@ from boundguard.catalogue import BOUND_CODES, CATALOGUE, RANGE_CODES
 from boundguard.config import Config
 from boundguard.model_facts import ModelFacts
 from boundguard.rules import Context, Finding, History, default_rules
-from boundguard.sinks import JsonLinesWriter, emit_warning, log_alert
+from boundguard.sinks import JsonLinesWriter, emit_warning, log_alert, stats_path_for
 from boundguard.stats import Snapshot
 from boundguard.surgery import BoundRecord, apply_record
 
-__all__ = ["Monitor", "Decision", "STATS_FILENAME"]
+__all__ = ["Monitor", "Decision"]
 
-STATS_FILENAME = "stats.jsonl"
 #: A warning seen at this many checks is escalated to an error (once).
 ESCALATE_AFTER = 5
 
@@ -69,12 +68,12 @@ class Monitor:
 
     # ------------------------------------------------------------------ files
     def open_files(self, alerts_path: Path) -> None:
-        """Alerts go to ``alerts_path``; the statistics log to ``stats.jsonl`` beside it."""
+        """Alerts go to ``alerts_path``; the statistics log beside it (:func:`boundguard.sinks.stats_path_for`)."""
         self.alerts_path = Path(alerts_path)
         if self.write:
             failures: list = []  # the run's files warn once between them when they cannot be written
             self._alerts_file = JsonLinesWriter(self.alerts_path, failures=failures)
-            self._stats_file = JsonLinesWriter(_stats_path(self.alerts_path), failures=failures)
+            self._stats_file = JsonLinesWriter(stats_path_for(self.alerts_path), failures=failures)
 
     def close(self) -> None:
         for f in (self._alerts_file, self._stats_file):
@@ -288,24 +287,6 @@ class Monitor:
         where = f"boundguard report {self.alerts_path}" if self._alerts_file is not None else "callback.alerts"
         rows.append(f"  details and fixes: {where}  |  boundguard explain <code>")
         return "\n".join(rows)
-
-
-def _stats_path(alerts_path: Path) -> Path:
-    """``stats.jsonl`` beside the alerts file; a device such as ``/dev/null`` (not a regular file, not
-    in a writable folder of files) gets the statistics too, never a new ``/dev/null.stats.jsonl``."""
-    try:
-        if alerts_path.exists() and not alerts_path.is_file() and not alerts_path.is_dir():
-            return alerts_path
-    except OSError:
-        pass
-    return alerts_path.with_name(_stats_name(alerts_path))
-
-
-def _stats_name(alerts_path: Path) -> str:
-    stem = alerts_path.name
-    if stem.endswith(".jsonl"):
-        stem = stem[: -len(".jsonl")]
-    return STATS_FILENAME if stem == "alerts" else f"{stem}.stats.jsonl"
 
 
 def _worse(new: float, old: float) -> bool:

@@ -15,7 +15,8 @@ import numpy as np
 
 from boundguard.alerts import SEVERITIES, severity_rank
 from boundguard.fmt import number
-from boundguard.report import MissingDependency, PathLike, ReportError, RunReport, StatsLog, stats_path_for
+from boundguard.report import MissingDependency, PathLike, ReportError, RunReport, StatsLog
+from boundguard.sinks import stats_path_for
 
 __all__ = ["plot_run"]
 

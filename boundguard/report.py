@@ -6,11 +6,8 @@ use and says how much it skipped instead of raising. Only numpy is needed. The t
 JSON renderings of a report are in :mod:`boundguard.cli`, the HTML page in :mod:`boundguard.html`, the
 plot in :mod:`boundguard.plot`. (``python -m boundguard.report --catalogue`` still prints the README's
 catalogue table for this release: it moved to ``python -m boundguard.catalogue``.)
-
-Example:
-    >>> from boundguard.report import stats_path_for
-    >>> stats_path_for("runs/a/alerts.jsonl").name, stats_path_for("runs/a/lstm.jsonl").name
-    ('stats.jsonl', 'lstm.stats.jsonl')
+The statistics log of a run is found beside its alerts file by the name
+:func:`boundguard.sinks.stats_path_for` gives it.
 """
 from __future__ import annotations
 
@@ -27,10 +24,11 @@ import numpy as np
 from boundguard.alerts import SCHEMA_VERSION, SEVERITIES, severity_rank
 from boundguard.catalogue import CATALOGUE
 from boundguard.fmt import bounds_text, json_float, number
+from boundguard.sinks import alerts_path_for, is_stats_log, stats_path_for
 
 __all__ = [
     "ReportError", "MissingDependency", "LineProblem", "JsonLines", "read_jsonl", "RunFiles", "find_runs",
-    "stats_path_for", "AlertGroup", "RunReport", "load_run", "group_alerts", "StatsLog", "read_stats",
+    "AlertGroup", "RunReport", "load_run", "group_alerts", "StatsLog", "read_stats",
     "report_dict", "worst_severity", "runs_summary", "MAX_LINE_BYTES", "LINE_KEY",
 ]
 
@@ -38,7 +36,6 @@ __all__ = [
 MAX_LINE_BYTES = 1 << 20
 #: Key :func:`read_jsonl` adds to each record: the line it was read from.
 LINE_KEY = "__line__"
-STATS_FILENAME = "stats.jsonl"
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -148,24 +145,6 @@ def _parse_line(raw: bytes, ended: bool, records: list[dict], lineno: int) -> Op
 
 
 # ---------------------------------------------------------------------------------------- finding runs
-def stats_path_for(alerts_path: PathLike) -> Path:
-    """The statistics log written beside ``alerts_path``: ``stats.jsonl`` for ``alerts.jsonl``,
-    ``<stem>.stats.jsonl`` for any other ``<stem>.jsonl``."""
-    p = Path(alerts_path)
-    stem = p.name.removesuffix(".jsonl")
-    return p.with_name(STATS_FILENAME if stem == "alerts" else f"{stem}.stats.jsonl")
-
-
-def _is_stats_name(name: str) -> bool:
-    return name == STATS_FILENAME or name.endswith(".stats.jsonl")
-
-
-def _alerts_path_for_stats(stats: Path) -> Path:
-    if stats.name == STATS_FILENAME:
-        return stats.with_name("alerts.jsonl")
-    return stats.with_name(stats.name[: -len(".stats.jsonl")] + ".jsonl")
-
-
 @dataclass(frozen=True)
 class RunFiles:
     """One run's files: the alerts file (it may not exist: a run without alerts writes none) and its
@@ -202,7 +181,7 @@ def find_runs(paths: Sequence[PathLike]) -> list[RunFiles]:
                                   f"stats.jsonl / *.stats.jsonl, recursively)")
             runs += found
         elif p.is_file():
-            runs.append(_run_of(_alerts_path_for_stats(p)) if _is_stats_name(p.name) else _run_of(p))
+            runs.append(_run_of(alerts_path_for(p)) if is_stats_log(p.name) else _run_of(p))
         else:
             s = stats_path_for(p)
             if p.name.endswith(".jsonl") and s.is_file():  # a run without alerts writes no alerts file
@@ -227,8 +206,8 @@ def _scan_dir(d: Path) -> list[RunFiles]:
         for f in d.rglob("*.jsonl"):
             if not f.is_file():
                 continue
-            if _is_stats_name(f.name):
-                alerts.add(_alerts_path_for_stats(f))
+            if is_stats_log(f.name):
+                alerts.add(alerts_path_for(f))
             elif f.name.startswith("alerts"):
                 alerts.add(f)
     except OSError as err:

@@ -1,4 +1,12 @@
-"""Where alerts go: a JSON-lines file (flushed per line), Python warnings, and ``logging``."""
+"""Where alerts go: a JSON-lines file (flushed per line), Python warnings, and ``logging``; and what the
+statistics log beside an alerts file is called.
+
+Example:
+    >>> stats_path_for("runs/a/alerts.jsonl").name, stats_path_for("runs/a/lstm.jsonl").name
+    ('stats.jsonl', 'lstm.stats.jsonl')
+    >>> alerts_path_for("runs/a/lstm.stats.jsonl").name, is_stats_log("stats.jsonl")
+    ('lstm.jsonl', True)
+"""
 from __future__ import annotations
 
 import json
@@ -10,12 +18,17 @@ import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
-from typing import IO, Any, Iterator, Optional
+from typing import IO, Any, Iterator, Optional, Union
 
 from boundguard.alerts import SCHEMA_VERSION, Alert, BoundGuardWarning
 from boundguard.fmt import json_default, jsonable
 
-__all__ = ["JsonLinesWriter", "logger", "emit_warning", "warn_user", "log_alert", "set_alert_channel"]
+__all__ = ["JsonLinesWriter", "logger", "emit_warning", "warn_user", "log_alert", "set_alert_channel",
+           "STATS_FILENAME", "stats_path_for", "alerts_path_for", "is_stats_log"]
+
+#: The statistics log beside ``alerts.jsonl``; beside any other ``<stem>.jsonl`` it is ``<stem>.stats.jsonl``.
+STATS_FILENAME = "stats.jsonl"
+_STATS_SUFFIX = ".stats.jsonl"
 
 logger = logging.getLogger("boundguard")
 logger.addHandler(logging.NullHandler())  # a library: the application decides where log lines go
@@ -98,6 +111,31 @@ class JsonLinesWriter:
 
     def __getstate__(self) -> dict:
         return {"path": self.path, "_fh": None, "failed": self.failed, "_failures": []}
+
+
+def stats_path_for(alerts_path: Union[str, "os.PathLike[str]"]) -> Path:
+    """The statistics log written beside ``alerts_path``: ``stats.jsonl`` for ``alerts.jsonl``,
+    ``<stem>.stats.jsonl`` for any other ``<stem>.jsonl``. A device such as ``/dev/null`` (not a regular
+    file, not a folder) gets the statistics too, never a new ``/dev/null.stats.jsonl``."""
+    p = Path(alerts_path)
+    try:
+        if p.exists() and not p.is_file() and not p.is_dir():
+            return p
+    except OSError:
+        pass
+    stem = p.name.removesuffix(".jsonl")
+    return p.with_name(STATS_FILENAME if stem == "alerts" else stem + _STATS_SUFFIX)
+
+
+def is_stats_log(name: str) -> bool:
+    """``name`` is a statistics log's file name (:func:`stats_path_for`)."""
+    return name == STATS_FILENAME or name.endswith(_STATS_SUFFIX)
+
+
+def alerts_path_for(stats_path: Union[str, "os.PathLike[str]"]) -> Path:
+    """The alerts file a statistics log belongs to (the inverse of :func:`stats_path_for`)."""
+    p = Path(stats_path)
+    return p.with_name("alerts.jsonl" if p.name == STATS_FILENAME else p.name[: -len(_STATS_SUFFIX)] + ".jsonl")
 
 
 _CHANNELS = ("warnings", "logging")

@@ -118,8 +118,11 @@ def test_alerts_to_dev_null_writes_no_stats_file_beside_it(tmp_path):
     """``alerts_path="/dev/null"``: both logs go to the device; no ``/dev/null.stats.jsonl`` appears."""
     import os
 
-    from boundguard.monitor import _stats_path
+    from boundguard.sinks import alerts_path_for, stats_path_for
 
-    assert _stats_path(Path(os.devnull)) == Path(os.devnull)
-    assert _stats_path(tmp_path / "alerts.jsonl") == tmp_path / "stats.jsonl"
-    assert _stats_path(tmp_path / "run.jsonl") == tmp_path / "run.stats.jsonl"
+    assert stats_path_for(Path(os.devnull)) == Path(os.devnull)
+    assert stats_path_for(tmp_path / "alerts.jsonl") == tmp_path / "stats.jsonl"
+    assert stats_path_for(tmp_path / "run.jsonl") == tmp_path / "run.stats.jsonl"
+    assert stats_path_for(tmp_path / "run") == tmp_path / "run.stats.jsonl"  # no .jsonl: the whole name is the stem
+    for alerts in ("alerts.jsonl", "run.jsonl"):
+        assert alerts_path_for(stats_path_for(tmp_path / alerts)) == tmp_path / alerts
