@@ -22,11 +22,11 @@ demo: install
 # the real-program corpus run on TensorFlow (on torch and JAX they gave the same alerts, 2026-12-02), and
 # so do the Keras tests marked one_backend (Keras-level logic: options, files, state, healthy twins, loss
 # dynamics); everything that touches the backend (probing, reads, bounds, actions, firing) runs on all three.
-KERAS_CORPUS = tests/realworld/test_keras_corpus.py
+KERAS_CORPUS = tests/realworld/test_keras_corpus.py tests/realworld/test_keras_slow_starters.py
 test: install
 	$(PY) -m ruff check boundguard integrations benchmarks tests
 	$(PY) -m mypy boundguard integrations --ignore-missing-imports
-	$(PY) -m pytest tests -q --ignore=tests/integrations/keras --ignore=$(KERAS_CORPUS)
+	$(PY) -m pytest tests -q --ignore=tests/integrations/keras $(addprefix --ignore=,$(KERAS_CORPUS))
 	KERAS_BACKEND=tensorflow $(PY) -m pytest tests/integrations/keras $(KERAS_CORPUS) -q
 	KERAS_BACKEND=torch $(PY) -m pytest tests/integrations/keras -q -m "not one_backend"
 	KERAS_BACKEND=jax $(PY) -m pytest tests/integrations/keras -q -m "not one_backend"
