@@ -131,10 +131,8 @@ def _draw_share(ax: Any, s: StatsLog) -> None:
 def _draw_preactivation(ax: Any, s: StatsLog) -> None:
     """Panel 3: the pre-activation's max |z| and RMS, and the inputs' RMS (log scale)."""
     x = s.steps
-    with np.errstate(invalid="ignore", divide="ignore"):
-        absmax = np.fmax(np.abs(s.col("pre.min")), np.abs(s.col("pre.max")))
-        rms = np.sqrt(s.col("pre.sumsq") / s.col("pre.finite"))
-        in_rms = np.sqrt(s.col("input.sumsq") / s.col("input.finite"))
+    absmax = np.fmax(np.abs(s.col("pre.min")), np.abs(s.col("pre.max")))
+    rms, in_rms = s.rms("pre"), s.rms("input")
     plotted = False
     for series, kw in ((absmax, dict(color="#9467bd", lw=1.5, label="pre-activation max |z|")),
                        (rms, dict(color="#9467bd", lw=1.0, ls="--", label="pre-activation RMS")),

@@ -25,6 +25,7 @@ from boundguard.alerts import SCHEMA_VERSION, SEVERITIES, severity_rank
 from boundguard.catalogue import CATALOGUE
 from boundguard.fmt import bounds_text, json_float, number
 from boundguard.sinks import alerts_path_for, is_stats_log, stats_path_for
+from boundguard.stats import rms_of
 
 __all__ = [
     "ReportError", "MissingDependency", "LineProblem", "JsonLines", "read_jsonl", "RunFiles", "find_runs",
@@ -370,6 +371,12 @@ class StatsLog:
 
     def col(self, name: str) -> np.ndarray:
         return self.columns.get(name, np.full(self.checks, np.nan))
+
+    def rms(self, kind: str) -> np.ndarray:
+        """The root mean square of ``kind``'s finite values at each check, as
+        :meth:`boundguard.stats.Snapshot.rms` computes it (:func:`boundguard.stats.rms_of`)."""
+        absmax = np.fmax(np.abs(self.col(f"{kind}.min")), np.abs(self.col(f"{kind}.max")))
+        return rms_of(self.col(f"{kind}.sumsq"), self.col(f"{kind}.finite"), absmax, self.col(f"{kind}.nonfinite"))
 
 
 def read_stats(path: PathLike) -> StatsLog:

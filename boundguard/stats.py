@@ -32,7 +32,7 @@ import numpy as np
 from boundguard.fmt import json_float
 
 __all__ = ["Stat", "STATS", "COLUMNS", "KINDS", "LOSS_COLUMN", "columns_of", "fields_of", "row_stats",
-           "count_stats", "neutral_row", "reduce_rows", "fold_rows", "merge_rows", "Snapshot"]
+           "count_stats", "neutral_row", "reduce_rows", "fold_rows", "merge_rows", "rms_of", "Snapshot"]
 
 
 @dataclass(frozen=True)
@@ -199,6 +199,22 @@ def merge_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return out
 
 
+def rms_of(sumsq: Any, finite: Any, absmax: Any, nonfinite: Any) -> Any:
+    """Root mean square of a kind's finite values from its statistics, for numbers or arrays of them (one
+    per check): ``sqrt(sumsq / finite)``, NaN without finite values. When the fp32 sum of squares
+    overflowed (values near 1e19 and above, e.g. raw timestamps) it is the lower bound
+    ``absmax / sqrt(finite)``.
+
+    >>> float(rms_of(8.0, 2, 2.0, 0)), float(rms_of(float("inf"), 4, 1e20, 0)), float(rms_of(0.0, 0, 0.0, 0))
+    (2.0, 5e+19, nan)
+    """
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        sumsq, finite = np.asarray(sumsq, dtype=np.float64), np.asarray(finite, dtype=np.float64)
+        overflowed = np.isinf(sumsq) & (np.asarray(nonfinite) == 0)
+        value = np.where(overflowed, np.asarray(absmax, dtype=np.float64) / np.sqrt(finite), np.sqrt(sumsq / finite))
+        return np.where(finite > 0, value, np.nan)
+
+
 @dataclass
 class Snapshot:
     """The statistics of one check interval (steps ``first_step``..``step``), as plain numbers.
@@ -269,15 +285,10 @@ class Snapshot:
         return self.values["pre.lse"] / rows if rows > 0 else None
 
     def rms(self, kind: str) -> float:
-        """Root mean square of the finite values. When the fp32 sum of squares overflowed (values near
-        1e19 and above, e.g. raw timestamps) the result is the lower bound ``absmax / sqrt(n)``."""
-        finite = self.values[f"{kind}.finite"]
-        if not finite:
-            return math.nan
-        sumsq = self.values[f"{kind}.sumsq"]
-        if math.isinf(sumsq) and not self.nonfinite(kind):
-            return self.absmax(kind) / math.sqrt(finite)
-        return math.sqrt(sumsq / finite)
+        """Root mean square of the finite values (:func:`rms_of`: the lower bound ``absmax / sqrt(n)`` when
+        the fp32 sum of squares overflowed)."""
+        v = self.values
+        return float(rms_of(v[f"{kind}.sumsq"], v[f"{kind}.finite"], self.absmax(kind), self.nonfinite(kind)))
 
     @property
     def steps(self) -> int:

@@ -114,6 +114,28 @@ def test_rms_of_huge_inputs_is_not_lost_to_overflow():
     assert "inputs_not_scaled" in codes
 
 
+def test_the_statistics_log_gives_the_snapshots_rms(tmp_path):
+    """The plot's RMS (StatsLog.rms, read back from the log) is the Snapshot's, overflow fallback included."""
+    from boundguard.report import read_stats
+
+    col = {c: i for i, c in enumerate(COLUMNS)}
+    snaps = []
+    for step, (lo, hi, sumsq, finite) in enumerate([(1.6e18, 1.7e18, math.inf, 64), (-2.0, 2.0, 64.0, 16),
+                                                    (0.0, 0.0, 0.0, 0)], 1):
+        row = neutral_row()
+        row[col["input.min"]], row[col["input.max"]], row[col["input.sumsq"]] = lo, hi, sumsq
+        row[col["input.finite"]] = finite
+        snaps.append(Snapshot.from_rows(row[None], {"input": 64}, step=step, first_step=step))
+    w = JsonLinesWriter(tmp_path / "stats.jsonl")
+    for snap in snaps:
+        w.write({"type": "stats", **snap.to_record()})
+    w.close()
+    logged = read_stats(tmp_path / "stats.jsonl").rms("input")
+    expected = [snap.rms("input") for snap in snaps]
+    assert logged[0] == expected[0] == pytest.approx(1.7e18 / 8) and logged[1] == expected[1] == 2.0
+    assert math.isnan(logged[2]) and math.isnan(expected[2])
+
+
 def test_alerts_to_dev_null_writes_no_stats_file_beside_it(tmp_path):
     """``alerts_path="/dev/null"``: both logs go to the device; no ``/dev/null.stats.jsonl`` appears."""
     import os
