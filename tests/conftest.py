@@ -8,9 +8,20 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import pytest
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """Tiny torch models train fastest on one thread (and leave the shared cores to others); restored after."""
+    import torch  # here, not at the top: the Keras tests load this file too
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def _free_port() -> int:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib
 import sys
 import warnings
-from typing import Iterator
 
 import pytest
 import torch
@@ -17,16 +16,9 @@ from lightning.fabric import Fabric  # noqa: E402
 
 from boundguard import BoundGuardWarning  # noqa: E402
 from boundguard.integrations.fabric import FabricGuard, apply_bounds, watch  # noqa: E402
+from helpers import SEVERE  # noqa: E402
 
-SEVERE = {"warning", "error", "critical"}
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # every test here trains on one torch thread
 
 
 class Seed(nn.Module):

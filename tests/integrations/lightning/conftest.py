@@ -18,13 +18,6 @@ logging.getLogger("lightning.fabric").setLevel(logging.ERROR)
 warnings.filterwarnings("ignore", message=".*does not have many workers.*")
 warnings.filterwarnings("ignore", message=".*LeafSpec.*")
 
-SEVERE = {"warning", "error", "critical"}
-
-
-def severe(alerts) -> set[str]:
-    return {a.code for a in alerts if a.severity in SEVERE}
-
-
 class Tiny(L.LightningModule):
     """Linear(8→16)→Tanh→Linear(16→out) with a configurable head activation and loss.
 

@@ -13,7 +13,8 @@ from torch import nn
 from boundguard import BoundGuardError, BoundGuardWarning
 from boundguard.integrations.lightning import BoundGuard, apply_bounds
 
-from conftest import L, Tiny, data, fit, loader, severe, trainer
+from conftest import L, Tiny, data, fit, loader, trainer
+from helpers import severe
 
 
 def test_halt_stops_at_the_check(tmp_path):

@@ -12,7 +12,8 @@ from boundguard import BoundGuardError
 from boundguard.catalogue import CATALOGUE
 from boundguard.integrations.lightning import BoundGuard
 
-from conftest import Tiny, data, fit, severe
+from conftest import Tiny, data, fit
+from helpers import severe
 
 
 def guard(tmp_path, **kw):

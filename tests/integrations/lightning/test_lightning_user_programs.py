@@ -22,19 +22,13 @@ from boundguard.integrations.lightning import BoundGuard
 from boundguard.integrations.torch.bounding import BoundHook
 from boundguard.integrations.torch.hooks import INERT
 
-from conftest import L, severe, trainer
+from conftest import L, trainer
+from helpers import codes_at, hooks_of, live_hooks, same_weights, severe
 
-pytestmark = pytest.mark.filterwarnings("ignore::boundguard.alerts.BoundGuardWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore::boundguard.alerts.BoundGuardWarning"),
+              pytest.mark.usefixtures("one_thread")]  # every test here trains on one torch thread
 
 NAN = float("nan")
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 # ============================================================================================ helpers
@@ -52,27 +46,6 @@ def run(model, dl, callbacks, **kw):
         warnings.simplefilter("ignore")
         t.fit(model, dl)
     return t
-
-
-def codes_at(alerts, step: int) -> set[str]:
-    return {a.code for a in alerts if a.step == step}
-
-
-def same_weights(a: nn.Module, b: nn.Module) -> bool:
-    sa, sb = a.state_dict(), b.state_dict()
-    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
-
-
-def hooks_of(model: nn.Module) -> list:
-    out = []
-    for m in model.modules():
-        out += list(m._forward_hooks.values()) + list(m._forward_pre_hooks.values())
-    return out
-
-
-def live_hooks(model: nn.Module) -> list:
-    """Forward (pre-)hooks of ``model`` that are neither an inert boundguard hook nor an inserted bound."""
-    return [h for h in hooks_of(model) if h is not INERT and not isinstance(h, BoundHook)]
 
 
 def binary_data(n=256, din=8, seed=0, nan_batch=None, batch=32):

@@ -16,7 +16,8 @@ from torch import nn
 
 from boundguard.integrations.torch import apply_bounds, watch
 
-pytestmark = pytest.mark.filterwarnings("ignore::boundguard.alerts.BoundGuardWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore::boundguard.alerts.BoundGuardWarning"),
+              pytest.mark.usefixtures("one_thread")]  # every test here trains on one torch thread
 
 V, D, T, B = 256, 32, 16, 8
 
@@ -63,14 +64,6 @@ def train(model: nn.Module, *, sgd_peak: float = 0.0, steps: int = 400, **option
         losses.append(loss.item())
     guard.close()
     return guard, losses
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_runaway_logits_are_caught_before_the_loss_diverges():

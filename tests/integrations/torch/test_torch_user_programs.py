@@ -20,10 +20,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.optim.swa_utils import AveragedModel
 
-from boundguard.alerts import severity_rank
 from boundguard.integrations.torch import watch
 from boundguard.integrations.torch.bounding import BoundHook
-from boundguard.integrations.torch.hooks import INERT, MonitorHook
+from boundguard.integrations.torch.hooks import MonitorHook
+from helpers import codes_at, hooks_of, live_hooks, loud, same_weights
 
 pytestmark = pytest.mark.filterwarnings("ignore::boundguard.alerts.BoundGuardWarning")
 
@@ -31,48 +31,18 @@ NAN = float("nan")
 
 
 @pytest.fixture(autouse=True)
-def _one_thread_and_seed():
+def _one_thread_and_seed(one_thread):
     """Tiny models train fastest on one thread (2-core machine); every program starts from one seed."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
     torch.manual_seed(0)
-    yield
-    torch.set_num_threads(n)
 
 
 # ============================================================================================ helpers
-def loud(alerts) -> list:
-    return [a for a in alerts if severity_rank(a.severity) >= severity_rank("warning")]
-
-
-def codes_at(alerts, step: int) -> set[str]:
-    return {a.code for a in alerts if a.step == step}
-
-
 def opts(tmp_path, **kw) -> dict:
     kw.setdefault("on_violation", "log")
     kw.setdefault("check_every_n_steps", 4)
     kw.setdefault("strict", True)  # an internal error of the monitor must fail the test, not go quiet
     kw.setdefault("alerts_path", tmp_path / "alerts.jsonl")
     return kw
-
-
-def hooks_of(model: nn.Module) -> list:
-    """Every forward (pre-)hook on every module of ``model``."""
-    out = []
-    for m in model.modules():
-        out += list(m._forward_hooks.values()) + list(m._forward_pre_hooks.values())
-    return out
-
-
-def live_hooks(model: nn.Module) -> list:
-    """The hooks of ``model`` that are neither an inert boundguard hook nor an inserted bound."""
-    return [h for h in hooks_of(model) if h is not INERT and not isinstance(h, BoundHook)]
-
-
-def same_weights(a: nn.Module, b: nn.Module) -> bool:
-    sa, sb = a.state_dict(), b.state_dict()
-    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
 def binary_batches(n: int, batch: int = 32, din: int = 4, seed: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -14,7 +14,8 @@ from boundguard.integrations.torch import Guard, apply_bounds, watch
 from torch import nn
 
 from boundguard import Alert, BoundGuardError, BoundGuardWarning
-from boundguard.alerts import SCHEMA_VERSION, severity_rank
+from boundguard.alerts import SCHEMA_VERSION
+from helpers import loud
 
 pytestmark = pytest.mark.filterwarnings("ignore::boundguard.alerts.BoundGuardWarning")
 
@@ -69,10 +70,6 @@ def train(model, loss_fn, data, steps=4, guard=None, lr=0.05, seed=0):
             break
         losses.append(float(loss.detach()))
     return losses
-
-
-def loud(alerts):
-    return [a for a in alerts if severity_rank(a.severity) >= severity_rank("warning")]
 
 
 def opts(tmp_path, **kw):

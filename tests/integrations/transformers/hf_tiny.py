@@ -1,10 +1,11 @@
 """Tiny transformers models built from configs (nothing is downloaded), hand-made token data and short
-Trainer runs, shared by the Trainer tests (a uniquely named helper module, imported by them)."""
+Trainer runs, shared by the Trainer tests (a uniquely named helper module, imported by them; importing it
+skips a test module without transformers)."""
 from __future__ import annotations
 
 import logging
 import warnings
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Optional
 
 import pytest
 import torch
@@ -20,22 +21,8 @@ transformers.utils.logging.set_verbosity_error()
 logging.getLogger("accelerate").setLevel(logging.ERROR)
 warnings.filterwarnings("ignore", category=FutureWarning)
 
-SEVERE = {"warning", "error", "critical"}
 SEQ = 12
 VOCAB = 100
-
-
-@pytest.fixture()
-def one_thread() -> Iterator[None]:
-    """Tiny models train fastest on one thread (and leave the shared cores to others); restored after."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def severe(alerts) -> set[str]:
-    return {a.code for a in alerts if a.severity in SEVERE}
 
 
 def tiny_bert(num_labels: int, problem_type: Optional[str] = None, seed: int = 0) -> BertForSequenceClassification:

@@ -7,7 +7,7 @@ import warnings
 import pytest
 import torch
 
-from hf_tiny import one_thread, SEQ, Tokens, run_trainer, tiny_bert  # noqa: F401  (skips without transformers)
+from hf_tiny import SEQ, Tokens, run_trainer, tiny_bert  # (skips without transformers)
 
 from boundguard import BoundGuardWarning
 from boundguard.integrations.transformers import BoundGuardCallback

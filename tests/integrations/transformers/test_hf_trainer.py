@@ -9,7 +9,8 @@ import warnings
 
 import pytest
 
-from hf_tiny import one_thread, Tokens, run_trainer, severe, tiny_bert, tiny_gpt2  # noqa: F401  (skips without transformers)
+from hf_tiny import Tokens, run_trainer, tiny_bert, tiny_gpt2  # (skips without transformers)
+from helpers import severe
 
 from boundguard import BoundGuardError, BoundGuardWarning
 from boundguard.config import OPTIONS

@@ -11,7 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hf_tiny import one_thread, Tokens, run_trainer, severe, tiny_bert  # noqa: F401  (skips without transformers)
+from hf_tiny import Tokens, run_trainer, tiny_bert  # (skips without transformers)
+from helpers import hooks_of, severe
 
 from boundguard import BoundGuardWarning
 from boundguard.integrations.torch.bounding import BoundHook
@@ -20,10 +21,6 @@ from boundguard.integrations.transformers import BoundGuardCallback
 from transformers import Trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # every test here trains on one torch thread
-
-
-def _hooks(model: torch.nn.Module) -> list:
-    return [h for m in model.modules() for h in list(m._forward_hooks.values()) + list(m._forward_pre_hooks.values())]
 
 
 class MeanTeacherTrainer(Trainer):
@@ -72,7 +69,7 @@ def test_mean_teacher_deepcopy_in_compute_loss(tmp_path):
     assert severe(cb.alerts) == set(), cb.alerts
     sb, sw = base.model.state_dict(), t.model.state_dict()
     assert sb.keys() == sw.keys() and all(torch.equal(sb[k], sw[k]) for k in sb)
-    teacher_hooks = _hooks(t.ema)
+    teacher_hooks = hooks_of(t.ema)
     assert INERT in teacher_hooks and all(h is INERT or isinstance(h, BoundHook) for h in teacher_hooks)
     assert cb._session.facts.pre_where == "classifier"
     snap = cb._session.last_snapshot  # steps 4..6: 3 batches of 8 rows x 2 logits (the teacher's are not)

@@ -1,0 +1,49 @@
+"""Helpers shared by the PyTorch adapters' tests (plain loop, Lightning, Fabric, the Trainer).
+
+Imported as ``from helpers import ...``: pytest puts this folder on ``sys.path`` when it loads the root
+``conftest.py`` (the default ``prepend`` import mode, no ``__init__.py`` files). The ``one_thread`` fixture
+is in that ``conftest.py``.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from boundguard.alerts import severity_rank
+from boundguard.integrations.torch.bounding import BoundHook
+from boundguard.integrations.torch.hooks import INERT
+
+#: The severities a healthy run must never raise.
+SEVERE = {"warning", "error", "critical"}
+
+
+def severe(alerts) -> set[str]:
+    """The codes of the alerts of severity warning or above."""
+    return {a.code for a in alerts if a.severity in SEVERE}
+
+
+def loud(alerts) -> list:
+    """The alerts of severity warning or above."""
+    return [a for a in alerts if severity_rank(a.severity) >= severity_rank("warning")]
+
+
+def codes_at(alerts, step: int) -> set[str]:
+    return {a.code for a in alerts if a.step == step}
+
+
+def hooks_of(model: nn.Module) -> list:
+    """Every forward (pre-)hook on every module of ``model``."""
+    out = []
+    for m in model.modules():
+        out += list(m._forward_hooks.values()) + list(m._forward_pre_hooks.values())
+    return out
+
+
+def live_hooks(model: nn.Module) -> list:
+    """The hooks of ``model`` that are neither an inert boundguard hook nor an inserted bound."""
+    return [h for h in hooks_of(model) if h is not INERT and not isinstance(h, BoundHook)]
+
+
+def same_weights(a: nn.Module, b: nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
