@@ -159,3 +159,17 @@ def test_evaluation_during_training_is_not_counted(tmp_path):
     stats = [json.loads(line) for line in (tmp_path / "stats.jsonl").read_text().splitlines()]
     # ...but the eval-mode forwards are neither steps nor statistics
     assert cb._session.step == 3 and all(r["target.n"] == 8 for r in stats if "target.n" in r)
+
+
+def test_fp16_scaling_is_read_from_the_optimizer_the_trainer_hands(tmp_path):
+    """The callback learns that gradients are fp16-scaled from the ``optimizer`` keyword of ``on_train_begin``
+    (accelerate's AcceleratedOptimizer holds the GradScaler), not from the Trainer object."""
+    from types import SimpleNamespace
+
+    cb = BoundGuardCallback(alerts_path=tmp_path / "a.jsonl", strict=True)
+    args = SimpleNamespace(world_size=1, process_index=0)
+    state = SimpleNamespace(epoch=0, global_step=0, stateful_callbacks={})
+    for scaler, scaled in ((object(), True), (None, False)):
+        cb.on_train_begin(args, state, SimpleNamespace(), model=tiny_bert(2), optimizer=SimpleNamespace(scaler=scaler))
+        assert cb._trainer is None and cb._engine.grad_scaled is scaled
+        cb._stop()
