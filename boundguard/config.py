@@ -4,7 +4,7 @@ from __future__ import annotations
 import difflib
 import numbers
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from collections.abc import Mapping
 from typing import Any, Literal, Optional, Union
@@ -37,7 +37,6 @@ class Config:
     output_key: Union[int, str, None] = None
     name: Optional[str] = None
     strict: bool = False
-    extra: dict = field(default_factory=dict)
 
     @classmethod
     def from_options(cls, entry: str, options: dict[str, Any], *, accepted: Optional[tuple[str, ...]] = None) -> "Config":
@@ -132,4 +131,4 @@ def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
 
 
 #: The options every adapter takes (the user-facing names, in the README's order).
-OPTIONS: tuple[str, ...] = tuple(f.name for f in fields(Config) if f.name != "extra")
+OPTIONS: tuple[str, ...] = tuple(f.name for f in fields(Config))

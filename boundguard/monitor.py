@@ -1,8 +1,9 @@
 """The framework-free engine: snapshots in, alerts and actions out.
 
-An adapter builds one :class:`Monitor` from the user's options, tells it what the probe found
-(:meth:`Monitor.set_facts`, :meth:`Monitor.observe_targets`), and at every check hands it a
-:class:`~boundguard.stats.Snapshot`. :meth:`Monitor.check` returns the decisions to carry out.
+The :class:`~boundguard.session.Session` (what every adapter drives) owns one :class:`Monitor`: it tells
+it what the probe found (:meth:`Monitor.set_facts`, :meth:`Monitor.observe_targets`), and at every check
+hands it a :class:`~boundguard.stats.Snapshot`: :meth:`Monitor.judge` returns the decisions (nothing
+written yet), the session carries them out and :meth:`Monitor.publish` records, writes and shows them.
 """
 from __future__ import annotations
 
@@ -140,12 +141,6 @@ class Monitor:
         return alert
 
     # ------------------------------------------------------------------ judging
-    def check(self, snap: Snapshot) -> list[Decision]:
-        """Judge one interval and publish its alerts (:meth:`judge` then :meth:`publish`)."""
-        decisions = self.judge(snap)
-        self.publish(decisions)
-        return decisions
-
     def judge(self, snap: Snapshot) -> list[Decision]:
         """Fold the interval into the history, run every rule, and decide what to do about each alert
         that is new or escalated at this check. Nothing is published yet: the caller carries out the

@@ -31,7 +31,7 @@ import numpy as np
 
 from boundguard.fmt import json_float
 
-__all__ = ["Stat", "STATS", "COLUMNS", "KINDS", "LOSS_COLUMN", "columns_of", "fields_of", "row_stats",
+__all__ = ["Stat", "STATS", "COLUMNS", "KINDS", "LOSS_COLUMN", "fields_of", "row_stats",
            "count_stats", "neutral_row", "reduce_rows", "fold_rows", "merge_rows", "rms_of", "Snapshot"]
 
 
@@ -122,14 +122,6 @@ _FIELDS = {k: tuple(s.field for s in STATS if s.kind == k) for k in KINDS + ("lo
 #: the statistics log's keys, spelled once: per kind its count, non-finite count, finite column, columns
 _RECORD_KEYS = {k: (f"{k}.n", f"{k}.nonfinite", f"{k}.finite", tuple(f"{k}.{f}" for f in _FIELDS[k])) for k in KINDS}
 _LOSS_KEYS = {k: f"loss.{k}" for k in ("mean", "min", "max", "last", "nonfinite", "count")}
-
-
-def columns_of(kind: str) -> slice:
-    """The contiguous slice of a row that the statistics of ``kind`` occupy."""
-    idx = [i for i, s in enumerate(STATS) if s.kind == kind]
-    if not idx:
-        raise KeyError(f"unknown statistics kind {kind!r}; expected one of {KINDS + ('loss',)}")
-    return slice(idx[0], idx[-1] + 1)
 
 
 def fields_of(kind: str) -> tuple[str, ...]:

@@ -10,17 +10,18 @@ import pytest
 
 from boundguard import BoundGuardWarning
 from boundguard.config import Config
-from boundguard.monitor import Monitor
+from boundguard.session import Session
 from boundguard.sinks import set_alert_channel
-from boundguard.stats import COLUMNS, Snapshot, neutral_row
+from boundguard.stats import COLUMNS, neutral_row
 
 
 def out_of_range():
+    """One step's row: predictions in [-0.5, 1.5], 5 of 10 outside (0, 1)."""
     col = {c: i for i, c in enumerate(COLUMNS)}
     row = neutral_row()
     row[col["pred.min"]], row[col["pred.max"]], row[col["pred.finite"]] = -0.5, 1.5, 10
     row[col["pred.below"]], row[col["pred.above"]] = 2, 3
-    return Snapshot.from_rows(row[None], {"pred": 10}, step=1, first_step=1, loss_seen=[False])
+    return row[None]
 
 
 @pytest.fixture
@@ -35,7 +36,9 @@ def bg_logger():
 def _run(**options):
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
-        Monitor(Config(bounds=(0, 1), **options), write=False).check(out_of_range())
+        s = Session(Config(bounds=(0, 1), **options), write=False)
+        s.count_steps()
+        s.check(out_of_range(), {"pred": 10}, [False])
     return [w for w in seen if issubclass(w.category, BoundGuardWarning)]
 
 
@@ -46,7 +49,7 @@ def test_default_is_one_short_warning_and_a_debug_record(caplog, bg_logger):
     for w in ws:
         text = str(w.message)
         assert "\n" not in text and len(text) < 300 and "boundguard explain" in text
-    records = [r for r in caplog.records if r.name == "boundguard"]
+    records = [r for r in caplog.records if r.name == "boundguard" and "output_out_of_range" in r.getMessage()]
     assert records and all(r.levelno == logging.DEBUG for r in records), "an INFO root handler would double it"
 
 
@@ -61,23 +64,18 @@ def test_logging_channel_logs_at_the_alert_level_and_does_not_warn(caplog, bg_lo
     caplog.set_level(logging.INFO, logger="boundguard")
     set_alert_channel("logging")
     assert _run(on_violation="warn") == []
-    levels = {r.getMessage().split(" ")[1]: r.levelno for r in caplog.records if r.name == "boundguard"}
+    levels = {r.getMessage().split(" ")[1]: r.levelno for r in caplog.records
+              if r.name == "boundguard" and r.getMessage().startswith("[")}  # (not the first check's description)
     assert levels == {"output_out_of_range": logging.ERROR}
     with pytest.raises(ValueError, match="channel"):
         set_alert_channel("print")
 
 
 def test_end_of_run_table_is_printed_once_when_the_run_raised_warnings(tmp_path, capsys):
-    from boundguard.session import Session
-
     s = Session(Config(bounds=(0, 1), on_violation="log", alerts_path=tmp_path / "alerts.jsonl"))
     s.open()
     s.count_steps()
-    col = {c: i for i, c in enumerate(COLUMNS)}
-    row = neutral_row()
-    row[col["pred.min"]], row[col["pred.max"]], row[col["pred.finite"]] = -0.5, 1.5, 10
-    row[col["pred.below"]], row[col["pred.above"]] = 2, 3
-    s.check(row[None], {"pred": 10}, [False])
+    s.check(out_of_range(), {"pred": 10}, [False])
     s.finish()
     s.finish()
     err = capsys.readouterr().err.splitlines()

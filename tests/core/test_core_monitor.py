@@ -1,5 +1,5 @@
-"""The framework-free Monitor: dedup, escalation, the action policy, the JSON-lines files, warnings,
-and state round trips (state_dict / pickle / JSON)."""
+"""The framework-free Monitor, driven through the Session as the adapters drive it: dedup, escalation,
+the action policy, the JSON-lines files, warnings, and state round trips (state_dict / pickle / JSON)."""
 from __future__ import annotations
 
 import copy
@@ -8,6 +8,8 @@ import logging
 import math
 import pickle
 import warnings
+from dataclasses import dataclass, field
+from typing import Optional
 
 import numpy as np
 import pytest
@@ -17,43 +19,78 @@ from boundguard.alerts import SCHEMA_VERSION
 from boundguard.config import Config
 from boundguard.model_facts import ModelFacts, classify_loss
 from boundguard.monitor import ESCALATE_AFTER, Monitor
-from boundguard.stats import LOSS_COLUMN, Snapshot, neutral_row
+from boundguard.session import Session
+from boundguard.stats import COLUMNS, LOSS_COLUMN, neutral_row
 from boundguard.surgery import BoundRecord
 
+COL = {c: i for i, c in enumerate(COLUMNS)}
 
-def snap(step, *, first_step=None, pred=None, target=None, input_rms=None, losses=(), pre=None):
-    """A snapshot for steps ``first_step..step``. ``pred``/``target``/``pre`` are (min, max[, extra values])."""
-    first_step = step if first_step is None else first_step
-    n = step - first_step + 1
-    rows = np.tile(neutral_row(), (n, 1))
-    for i, loss in enumerate(losses):
-        rows[i, LOSS_COLUMN] = loss
-    s = Snapshot.from_rows(rows, {}, step=step, first_step=first_step, epoch=0,
-                           loss_seen=[i < len(losses) for i in range(n)])
+
+@dataclass
+class Interval:
+    """What an adapter measured over the steps up to ``step`` (from ``first_step`` when given, else from
+    the step after the last check): per kind its element count and statistics, and the steps' losses."""
+
+    step: int
+    first_step: Optional[int] = None
+    values: dict = field(default_factory=dict)
+    counts: dict = field(default_factory=dict)
+    losses: tuple = ()
+
+
+def snap(step, *, first_step=None, pred=None, target=None, input_rms=None, losses=(), pre=None, values=None):
+    """An interval ending at ``step``. ``pred``/``target``/``pre`` are (min, max[, extra values])."""
+    iv = Interval(step, first_step, losses=tuple(losses))
     for kind, spec in (("pred", pred), ("target", target), ("pre", pre)):
         if spec is None:
             continue
         lo, hi, *extra = spec
-        s.counts[kind] = 10
-        s.values.update({f"{kind}.min": lo, f"{kind}.max": hi, f"{kind}.finite": 10.0})
-        if extra:
-            s.values.update(extra[0])
+        iv.counts[kind] = 10
+        iv.values.update({f"{kind}.min": lo, f"{kind}.max": hi, f"{kind}.finite": 10.0, **(extra[0] if extra else {})})
     if input_rms is not None:
-        s.counts["input"] = 10
-        s.values.update({"input.min": -input_rms, "input.max": input_rms, "input.finite": 10.0,
-                         "input.sumsq": 10 * input_rms ** 2})
-    return s
+        iv.counts["input"] = 10
+        iv.values.update({"input.min": -input_rms, "input.max": input_rms, "input.finite": 10.0,
+                          "input.sumsq": 10 * input_rms ** 2})
+    iv.values.update(values or {})
+    return iv
 
 
 def out_of_range(step, **kw):
     return snap(step, pred=(-0.5, 1.5, {"pred.below": 2.0, "pred.above": 3.0}), **kw)
 
 
-def monitor(tmp_path=None, facts=None, **options):
+def check(m: Session, iv: Interval):
+    """Count the steps up to the interval's last one, as an adapter does, and hand the session the rows
+    (the statistics in the first, neutral values elsewhere, one loss per step)."""
+    if iv.first_step is not None and iv.first_step > m.interval_start:
+        if iv.first_step - 1 > m.step:
+            m.count_steps(iv.first_step - 1 - m.step)
+        m.restart_interval()
+    if iv.step > m.step:
+        m.count_steps(iv.step - m.step)
+    n = m.step - m.interval_start + 1
+    rows = np.tile(neutral_row(), (n, 1))
+    for name, v in iv.values.items():
+        rows[0, COL[name]] = v
+    rows[: len(iv.losses), LOSS_COLUMN] = iv.losses
+    return m.check(rows, iv.counts, [i < len(iv.losses) for i in range(n)])
+
+
+class Model:
+    """The adapter's side of a ``bound``: the planned bound goes on the layer ``fc``."""
+
+    def insert_bound(self, record: BoundRecord) -> BoundRecord:
+        return record.at("fc")
+
+    def release(self) -> None:
+        pass
+
+
+def monitor(tmp_path=None, facts=None, **options) -> Session:
     options.setdefault("on_violation", "log")
-    m = Monitor(Config(**options), write=tmp_path is not None)
+    m = Session(Config(**options), Model(), write=tmp_path is not None)
     if tmp_path is not None:
-        m.open_files(tmp_path / "alerts.jsonl")
+        m.open(tmp_path / "alerts.jsonl")
     m.set_facts(facts or ModelFacts())
     return m
 
@@ -71,21 +108,21 @@ def read_lines(path):
 # ----------------------------------------------------------------------------------------- dedup
 def test_persisting_alert_is_recorded_once_and_counted():
     m = monitor(bounds=(0, 1))
-    first = m.check(out_of_range(1))
+    first = check(m, out_of_range(1))
     assert [d.alert.code for d in first] == ["output_out_of_range"]
     for step in (50, 100, 150):
-        assert m.check(out_of_range(step, first_step=step - 49)) == []
+        assert check(m, out_of_range(step, first_step=step - 49)) == []
     (a,) = m.alerts
     assert (a.code, a.severity, a.step, a.count, a.last_step) == ("output_out_of_range", "error", 1, 4, 150)
     # a clean interval does not add anything; a new code is a new alert
-    m.check(snap(200, first_step=151, pred=(0.1, 0.9)))
-    m.check(snap(250, first_step=201, losses=(math.nan,)))
+    check(m, snap(200, first_step=151, pred=(0.1, 0.9)))
+    check(m, snap(250, first_step=201, losses=(math.nan,)))
     assert [a.code for a in m.alerts] == ["output_out_of_range", "nonfinite_loss"]
 
 
 def test_warning_escalates_to_error_after_persisting():
     m = monitor(facts=ModelFacts(activation="identity", loss=classify_loss("mse_loss")), bounds=(0, 1))
-    decisions = [m.check(snap(i)) for i in range(1, ESCALATE_AFTER + 3)]
+    decisions = [check(m, snap(i)) for i in range(1, ESCALATE_AFTER + 3)]
     assert [len(d) for d in decisions] == [1] + [0] * (ESCALATE_AFTER - 2) + [1, 0, 0]
     warning, error = m.alerts
     assert (warning.code, warning.severity) == ("missing_output_activation", "warning")
@@ -101,7 +138,7 @@ LOSS_FACTS = ModelFacts(activation="identity", loss=classify_loss("mse_loss"))
 
 def _plateau_monitor(**options):
     m = monitor(**options)
-    h = m.history
+    h = m.monitor.history
     h.window.extend([1.0] * 20)
     h.initial_level, h.best_level, h.best_step, h.steps_seen = 1.0, 1.0, 1, 5000
     return m, snap(5000, first_step=4951)
@@ -134,13 +171,16 @@ def test_action_policy(options, inserted, scenario, expected):
         s = out_of_range(1) if scenario == "range" else snap(1, losses=(math.nan,))
         code = "output_out_of_range" if scenario == "range" else "nonfinite_loss"
     if inserted:
-        m.record_bound(BoundRecord("sigmoid", module="fc"))
+        m.monitor.record_bound(BoundRecord("sigmoid", module="fc"))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        decisions = m.check(s)
-    (d,) = [d for d in decisions if d.alert.code == code]
-    assert d.action == expected
-    assert d.alert.action == expected
+        try:
+            check(m, s)
+        except BoundGuardError as err:
+            assert expected == "raise" and err.alert.code == code
+    (a,) = [a for a in m.alerts if a.code == code]
+    assert a.action == expected
+    assert m.should_stop is (expected == "halt") and bool(m.records) is (expected == "bound" or inserted)
 
 
 @pytest.mark.parametrize("action,warns", [("log", False), ("warn", True), ("halt", True), ("bound", True),
@@ -149,7 +189,10 @@ def test_boundguard_warning_is_emitted_for_warn(action, warns):
     m = monitor(bounds=(0, 1), on_violation=action)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        m.check(out_of_range(1))
+        try:
+            check(m, out_of_range(1))
+        except BoundGuardError:
+            assert action == "raise"
     ours = [w for w in caught if issubclass(w.category, BoundGuardWarning)]
     assert bool(ours) is warns
     if warns:
@@ -159,13 +202,13 @@ def test_boundguard_warning_is_emitted_for_warn(action, warns):
 def test_warn_goes_through_pytest_warns():
     m = monitor(bounds=(0, 1), on_violation="warn")
     with pytest.warns(BoundGuardWarning, match="output_out_of_range"):
-        m.check(out_of_range(1))
+        check(m, out_of_range(1))
 
 
 def test_alerts_are_logged(caplog):
     caplog.set_level(logging.INFO, logger="boundguard")
     m = monitor(bounds=(0, 1))
-    m.check(out_of_range(1))
+    check(m, out_of_range(1))
     assert any(r.levelno == logging.ERROR and "output_out_of_range" in r.getMessage() for r in caplog.records)
 
 
@@ -173,16 +216,16 @@ def test_alerts_are_logged(caplog):
 def test_alerts_file_is_json_lines_flushed_per_alert(tmp_path):
     m = monitor(tmp_path, bounds=(0, 1))
     path = tmp_path / "alerts.jsonl"
-    m.check(out_of_range(1))
+    check(m, out_of_range(1))
     lines = read_lines(path)  # read while the file is still open: flushed per line
     assert [r["code"] for r in lines] == ["output_out_of_range"]
-    m.check(snap(2, losses=(math.nan,)))
+    check(m, snap(2, losses=(math.nan,)))
     lines = read_lines(path)
     assert [r["code"] for r in lines] == ["output_out_of_range", "nonfinite_loss"]
     for r in lines:
         assert r["schema"] == SCHEMA_VERSION and r["type"] == "alert" and r["event"] == "new"
         assert {"code", "severity", "step", "epoch", "where", "message", "fix", "value", "threshold"} <= set(r)
-    m.check(out_of_range(3))
+    check(m, out_of_range(3))
     m.finish()
     summary = read_lines(path)[-1]
     assert (summary["event"], summary["code"], summary["count"]) == ("summary", "output_out_of_range", 2)
@@ -192,8 +235,8 @@ def test_nonfinite_numbers_are_written_as_strings(tmp_path):
     m = monitor(tmp_path, bounds=(0, 1))
     # a spike against a zero running level is measured as a rise (no infinite ratio); a NaN minimum and
     # an infinite maximum of the predictions go in the details
-    m.history.window.extend([0.0] * 20)
-    m.check(snap(21, first_step=21, losses=(1.0,),
+    m.monitor.history.window.extend([0.0] * 20)
+    check(m, snap(21, first_step=21, losses=(1.0,),
                  pred=(math.nan, math.inf, {"pred.finite": 9.0, "pred.above": 3.0})))
     m.close()
     records = {r["code"]: r for r in read_lines(tmp_path / "alerts.jsonl")}
@@ -205,9 +248,9 @@ def test_nonfinite_numbers_are_written_as_strings(tmp_path):
 
 def test_stats_file_beside_alerts(tmp_path):
     m = monitor(tmp_path, bounds=(0, 1))
-    assert m.stats_path == tmp_path / "stats.jsonl"
-    m.check(snap(1, pred=(0.2, 0.8), losses=(0.5,)))
-    m.check(snap(2, pred=(math.nan, 0.8, {"pred.finite": 9.0}), losses=(math.inf,)))
+    assert m.monitor.stats_path == tmp_path / "stats.jsonl"
+    check(m, snap(1, pred=(0.2, 0.8), losses=(0.5,)))
+    check(m, snap(2, pred=(math.nan, 0.8, {"pred.finite": 9.0}), losses=(math.inf,)))
     m.close()
     recs = read_lines(tmp_path / "stats.jsonl")
     assert [r["type"] for r in recs] == ["run", "stats", "stats"]
@@ -223,9 +266,9 @@ def test_stats_file_name_follows_a_custom_alerts_name(tmp_path):
 
 
 def test_no_files_without_write(tmp_path):
-    m = Monitor(Config(bounds=(0, 1), on_violation="log"), write=False)
-    m.open_files(tmp_path / "alerts.jsonl")
-    m.check(out_of_range(1))
+    m = Session(Config(bounds=(0, 1), on_violation="log"), write=False)
+    m.open(tmp_path / "alerts.jsonl")
+    check(m, out_of_range(1))
     m.finish()
     assert list(tmp_path.iterdir()) == []
 
@@ -239,7 +282,7 @@ def _busy_monitor(tmp_path=None):
     assert m.bounds == Bounds.probability().as_inferred()
     m.note("targets", "could not find", "pass target_key=", step=1)
     for i in range(1, 8):
-        m.check(out_of_range(10 * i, first_step=10 * i - 9, target=(0.0, 1.0),
+        check(m, out_of_range(10 * i, first_step=10 * i - 9, target=(0.0, 1.0),
                              losses=[1.0 / i] * 10, pre=(-3.0, 3.0 * i)))
     codes = [a.code for a in m.alerts]
     assert codes.count("missing_output_activation") == 2  # warning, then its escalation
@@ -247,19 +290,19 @@ def _busy_monitor(tmp_path=None):
     return m
 
 
-def _assert_same_state(a: Monitor, b: Monitor):
+def _assert_same_state(a: Session, b: Session):
     assert b.alerts == a.alerts
-    assert b.history.to_dict() == a.history.to_dict()
+    assert b.monitor.history.to_dict() == a.monitor.history.to_dict()
     assert b.bounds == a.bounds and b.bounds.inferred
     assert b.facts == a.facts
-    assert b.notes_reported == a.notes_reported
-    assert b.inserted == a.inserted
+    assert b.monitor.notes_reported == a.monitor.notes_reported
+    assert b.records == a.records and b.step == a.step
 
 
 @pytest.mark.parametrize("transport", ["direct", "pickle", "json"])
 def test_state_dict_round_trip(transport):
     m = _busy_monitor()
-    m.record_bound(BoundRecord("sigmoid", 0.0, 1.0, -1, 10, module="fc"))
+    m.monitor.record_bound(BoundRecord("sigmoid", 0.0, 1.0, -1, 10, module="fc"))
     state = m.state_dict()
     if transport == "pickle":
         state = pickle.loads(pickle.dumps(state))
@@ -270,15 +313,16 @@ def test_state_dict_round_trip(transport):
     _assert_same_state(m, restored)
     # the restored monitor goes on deduplicating exactly as the original does
     nxt = out_of_range(80, first_step=71, target=(0.0, 1.0), losses=[0.1] * 10, pre=(-3.0, 3.0))
-    assert [d.alert.code for d in m.check(copy.deepcopy(nxt))] == [d.alert.code for d in restored.check(nxt)]
+    assert [d.alert.code for d in check(m, copy.deepcopy(nxt))] == [d.alert.code for d in check(restored, nxt)]
     _assert_same_state(m, restored)
     assert restored.note("targets", "again", "fix", step=80) is None  # notes are not repeated after resume
 
 
 def test_monitor_pickles_with_open_files(tmp_path):
-    m = _busy_monitor(tmp_path)
-    clone = pickle.loads(pickle.dumps(m))
-    _assert_same_state(m, clone)
+    m = _busy_monitor(tmp_path).monitor
+    clone: Monitor = pickle.loads(pickle.dumps(m))
+    assert clone.alerts == m.alerts and clone.history.to_dict() == m.history.to_dict() and clone.bounds == m.bounds
+    assert clone.facts == m.facts and clone.notes_reported == m.notes_reported and clone.inserted == m.inserted
     m.close()
 
 
@@ -317,9 +361,9 @@ def test_boundguard_error_pickles_with_its_alert():
 def test_auto_bounds_follow_the_targets():
     m = monitor(facts=ModelFacts(activation="unknown", loss=classify_loss("mse_loss")), bounds="auto")
     assert m.bounds is None  # nothing seen yet
-    m.check(snap(1, target=(0.0, 1.0)))
+    check(m, snap(1, target=(0.0, 1.0)))
     assert m.bounds == Bounds.probability().as_inferred()
-    m.check(snap(2, target=(0.0, 5.0)))  # a later target outside [0, 1] revokes (0, 1)
+    check(m, snap(2, target=(0.0, 5.0)))  # a later target outside [0, 1] revokes (0, 1)
     assert m.bounds is None
 
 
@@ -332,7 +376,7 @@ def test_auto_bounds_for_class_indices_are_a_distribution():
 
 def test_alerts_against_inferred_bounds_say_so():
     m = monitor(facts=ModelFacts(activation="unknown", loss=classify_loss("mse_loss")), bounds="auto")
-    (d,) = m.check(snap(1, target=(0.0, 1.0), pred=(-0.5, 1.5, {"pred.below": 2.0, "pred.above": 3.0})))
+    (d,) = check(m, snap(1, target=(0.0, 1.0), pred=(-0.5, 1.5, {"pred.below": 2.0, "pred.above": 3.0})))
     a = d.alert
     assert (a.code, a.severity, a.bounds_inferred) == ("output_out_of_range", "warning", True)
     assert "inferred" in a.message
@@ -342,9 +386,7 @@ def test_alerts_take_the_catalogue_severity():
     from boundguard.catalogue import CATALOGUE
 
     m = monitor(bounds=(0, 1))
-    s = out_of_range(1, losses=(math.nan,), input_rms=1.0)
-    s.values["input.finite"] = 9.0
-    decisions = m.check(s)
+    decisions = check(m, out_of_range(1, losses=(math.nan,), input_rms=1.0, values={"input.finite": 9.0}))
     assert {d.alert.code for d in decisions} == {"output_out_of_range", "nonfinite_loss", "nonfinite_input"}
     for d in decisions:
         assert d.alert.severity == CATALOGUE[d.alert.code].severity
@@ -356,5 +398,5 @@ def test_fresh_state_round_trips_through_json():
     m = monitor(bounds="auto")
     restored = monitor(bounds="auto")
     restored.load_state_dict(json.loads(json.dumps(m.state_dict())))
-    assert restored.history.to_dict() == m.history.to_dict()
+    assert restored.monitor.history.to_dict() == m.monitor.history.to_dict()
     assert restored.alerts == [] and restored.bounds is None

@@ -108,9 +108,10 @@ def test_rms_of_huge_inputs_is_not_lost_to_overflow():
     assert snap.rms("input") >= 1.7e18 / 8
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        from boundguard.monitor import Monitor
-        m = Monitor(Config(on_violation="log"), write=False)
-        codes = {d.alert.code for d in m.check(snap)}
+        from boundguard.session import Session
+        s = Session(Config(on_violation="log"), write=False)
+        s.count_steps()
+        codes = {d.alert.code for d in s.check(row[None], {"input": 64}, [False])}
     assert "inputs_not_scaled" in codes
 
 

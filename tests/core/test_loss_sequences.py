@@ -1,4 +1,4 @@
-"""Scripted per-step loss sequences, each with its expected outcome, fed through a real Monitor.
+"""Scripted per-step loss sequences, each with its expected outcome, fed through a real Session.
 
 The healthy sequences are what real runs look like (a loss converging towards zero with realistic
 noise, batch-size-1 and noisy regression mini-batches, NLL losses that cross zero, a plateau at a tiny
@@ -19,7 +19,7 @@ import pytest
 
 from boundguard.config import Config
 from boundguard.model_facts import ModelFacts
-from boundguard.monitor import Monitor
+from boundguard.session import Session
 from boundguard.rules import TOP_RISES, WINDOW, Context, History, LossDiverging, LossSpike
 from boundguard.stats import LOSS_COLUMN, Snapshot, neutral_row
 
@@ -34,30 +34,28 @@ def _quiet_logs(caplog):
 
 
 # ----------------------------------------------------------------------------------------- the driver
-def monitor(check_every: int = 50, thresholds: Optional[dict] = None) -> Monitor:
-    m = Monitor(Config(on_violation="log", check_every_n_steps=check_every, thresholds=thresholds), write=False)
+def monitor(check_every: int = 50, thresholds: Optional[dict] = None) -> Session:
+    m = Session(Config(on_violation="log", check_every_n_steps=check_every, thresholds=thresholds), write=False)
     m.set_facts(ModelFacts())
     return m
 
 
-def feed(m: Monitor, losses, first_step: int = 1) -> None:
-    """Feed ``losses`` (one per step, from ``first_step``) to ``m``, checking as an adapter does: at
-    step 1, every ``check_every_n_steps`` steps, and at the last step (the final check)."""
-    every = m.config.check_every_n_steps
+def feed(m: Session, losses) -> None:
+    """Feed ``losses`` (one per step, after the session's last step) to ``m``, checking as an adapter does:
+    when :meth:`Session.count_steps` says a check is due (step 1, every ``check_every_n_steps`` steps) and at
+    the last step (the final check)."""
     losses = np.asarray(losses, dtype=np.float64)
-    last = first_step + len(losses) - 1
-    start = first_step
-    for step in range(first_step, last + 1):
-        if step == 1 or step % every == 0 or step == last:
-            chunk = losses[start - first_step: step - first_step + 1]
-            rows = np.tile(neutral_row(), (len(chunk), 1))
-            rows[:, LOSS_COLUMN] = chunk
-            m.check(Snapshot.from_rows(rows, {}, step=step, first_step=start, epoch=0))
-            start = step + 1
+    start = 0
+    for i in range(len(losses)):
+        if m.count_steps() or i == len(losses) - 1:
+            rows = np.tile(neutral_row(), (i + 1 - start, 1))
+            rows[:, LOSS_COLUMN] = losses[start: i + 1]
+            m.check(rows, {}, None)
+            start = i + 1
 
 
 def run_losses(losses, check_every: int = 50, thresholds: Optional[dict] = None) -> list[tuple[str, int]]:
-    """The ``(code, step)`` of every alert a fresh Monitor raises on ``losses``."""
+    """The ``(code, step)`` of every alert a fresh Session raises on ``losses``."""
     m = monitor(check_every, thresholds)
     feed(m, losses)
     return [(a.code, a.step) for a in m.alerts]
@@ -281,7 +279,7 @@ def test_the_sequences_are_what_they_claim():
 def test_history_round_trip_keeps_the_loss_memory():
     m = monitor(10)
     feed(m, batch_size_1_bce(np.random.default_rng(0))[:1234])
-    d = m.history.to_dict()
+    d = m.monitor.history.to_dict()
     assert d["noise"] > 0 and len(d["top_rises"]) == TOP_RISES and 0 < d["noise_pending"] < 50
     assert History.from_dict(json.loads(json.dumps(d))).to_dict() == d
 
@@ -289,7 +287,7 @@ def test_history_round_trip_keeps_the_loss_memory():
 def test_history_stays_bounded():
     m = monitor(10)
     feed(m, converge_lognormal(np.random.default_rng(0), 0.3, n=5000))
-    h = m.history
+    h = m.monitor.history
     assert len(h.window) == WINDOW and len(h.top_rises) == TOP_RISES
     assert len(json.dumps(h.to_dict())) < 4000
 
@@ -301,8 +299,8 @@ def test_old_history_dicts_still_load():
     h = History.from_dict(old)
     assert (h.noise, h.noise_pending, h.top_rises, h.tail) == (0.0, 0, [], 0.0)
     m = monitor(10)
-    m.load_state_dict({"history": old})
-    feed(m, [0.5] * 100 + [10.0] + [0.5] * 9, first_step=21)
+    m.load_state_dict({"monitor": {"history": old}, "step": 20})
+    feed(m, [0.5] * 100 + [10.0] + [0.5] * 9)
     assert [a.code for a in m.alerts] == ["loss_spike"]
 
 
@@ -317,15 +315,15 @@ def test_resume_judges_like_the_uninterrupted_run(every):
     state = json.loads(json.dumps(first.state_dict()))
     second = monitor(every)
     second.load_state_dict(state)
-    feed(second, losses[1000:], first_step=1001)
+    feed(second, losses[1000:])
     assert [(a.code, a.step) for a in second.alerts] == [(a.code, a.step) for a in whole.alerts]
-    assert second.history.to_dict() == whole.history.to_dict()
+    assert second.monitor.history.to_dict() == whole.monitor.history.to_dict()
 
 
 def test_loss_rules_do_not_change_the_history():
     m = monitor(10)
     feed(m, spike_once(np.random.default_rng(0))[:790])
-    before = copy.deepcopy(m.history.to_dict())
+    before = copy.deepcopy(m.monitor.history.to_dict())
     snap_rows = np.tile(neutral_row(), (10, 1))
     snap_rows[:, LOSS_COLUMN] = [0.05] * 5 + [1.0] + [0.05] * 4
     snap = Snapshot.from_rows(snap_rows, {}, step=800, first_step=791)
