@@ -104,9 +104,9 @@ class Rule:
 #: and margins (>= 0, where 0 switches that test off); all others are positive finite numbers.
 _SHARES = ("pinned_share", "tail_share", "fp16_share", "min_improvement", "loss_share", "ratio", "share", "min_fall",
            "best_share")
-_COUNTS = {"growth_checks": 2, "min_history": 1, "patience": 1, "warmup_steps": 1}
+_COUNTS = {"growth_checks": 2, "min_history": 1, "patience": 1, "warmup_steps": 1, "start_steps": 1}
 _RATIOS = ("factor", "growth")  # (growth of logits_growing too)
-_MARGINS = ("mad_sigmas", "min_rise", "growth_floor", "noise_sigmas", "tail_factor")
+_MARGINS = ("mad_sigmas", "min_rise", "growth_floor", "noise_sigmas", "tail_factor", "start_margin")
 
 
 def _check_range(code: str, key: str, v: float) -> None:
@@ -406,7 +406,7 @@ class PreactivationExploding(Rule):
 class LogitsGrowing(Rule):
     """The logits a softmax cross-entropy reads run away: their mean logsumexp (what z-loss penalises) rose
     at all but at most one of the last ``growth_checks`` checks, and their largest magnitude reached
-    ``growth`` times its early level (the first checks' median, :data:`LOGIT_EARLY`) and past
+    ``growth`` times its early level (the least of the first :data:`LOGIT_EARLY` checks) and past
     ``absmax_floor`` (where the softmax is one-hot: a Gemma-2 soft cap is 30), the mean logsumexp
     ``lse_rise`` nats above its early level. A healthy language model's logits grow too, slowly, as it
     learns: to a few times their start and a handful of nats. The fix may be a soft cap,
@@ -420,8 +420,8 @@ class LogitsGrowing(Rule):
         k = int(self.p["growth_checks"])
         if f.logit_cap is not None or len(h.logit_early) < LOGIT_EARLY or len(h.logit_recent) < k + 1:
             return []
-        early_max = _median_of([a for a, _ in h.logit_early])
-        early_lse = _median_of([b for _, b in h.logit_early])
+        early_max = min(a for a, _ in h.logit_early)  # (the first check is the initialisation's scale)
+        early_lse = min(b for _, b in h.logit_early)
         recent = list(h.logit_recent)[-(k + 1):]
         rises = sum(b[1] > a[1] for a, b in zip(recent, recent[1:]))  # (the mean logsumexp: a smooth signal)
         rising = rises >= k - 1 and recent[-1][1] > recent[0][1]
@@ -436,11 +436,6 @@ class LogitsGrowing(Rule):
                         f"{_g(lse)} (early {_g(early_lse)}) in {ctx.span}.", absmax / max(early_max, 1e-6),
                         self.p["growth"], details={"cap": cap, "absmax": absmax, "lse": lse,
                                                    "early_absmax": early_max, "early_lse": early_lse})]
-
-
-def _median_of(xs: list[float]) -> float:
-    srt, n = sorted(xs), len(xs)
-    return srt[n // 2] if n % 2 else (srt[n // 2 - 1] + srt[n // 2]) / 2
 
 
 class RegressionLossOnProbabilities(Rule):
@@ -604,7 +599,12 @@ class LossAtBaseline(Rule):
     falling: over the last half of the run (a horizon that grows with the run, :meth:`History.level_at`)
     it fell by no more than ``min_fall`` of that baseline and three times the noise of a level. The model
     predicts the targets' average and learns nothing beyond it (a learning rate so large that the output
-    settles at the mean); a slow start, still falling, is not that.
+    settles at the mean); a slow start, still falling, is not that. A run whose loss started at the baseline
+    (its initial level at most ``start_margin`` above it: a classifier initialised to near-uniform
+    outputs) has shown no pace yet, and a slow starter sits there for hundreds of steps before it learns
+    (XOR, deep tanh nets, Adadelta RNNs): it is judged after ``start_steps`` steps, not ``warmup_steps``;
+    a loss that came down onto the baseline from above (a large learning rate collapsing the output to
+    the mean, a broadcast MSE) is judged after ``warmup_steps``.
 
     The baseline: for MSE the targets' variance (the loss of predicting their mean; a batch's variance is
     (1 - 1/B) of it), for a binary cross-entropy the entropy of the positive rate, for a multi-class
@@ -613,7 +613,8 @@ class LossAtBaseline(Rule):
     is degenerate (constant targets: a GAN generator's all-ones labels)."""
 
     code = "loss_at_baseline"
-    params = {"share": 0.8, "best_share": 0.6, "warmup_steps": 100, "min_fall": 0.005}
+    params = {"share": 0.8, "best_share": 0.6, "warmup_steps": 100, "min_fall": 0.005, "start_steps": 1000,
+              "start_margin": 0.25}
 
     def evaluate(self, ctx):
         f, h, s = ctx.facts, ctx.history, ctx.snap
@@ -625,6 +626,9 @@ class LossAtBaseline(Rule):
             return []
         if best < self.p["best_share"] * base or level < self.p["share"] * base:
             return []
+        start = h.initial_level if h.initial_level is not None else level
+        if start <= (1 + self.p["start_margin"]) * base and h.steps_seen < self.p["start_steps"]:
+            return []  # (started at the baseline: no pace to judge by yet)
         then = h.level_at(s.step - h.steps_seen / 2)
         if then is None:
             return []

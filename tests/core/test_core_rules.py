@@ -79,12 +79,13 @@ def ctx(snap=None, f=None, bounds=None, h=None) -> Context:
 
 
 def _stuck(level: float, var: float, *, mean: float = 0.0, binary: bool = False, steps: int = 300,
-           then: float | None = None) -> History:
+           then: float | None = None, start: float = 1.5) -> History:
     """A run whose loss sits at ``level`` (its best too) after ``steps`` steps, on 1000 targets of the
-    given mean and variance; its level half the run ago was ``then`` (default: ``level``)."""
+    given mean and variance; its level half the run ago was ``then`` (default: ``level``), its initial
+    level ``start`` times ``level``."""
     n = 1000
-    levels = [[1, level * 1.1], [steps // 4, then if then is not None else level], [steps, level]]
-    return history(window=[level] * 20, initial_level=level * 1.1, best_level=level, steps_seen=steps, levels=levels,
+    levels = [[1, level * start], [steps // 4, then if then is not None else level], [steps, level]]
+    return history(window=[level] * 20, initial_level=level * start, best_level=level, steps_seen=steps, levels=levels,
                    target_sum=mean * n, target_sumsq=(var + mean * mean) * n, target_moments_n=n, target_seen=n,
                    target_min=0.0 if binary else -3.0, target_max=1.0 if binary else 3.0)
 
@@ -183,6 +184,11 @@ FIRING: dict[str, list[tuple[str, Callable[[], Context]]]] = {
         ("ce-at-log-k", lambda: ctx(at(300), facts("identity", "cross_entropy", loss_plain=True, target_integer=True,
                                                    classes=4), h=_stuck(1.38, 1.0))),
         # a learning rate so large that the output settles at the mean: back up to the baseline
+        # a run that started at the baseline and is still there after start_steps
+        ("started-at-the-baseline-and-stayed", lambda: ctx(at(1200), facts("sigmoid", "binary_cross_entropy",
+                                                                         loss_plain=True),
+                                                           h=_stuck(0.69, 0.25, mean=0.5, binary=True, steps=1200,
+                                                                    start=1.0))),
         ("settled-back-at-the-mean", lambda: ctx(at(300), facts("sigmoid", "binary_cross_entropy", loss_plain=True),
                                                  h=_stuck(0.69, 0.25, mean=0.5, binary=True, then=0.62))),
     ],
@@ -306,6 +312,10 @@ HEALTHY: dict[str, list[tuple[str, Callable[[], Context]]]] = {
         # a slow start: near the baseline, but still falling over the last half of the run
         ("slow-start-still-falling", lambda: ctx(at(300), facts("sigmoid", "binary_cross_entropy", loss_plain=True),
                                                  h=_stuck(0.66, 0.25, mean=0.5, binary=True, then=0.69))),
+        # started at the baseline (near-uniform outputs at initialisation): a plateau of a few hundred steps
+        # before it learns is a slow start (XOR, deep tanh nets)
+        ("flat-at-the-start", lambda: ctx(at(300), facts("sigmoid", "binary_cross_entropy", loss_plain=True),
+                                          h=_stuck(0.69, 0.25, mean=0.5, binary=True, start=1.0))),
         # constant targets (a GAN generator's all-ones labels): no baseline to compare with
         ("constant-targets", lambda: ctx(at(300), facts("sigmoid", "binary_cross_entropy", loss_plain=True),
                                          h=_stuck(0.69, 0.0, mean=1.0, binary=True))),

@@ -140,12 +140,10 @@ def xfail(reason: str):
     return pytest.mark.xfail(strict=True, raises=AssertionError, reason=reason)
 
 
-#: As in test_torch_slow_starters.py: loss_at_baseline still fires at step 100 on these.
-SLOW_START = xfail("loss_at_baseline on a slow start (issue 24)")
 
 SLOW_STARTERS = [
-    pytest.param(s_binary_sgd_small_lr, id="keras-binary-sgd-lr1e-2", marks=SLOW_START),
-    pytest.param(s_xor_sgd, id="keras-xor-sigmoid-sgd", marks=SLOW_START),
+    pytest.param(s_binary_sgd_small_lr, id="keras-binary-sgd-lr1e-2"),
+    pytest.param(s_xor_sgd, id="keras-xor-sigmoid-sgd"),
     pytest.param(s_text_embedding_pooling, id="keras-text-embedding-average-pooling"),
     pytest.param(s_regression_sgd_small_lr, id="keras-regression-sgd-lr2e-4-unscaled-targets"),
 ]

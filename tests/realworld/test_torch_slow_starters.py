@@ -368,20 +368,17 @@ def xfail(reason: str):
     return pytest.mark.xfail(strict=True, raises=AssertionError, reason=reason)
 
 
-#: loss_at_baseline (judging the trend over the last half of the run since 52ca0ef) still fires at step 100
-#: on the programs whose loss is flat at the constant predictor's level for their first hundred steps.
-SLOW_START = xfail("loss_at_baseline on a slow start (issue 24)")
 
 SLOW_STARTERS = [
     pytest.param(s_torch_binary_sgd_small_lr, id="torch-binary-sgd-lr1e-2-bce-with-logits"),
-    pytest.param(s_torch_xor_sigmoid_sgd, id="torch-xor-sigmoid-mlp-sgd", marks=SLOW_START),
-    pytest.param(s_torch_lstm_adadelta, id="torch-lstm-adadelta-sequence-classifier", marks=SLOW_START),
+    pytest.param(s_torch_xor_sigmoid_sgd, id="torch-xor-sigmoid-mlp-sgd"),
+    pytest.param(s_torch_lstm_adadelta, id="torch-lstm-adadelta-sequence-classifier"),
     pytest.param(s_torch_seq2seq_reversal, id="torch-gru-seq2seq-reversal"),
     pytest.param(s_torch_regression_sgd_small_lr, id="torch-regression-sgd-lr3e-4-unscaled-targets"),
-    pytest.param(s_torch_deep_narrow_tanh, id="torch-deep-narrow-tanh-mlp", marks=SLOW_START),
+    pytest.param(s_torch_deep_narrow_tanh, id="torch-deep-narrow-tanh-mlp"),
     pytest.param(s_lightning_cross_entropy_adam_1e4, id="lightning-mlp-cross-entropy-adam-lr1e-4"),
     pytest.param(s_lightning_embeddingbag_text, id="lightning-embeddingbag-text-classifier"),
-    pytest.param(s_lightning_autoencoder, id="lightning-tanh-autoencoder-sgd", marks=SLOW_START),
+    pytest.param(s_lightning_autoencoder, id="lightning-tanh-autoencoder-sgd"),
     pytest.param(s_lightning_segmentation_pos_weight, id="lightning-segmentation-pos-weight-rare-positives"),
 ]
 

@@ -21,7 +21,7 @@ def _nan_rows(x):
     return x
 
 
-_EARLY_BASELINE = {"loss_at_baseline": {"warmup_steps": 10}}
+_EARLY_BASELINE = {"loss_at_baseline": {"warmup_steps": 10, "start_steps": 10}}
 
 # code → (model, data(kind), loss, guard options, fit options)
 FIRING = {

@@ -80,10 +80,14 @@ FIRING = {
                      dict(thresholds={"loss_plateau": {"patience": 30}})),
     "nonfinite_gradient": (lambda: Tiny(head=WhereSqrt()), "regression", {}),
     "gradient_exploding": (lambda: Tiny(lr=0.6), "regression", {}),
+    # SGD at lr 20 on separable classes: the logits run away within a few checks
+    "logits_growing": (lambda: Tiny(loss_fn=nn.CrossEntropyLoss(), out=4, lr=20.0), "classes",
+                       dict(check_every_n_steps=5)),
     "gradient_vanishing": (_dead_relu_head, "unit", {}),
-    # (B, 1) predictions against (B,) targets: MSE broadcasts to every pair, only the mean can be learnt
+    # (B, 1) predictions against (B,) targets: MSE broadcasts to every pair, only the mean can be learnt (a
+    # loss that starts at the baseline is judged after start_steps: 30 here, for a 60-step test)
     "loss_at_baseline": (lambda: Tiny(loss_fn=lambda p, y: F.mse_loss(p, y.squeeze(-1)), lr=0.05), "regression",
-                         dict(thresholds={"loss_at_baseline": {"warmup_steps": 30}})),
+                         dict(thresholds={"loss_at_baseline": {"warmup_steps": 30, "start_steps": 30}})),
 }
 
 
