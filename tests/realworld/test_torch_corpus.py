@@ -396,6 +396,48 @@ def h_lightning_gan_manual_optimisation(tmp_path):
     return run, {"pred_where": "discriminator.2", "activation": "identity", "loss": "binary_cross_entropy_with_logits"}
 
 
+class SigmoidGAN(GAN):
+    """The Lightning docs' GAN as written there: a sigmoid on the discriminator and
+    ``F.binary_cross_entropy`` (the generator's step first, on all-ones labels)."""
+
+    def __init__(self):
+        super().__init__()
+        self.discriminator = nn.Sequential(nn.Linear(2, 32), nn.LeakyReLU(0.2), nn.Linear(32, 1), nn.Sigmoid())
+
+    def training_step(self, batch, batch_idx):
+        (real,) = batch
+        opt_g, opt_d = self.optimizers()
+        fake = self(torch.randn(real.shape[0], 4))
+        ones, zeros = torch.ones(real.shape[0], 1), torch.zeros(real.shape[0], 1)
+        g_loss = F.binary_cross_entropy(self.discriminator(fake), ones)
+        opt_g.zero_grad()
+        self.manual_backward(g_loss)
+        opt_g.step()
+        d_loss = 0.5 * (F.binary_cross_entropy(self.discriminator(real), ones)
+                        + F.binary_cross_entropy(self.discriminator(fake.detach()), zeros))
+        opt_d.zero_grad()
+        self.manual_backward(d_loss)
+        opt_d.step()
+        self.losses.append(float(g_loss.detach()))
+        self.fake_means.append(fake.detach().mean(0))
+
+
+def h_lightning_gan_sigmoid_discriminator(tmp_path):
+    g = gen(4)
+    real = torch.tensor([2.0, -1.0]) + 0.3 * torch.randn(1024, 2, generator=g)
+    model = SigmoidGAN()
+    guard = BoundGuard(**guard_options(tmp_path))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer(guard, 60).fit(model, DataLoader(TensorDataset(real), batch_size=32, shuffle=True))
+    run = Run(guard.alerts, model.losses, tmp_path / "alerts.jsonl")
+    target = torch.tensor([2.0, -1.0])
+    start = float((model.fake_means[0] - target).norm())
+    end = float((torch.stack(model.fake_means[-5:]).mean(0) - target).norm())
+    run.extra["learnt"] = end < 0.5 * start
+    return run, {"pred_where": "discriminator.3", "activation": "sigmoid", "loss": "binary_cross_entropy"}
+
+
 def h_lightning_bf16_mixed(tmp_path):
     x, y = class_data(seed=5)
     model = Lit(mlp(8, 4), nn.CrossEntropyLoss())
@@ -731,6 +773,7 @@ HEALTHY = [
     pytest.param(h_lightning_poisson, id="lightning-poisson-regression"),
     pytest.param(h_lightning_distillation, id="lightning-distillation-kl"),
     pytest.param(h_lightning_gan_manual_optimisation, id="lightning-gan-manual-optimisation"),
+    pytest.param(h_lightning_gan_sigmoid_discriminator, id="lightning-gan-sigmoid-discriminator"),
     pytest.param(h_lightning_bf16_mixed, id="lightning-bf16-mixed"),
     pytest.param(h_lightning_batch_size_1, id="lightning-batch-size-1"),
     pytest.param(h_torch_sigmoid_bce, id="torch-sigmoid-bce"),
