@@ -141,6 +141,23 @@ def h_binary_from_logits(tmp_path):
     return run, {"activation": "identity", "loss": "binary_crossentropy", "family": "logits"}
 
 
+def h_mixed_bfloat16_classifier(tmp_path):
+    """The Keras mixed-precision guide's policy, mixed_bfloat16, on a softmax classifier whose head runs in
+    bf16 too: the loss carries bf16 rounding noise every step, and converges to small values."""
+    g = rng(5)
+    x = g.standard_normal((1024, 16)).astype("float32")
+    y = np.digitize(x[:, :2].sum(1), [-1.0, 0.0, 1.0]).astype("int64")
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        model = keras.Sequential([keras.Input((16,)), keras.layers.Dense(64, activation="relu"),
+                                  keras.layers.Dense(4, activation="softmax")])
+        run = fit(tmp_path, model, x, y, loss="sparse_categorical_crossentropy", epochs=8, lr=3e-3)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    came_down(run)
+    return run, {"activation": "softmax", "loss": "sparse_categorical_crossentropy"}
+
+
 # ============================================================================================ faulty
 def f_from_logits_after_sigmoid(tmp_path):
     """SO classic: a sigmoid output layer and BinaryCrossentropy(from_logits=True)."""
@@ -191,6 +208,7 @@ HEALTHY = [
     pytest.param(h_normalization_layer_raw_inputs, id="keras-normalization-layer-raw-inputs"),
     pytest.param(h_cnn_with_rescaling, id="keras-cnn-rescaling-0-255"),
     pytest.param(h_binary_from_logits, id="keras-binary-from-logits"),
+    pytest.param(h_mixed_bfloat16_classifier, id="keras-mixed-bfloat16-classifier"),
 ]
 
 FAULTY = [
