@@ -14,7 +14,8 @@ How it sees the compiled step, with no change to the user's code:
   and every ``check_every_n_steps`` (and once at the end of ``fit`` for the steps since the last check)
   the buffer comes to the host in one transfer and the core judges it; ``halt`` sets
   ``model.stop_training``, ``raise`` raises :class:`~boundguard.BoundGuardError`, ``bound`` swaps the
-  output activation for :class:`BoundActivation` and retraces the step.
+  output activation for :class:`BoundActivation` and retraces the step (for ``logits_growing``, a soft cap
+  ``cap * tanh(z / cap)`` on the logits; the loss keeps ``from_logits=True``).
 - **Clean model.** ``on_train_end`` removes both wrappers and drops the traced train function; an
   inserted bound stays and is saved by ``model.save`` (it is registered as serializable, so
   ``keras.models.load_model`` works after ``import boundguard.integrations.keras``).

@@ -8,6 +8,7 @@
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Optional
 
 import keras
@@ -17,8 +18,8 @@ from boundguard.integrations.keras.graph import activation_attr, flat_layers, la
 from boundguard.sinks import warn_user
 from boundguard.surgery import KINDS, BoundRecord
 
-__all__ = ["BoundActivation", "apply_bounds", "set_activation", "unwrap", "retrace_step", "remove_leftovers",
-           "watch_activation", "unwatch_activation"]
+__all__ = ["BoundActivation", "apply_bounds", "set_activation", "unwrap", "softcap_of", "logits_view", "retrace_step",
+           "remove_leftovers", "watch_activation", "unwatch_activation"]
 
 
 @keras.saving.register_keras_serializable(package="boundguard", name="BoundActivation")
@@ -26,18 +27,24 @@ class BoundActivation:
     """The bounding activation boundguard inserts; serializable, so saved models load without ``custom_objects``.
 
     ``kind``: ``"sigmoid"`` (0, 1) | ``"tanh"`` (-1, 1) | ``"scaled_sigmoid"`` ``lo + (hi - lo) * sigmoid(z)``
-    | ``"softmax"`` over ``axis`` (a distribution).
+    | ``"softmax"`` over ``axis`` (a distribution) | ``"softcap"`` ``hi * tanh(z / hi)`` with ``lo = -hi``
+    (logits kept within ``(-hi, hi)`` for a loss that applies its own softmax: ``from_logits=True`` stays).
 
     Example:
         >>> act = BoundActivation("scaled_sigmoid", lo=-3.0, hi=3.0)
         >>> float(keras.ops.convert_to_numpy(act(keras.ops.zeros((1,)))[0]))
         0.0
+        >>> cap = BoundActivation("softcap", lo=-30.0, hi=30.0)
+        >>> round(float(keras.ops.convert_to_numpy(cap(keras.ops.full((1,), 1e4)))[0]), 3)
+        30.0
     """
 
     def __init__(self, kind: str = "sigmoid", lo: float = 0.0, hi: float = 1.0, axis: int = -1) -> None:
         if kind not in KINDS:
-            raise ValueError(f"BoundActivation kind must be sigmoid, tanh, scaled_sigmoid or softmax, got {kind!r}")
+            raise ValueError(f"BoundActivation kind must be one of {', '.join(KINDS)}, got {kind!r}")
         self.kind, self.lo, self.hi, self.axis = kind, float(lo), float(hi), int(axis)
+        if kind == "softcap" and not (math.isfinite(self.hi) and self.hi > 0):
+            raise ValueError(f"a softcap BoundActivation needs a positive, finite hi (the cap), got {hi!r}")
         self.__name__ = f"boundguard_{kind}"
 
     @classmethod
@@ -52,6 +59,8 @@ class BoundActivation:
             return ops.tanh(z)
         if self.kind == "softmax":
             return ops.softmax(z, axis=self.axis)
+        if self.kind == "softcap":  # logits within (-hi, hi); the loss applies its own softmax
+            return self.hi * ops.tanh(z / self.hi)
         return self.lo + (self.hi - self.lo) * ops.sigmoid(z)
 
     def get_config(self) -> dict[str, Any]:
@@ -100,6 +109,18 @@ def unwrap(act: Callable) -> Callable:
     while isinstance(act, _WatchedActivation):
         act = act.inner
     return act
+
+
+def softcap_of(act: Any) -> Optional[float]:
+    """The cap of a soft cap :class:`BoundActivation` (under any boundguard wrappers); None for any other."""
+    act = unwrap(act) if act is not None else None
+    return act.hi if isinstance(act, BoundActivation) and act.kind == "softcap" else None
+
+
+def logits_view(act: Callable) -> Callable:
+    """The activation as the facts see it: a soft cap leaves logits logits (``identity``; the cap is
+    :attr:`~boundguard.model_facts.ModelFacts.logit_cap`), any other is itself."""
+    return keras.activations.linear if softcap_of(act) is not None else act
 
 
 def set_activation(layer: Any, act: Callable) -> Callable:

@@ -49,7 +49,8 @@ from boundguard.session import CountingPlan
 from boundguard.stats import COLUMNS, KINDS, LOSS_COLUMN, fields_of, fold_rows, neutral_row
 
 __all__ = ["DeviceBuffer", "StepTensors", "Wants", "Readout", "Strategy", "TensorFlowStrategy",
-           "TorchStrategy", "JaxStrategy", "BufferMetric", "STRATEGIES", "EXTRA", "NAMES", "PROBE_K", "ROW_CAP"]
+           "TorchStrategy", "JaxStrategy", "BufferMetric", "STRATEGIES", "EXTRA", "NAMES", "PROBE_K", "ROW_CAP",
+           "LSE_ELEMENTS"]
 
 #: Columns after the core's: elements seen per kind, the step's loss recorded, one-hot targets.
 EXTRA: tuple[str, ...] = tuple(f"{k}.n" for k in KINDS) + ("loss.seen", "target.onehot")
@@ -64,6 +65,9 @@ _S = {name: i for i, name in enumerate(SETTINGS)}
 #: At most this many rows of an interval stay on the device (plus one execution's steps); a longer interval
 #: moves full blocks to the host (:meth:`DeviceBuffer.spill`).
 ROW_CAP = 256
+#: Of logits a softmax cross-entropy reads, the logsumexp is read on at most this many elements a step (the
+#: first rows), as the torch adapter does: a language model's head costs a bounded read per step.
+LSE_ELEMENTS = 1 << 22
 #: Elements of z / y_pred kept from a step when the activation must be inferred from data.
 PROBE_K = 512
 assert all(f"{k}.{f}" in _INDEX for k in KINDS for f in fields_of(k))
@@ -90,6 +94,9 @@ class Wants:
     tail: bool = True
     #: the loss ignores a target value (``ignore_class``): targets at the plan's ``target_ignore`` count as 0
     ignore: bool = False
+    #: the pre-activation is logits a softmax cross-entropy reads, classes along the last axis: the logsumexp
+    #: of its rows is read (``pre.lse``, ``pre.lse_rows``; ``logits_growing``)
+    lse: bool = False
 
 
 @dataclass
@@ -517,6 +524,8 @@ class DeviceBuffer:
             vals["pre.sumsq"] = ops.sum(ops.multiply(f, f))
             if wants.tail:
                 vals["pre.tail"] = _count(ops.greater(ops.abs(f), s[_S["tail"]]))
+            if wants.lse:
+                vals.update(self._lse(t.pre))
         if t.target is not None and _nonempty(t.target):
             vals.update(self._target(t.target, c, s[_S["ignore"]] if wants.ignore else None))
         if t.input is not None and _nonempty(t.input):
@@ -534,6 +543,18 @@ class DeviceBuffer:
         # the step shows as NaN, as the statistics declare (tested in test_keras_catalogue)
         return {f"{kind}.min": ops.min(f), f"{kind}.max": ops.max(f), f"{kind}.finite": _count(ops.isfinite(f)),
                 f"{kind}.n": self.strategy.size(f)}
+
+    def _lse(self, z: Any) -> dict[str, Any]:
+        """The logsumexp of the rows of logits ``z`` along its last axis (the classes), summed, and how many
+        rows: on the first rows only, at most :data:`LSE_ELEMENTS` elements a step, sliced before the fp32
+        copy (a language model's logits: a sample of the batch, at a bounded cost and extra memory whatever
+        the vocabulary and the batch). Empty when the class axis has no static width above 1."""
+        width = z.shape[-1] if len(z.shape) >= 2 else None
+        if not isinstance(width, int) or width < 2:
+            return {}
+        rows = ops.reshape(ops.stop_gradient(z), (-1, width))[: max(1, LSE_ELEMENTS // width)]
+        lse = ops.logsumexp(ops.cast(rows, "float32"), axis=-1)
+        return {"pre.lse": ops.sum(lse), "pre.lse_rows": self.strategy.size(lse)}
 
     def _pred(self, pred: Any, s: list, c: dict, wants: Wants) -> dict[str, Any]:
         p = _f32(pred)

@@ -12,8 +12,8 @@ import numpy as np
 
 from boundguard.config import OPTIONS, Config
 from boundguard.integrations.keras.activations import (
-    BoundActivation, apply_bounds, remove_leftovers, retrace_step, set_activation, unwatch_activation, unwrap,
-    watch_activation,
+    BoundActivation, apply_bounds, logits_view, remove_leftovers, retrace_step, set_activation, softcap_of,
+    unwatch_activation, unwrap, watch_activation,
 )
 from boundguard.integrations.keras.buffer import ROW_CAP, DeviceBuffer, Wants
 from boundguard.integrations.keras.graph import (
@@ -69,6 +69,8 @@ class BoundGuard(SessionViews, keras.callbacks.Callback):
     - ``boundguard/output_min``, ``boundguard/output_max``: the smallest / largest prediction;
     - ``boundguard/out_of_bounds_share``: the share of predictions outside the bounds;
     - ``boundguard/preact_absmax``, ``boundguard/preact_rms``: the output pre-activation's magnitude;
+    - ``boundguard/logit_lse_mean``: the mean logsumexp of the logits' rows, for logits a softmax
+      cross-entropy reads (``from_logits=True``; on at most 4M elements a step, the first rows);
     - ``boundguard/input_rms``: the input scale; ``boundguard/loss_mean``: the mean batch loss of the
       steps checked; ``boundguard/alerts``: the number of alerts so far.
 
@@ -345,7 +347,8 @@ class BoundGuard(SessionViews, keras.callbacks.Callback):
         self._act = ("unknown", {})
         if head.static and head.owner is not None:
             try:
-                self._act = classify([unwrap(head.owner.activation)] + list(head.trailing), units(model, head.owner))
+                self._act = classify([logits_view(unwrap(head.owner.activation))] + list(head.trailing),
+                                     units(model, head.owner))
             except Exception:
                 pass
         host_side = self._buf.strategy.host_side  # e.g. outside the graph under torch.compile
@@ -437,12 +440,25 @@ class BoundGuard(SessionViews, keras.callbacks.Callback):
         # a bound insertion retraces the step)
         act = (self._session.facts.activation if self._facts_ready else self._act[0]) if head.static else None
         wants = Wants(range=self._session.config.bounds is not None, pin=act in (None, "clamp", "unknown"),
-                      tail=act is None or act in TAIL_THRESHOLD, ignore=self._ignore is not None)
+                      tail=act is None or act in TAIL_THRESHOLD, ignore=self._ignore is not None,
+                      lse=self._reads_logits(tensors.pre, act))
         buf.write(tensors, wants)
         if probe is not None and tensors.pre is not None:
             shape = buf.store_probe(tensors.pre, probe)
             if shape is not None:
                 self._trace.probe_shape = shape
+
+    def _reads_logits(self, pre: Any, act: Optional[str]) -> bool:
+        """Trace time: ``pre`` is the logits a softmax cross-entropy reads (``SparseCategoricalCrossentropy`` /
+        ``CategoricalCrossentropy`` with ``from_logits=True`` on an identity head, or an activation not
+        identified), with the classes along its last axis, as wide as the prediction's: their logsumexp is
+        read (``logits_growing``)."""
+        loss, shape = self._loss, self._trace.pred_shape
+        if pre is None or loss is None or not (loss.consumes_logits and loss.multiclass) \
+                or act not in (None, "identity", "unknown") or not shape or len(shape) < 2:
+            return False
+        width = pre.shape[-1] if len(pre.shape) >= 2 else None
+        return isinstance(width, int) and width > 1 and width == shape[-1]
 
     # -------------------------------------------------------------- checks
     def _check(self) -> None:
@@ -479,6 +495,8 @@ class BoundGuard(SessionViews, keras.callbacks.Callback):
         facts = model_facts(head, self._trace, self._owner, self._act, self._loss, self._loss_name)
         facts.input_scaled_by = input_scaler(self.model)
         facts.target_ignore = self._ignore
+        if self._owner is not None:  # a soft cap already on the logits (a saved model trained on)
+            facts.logit_cap = softcap_of(activation_attr(self._owner))
         model = self.model
         facts.loss_plain = (not isinstance(getattr(model, "loss", None), (dict, list, tuple))
                             and len(getattr(model, "outputs", None) or [None]) == 1 and not model.losses)

@@ -15,7 +15,7 @@ from typing import Any, Callable, Optional
 import keras
 import numpy as np
 
-from boundguard.integrations.keras.activations import unwrap
+from boundguard.integrations.keras.activations import logits_view, unwrap
 from boundguard.integrations.keras.buffer import StepTensors
 from boundguard.integrations.keras.graph import Head, classify, layer_name
 from boundguard.model_facts import LossInfo, ModelFacts, infer_activation
@@ -106,7 +106,7 @@ def resolve_head(head: Head, trace: Trace, act: tuple[str, dict],
         return None, ("unknown", {})
     if trace.direct:
         try:
-            return owner, classify([unwrap(owner.activation)], (trace.pred_shape or (1,))[-1] or 1)
+            return owner, classify([logits_view(unwrap(owner.activation))], (trace.pred_shape or (1,))[-1] or 1)
         except Exception:
             return owner, ("unknown", {})
     if not trace.probe_shape:

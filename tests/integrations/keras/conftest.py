@@ -55,7 +55,8 @@ def data(kind: str = "binary", n: int = 256, d: int = 4, seed: int = 0, scale: f
     """Standardised features and targets of one kind.
 
     binary {0, 1} · prob [0, 1] continuous · classes 0..2 (int) · onehot (3 columns) · wide [-3, 3] ·
-    big [0, 10] · signed [-0.9, 0.9] · linear (unbounded regression).
+    big [0, 10] · signed [-0.9, 0.9] · linear (unbounded regression) · separable: the class is the largest
+    feature (0..d-1, int; a linear head separates them).
     """
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((n, d)).astype("float32")
@@ -76,6 +77,8 @@ def data(kind: str = "binary", n: int = 256, d: int = 4, seed: int = 0, scale: f
         y = (0.9 * np.tanh(s)).astype("float32")[:, None]
     elif kind == "linear":
         y = (2.0 * s + 0.5).astype("float32")[:, None]
+    elif kind == "separable":
+        y = np.argmax(x, axis=1).astype("int64")
     else:
         raise ValueError(kind)
     return x * scale, y

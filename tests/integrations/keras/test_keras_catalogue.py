@@ -23,6 +23,15 @@ def _nan_rows(x):
 
 _EARLY_BASELINE = {"loss_at_baseline": {"warmup_steps": 10, "start_steps": 10}}
 
+
+def _logits_head(lr: float):
+    """A Dense(4) linear head read by a softmax cross-entropy on logits, on separable classes, trained by SGD
+    at ``lr``: at 100 the logits run away within the first checks (largest magnitude in the hundreds, mean
+    logsumexp ~100 nats by step 6, from ~1.5); at 0.1 they stay near their start."""
+    return (dense(4), data("separable"), keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            dict(check_every_n_steps=2), dict(optimizer=keras.optimizers.SGD(lr)))
+
+
 # code → (model, data(kind), loss, guard options, fit options)
 FIRING = {
     "output_out_of_range": lambda: (dense(bias=3.0), data("binary"), "mse", dict(bounds=(0, 1)), {}),
@@ -44,6 +53,7 @@ FIRING = {
     # a learning rate of 0: the loss stays at the constant predictor's (the targets' variance) or above
     "loss_at_baseline": lambda: (dense(), data("linear"), "mse", dict(bounds=None, thresholds=_EARLY_BASELINE),
                                  dict(optimizer=keras.optimizers.SGD(0.0))),
+    "logits_growing": lambda: _logits_head(100.0),
 }
 
 HEALTHY = {
@@ -65,6 +75,7 @@ HEALTHY = {
     "loss_at_baseline": lambda: (dense(), data("linear"), "mse",
                                  dict(bounds=None, thresholds={"loss_at_baseline": {"warmup_steps": 30}}),
                                  dict(epochs=6, optimizer=keras.optimizers.Adam(5e-2))),
+    "logits_growing": lambda: _logits_head(0.1),
 }
 
 
