@@ -32,6 +32,7 @@ import torch
 torch.manual_seed(0)
 torch.set_num_threads(1)
 shape, dtype, arm, steps, batch, seq = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])
+loop = sys.argv[8]
 import transformers
 transformers.utils.logging.set_verbosity_error()
 if shape == "gpt2":
@@ -43,6 +44,32 @@ else:
                                          num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
                                          max_position_embeddings=seq))
 vocab = model.config.vocab_size
+if loop == "hf":  # the Hugging Face Trainer, with BoundGuardCallback() in the watched arm
+    import tempfile
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+    g = torch.Generator().manual_seed(0)
+    rows = [{"input_ids": ids, "labels": ids} for ids in torch.randint(0, vocab, (steps * batch, seq), generator=g)]
+    times = []
+
+    class Clock(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            times.append(time.perf_counter() - self.t0)
+
+    callbacks = [Clock()]
+    if arm == "watch":
+        from boundguard.integrations.transformers import BoundGuardCallback
+        callbacks.append(BoundGuardCallback(alerts_path=sys.argv[7], on_violation="log"))
+    args = TrainingArguments(output_dir=tempfile.mkdtemp(), max_steps=steps, per_device_train_batch_size=batch,
+                             learning_rate=1e-3, optim="sgd", bf16=dtype == "bf16", use_cpu=True, report_to=[],
+                             save_strategy="no", logging_strategy="no", dataloader_num_workers=0, seed=0)
+    Trainer(model=model, args=args, train_dataset=rows, callbacks=callbacks).train()
+    codes = sorted({a.code for a in callbacks[-1].alerts if a.severity != "info"}) if arm == "watch" else []
+    print("child: " + json.dumps({"peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                                   "step_s": times, "codes": codes}))
+    sys.exit(0)
 opt = torch.optim.SGD(model.parameters(), lr=1e-3)
 guard = None
 if arm == "watch":
@@ -72,10 +99,10 @@ print("child: " + json.dumps({"peak_mb": resource.getrusage(resource.RUSAGE_SELF
 '''
 
 
-def run_arm(shape: str, dtype: str, arm: str, steps: int, batch: int, seq: int, out: Path) -> dict:
+def run_arm(shape: str, dtype: str, arm: str, steps: int, batch: int, seq: int, out: Path, loop: str) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     proc = subprocess.run([sys.executable, "-c", CHILD, shape, dtype, arm, str(steps), str(batch), str(seq),
-                           str(out / f"{shape}-{dtype}-alerts.jsonl")], capture_output=True, text=True,
+                           str(out / f"{shape}-{dtype}-{loop}-alerts.jsonl"), loop], capture_output=True, text=True,
                           env=env, cwd=ROOT, timeout=1200)
     if proc.returncode != 0:
         raise RuntimeError(f"{shape}/{dtype}/{arm} failed:\n{proc.stderr[-3000:]}")
@@ -90,27 +117,29 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--loops", default="plain,hf", help="plain: watch(model) in a plain loop; hf: the HF Trainer")
     p.add_argument("--out", default="/tmp/boundguard-llm")
     a = p.parse_args(argv)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
-    print("| shape | logits | logits size | peak without | peak with | extra, in logits | step time ratio | alerts |")
-    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |")
-    for shape in a.shapes.split(","):
-        for dtype in a.dtypes.split(","):
-            off = run_arm(shape, dtype, "off", a.steps, a.batch, a.seq, out)
-            on = run_arm(shape, dtype, "watch", a.steps, a.batch, a.seq, out)
-            logits_mb = a.batch * a.seq * SHAPES[shape] * (2 if dtype == "bf16" else 4) / 2**20
-            extra = (on["peak_mb"] - off["peak_mb"]) / logits_mb
-            t_off, t_on = statistics.median(off["step_s"][1:]), statistics.median(on["step_s"][1:])
-            row = {"shape": shape, "dtype": dtype, "logits_mb": logits_mb, "peak_off_mb": off["peak_mb"],
-                   "peak_on_mb": on["peak_mb"], "extra_in_logits": extra, "step_ratio": t_on / t_off,
-                   "codes": on["codes"]}
-            rows.append(row)
-            print(f"| {shape} (V={SHAPES[shape]}) | {dtype} | {logits_mb:.0f} MB | {off['peak_mb']:.0f} MB | "
-                  f"{on['peak_mb']:.0f} MB | {extra:.3f} | {t_on / t_off:.2f} | {', '.join(on['codes']) or '–'} |",
-                  flush=True)
+    print("| loop | shape | logits | logits size | peak without | peak with | extra, in logits | step time ratio | alerts |")
+    print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | --- |")
+    for loop in a.loops.split(","):
+        for shape in a.shapes.split(","):
+            for dtype in a.dtypes.split(","):
+                off = run_arm(shape, dtype, "off", a.steps, a.batch, a.seq, out, loop)
+                on = run_arm(shape, dtype, "watch", a.steps, a.batch, a.seq, out, loop)
+                logits_mb = a.batch * a.seq * SHAPES[shape] * (2 if dtype == "bf16" else 4) / 2**20
+                extra = (on["peak_mb"] - off["peak_mb"]) / logits_mb
+                t_off, t_on = statistics.median(off["step_s"][1:]), statistics.median(on["step_s"][1:])
+                row = {"loop": loop, "shape": shape, "dtype": dtype, "logits_mb": logits_mb, "peak_off_mb": off["peak_mb"],
+                       "peak_on_mb": on["peak_mb"], "extra_in_logits": extra, "step_ratio": t_on / t_off,
+                       "codes": on["codes"]}
+                rows.append(row)
+                print(f"| {loop} | {shape} (V={SHAPES[shape]}) | {dtype} | {logits_mb:.0f} MB | {off['peak_mb']:.0f} MB | "
+                      f"{on['peak_mb']:.0f} MB | {extra:.3f} | {t_on / t_off:.2f} | {', '.join(on['codes']) or '–'} |",
+                      flush=True)
     print("result: " + json.dumps(rows))
     return 0
 

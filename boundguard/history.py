@@ -45,6 +45,8 @@ class History:
 
     window: deque = field(default_factory=lambda: deque(maxlen=WINDOW))
     initial_level: Optional[float] = None
+    #: The run's first LEVEL_MIN finite losses (where the loss started, before any check's level).
+    first_losses: list = field(default_factory=list)
     #: The loss level at checks, [step, level] (see LEVELS_KEPT): how it moved over any horizon.
     levels: list = field(default_factory=list)
     best_level: Optional[float] = None
@@ -100,6 +102,11 @@ class History:
         return found
 
     @property
+    def start_level(self) -> Optional[float]:
+        """Where the loss started: the median of the run's first LEVEL_MIN finite losses (None before)."""
+        return _median(self.first_losses) if len(self.first_losses) >= LEVEL_MIN else None
+
+    @property
     def tail(self) -> float:
         """The run's own tail: the TOP_RISES-th largest rise of a step above its running median seen so
         far (0 until there were that many)."""
@@ -126,7 +133,7 @@ class History:
             "target_moments_n": self.target_moments_n,
             "noise_pending": self.noise_pending, "top_rises": list(self.top_rises),
             "grad_norms": list(self.grad_norms),
-            "levels": [list(x) for x in self.levels],
+            "levels": [list(x) for x in self.levels], "first_losses": list(self.first_losses),
             "logit_early": [list(x) for x in self.logit_early], "logit_recent": [list(x) for x in self.logit_recent],
         }
 
@@ -136,7 +143,7 @@ class History:
         h.window, h.pre_absmax = deque(self.window, maxlen=WINDOW), deque(self.pre_absmax, maxlen=8)
         h.top_rises, h.grad_norms, h.windows = list(self.top_rises), list(self.grad_norms), None
         h.logit_early, h.logit_recent = list(self.logit_early), deque(self.logit_recent, maxlen=8)
-        h.levels = list(self.levels)
+        h.levels, h.first_losses = list(self.levels), list(self.first_losses)
         return h
 
     def fold(self, snap: Snapshot, min_improvement: float) -> None:
@@ -169,6 +176,7 @@ class History:
         h.top_rises = sorted((float(x) for x in d.get("top_rises", [])), reverse=True)[:TOP_RISES]
         h.grad_norms = [float(x) for x in d.get("grad_norms", [])][:GRAD_WARMUP]
         h.levels = [[int(a), float(b)] for a, b in d.get("levels", [])][-LEVELS_KEPT:]
+        h.first_losses = [float(x) for x in d.get("first_losses", [])][:LEVEL_MIN]
         h.logit_early = [[float(a), float(b)] for a, b in d.get("logit_early", [])][:LOGIT_EARLY]
         h.logit_recent.extend([float(a), float(b)] for a, b in d.get("logit_recent", []))
         return h
@@ -305,6 +313,8 @@ def update_loss_history(h: History, snap: Snapshot, min_improvement: float) -> N
             h.noise = max(h.noise, _noise(seq[end - NOISE_BLOCK: end]))
         h.noise_pending = (h.noise_pending + len(fin)) % NOISE_BLOCK
         h.window.extend(fin)
+        if len(h.first_losses) < LEVEL_MIN:
+            h.first_losses.extend(fin[: LEVEL_MIN - len(h.first_losses)])
     level = _level(h)
     if level is None:
         return

@@ -597,17 +597,17 @@ class LossAtBaseline(Rule):
     """After ``warmup_steps`` steps the loss level is still ``share`` or more of what a constant predictor
     scores on a batch of the run's targets, its best level ``best_share`` or more, and it has stopped
     falling: over the last half of the run (a horizon that grows with the run, :meth:`History.level_at`)
-    it fell by no more than ``min_fall`` of that baseline and three times the noise of a level. The model
+    it fell (:func:`_fall`: the line through the levels of that half) by no more than ``min_fall`` of that
+    baseline and twice the noise of that fall. The model
     predicts the targets' average and learns nothing beyond it (a learning rate so large that the output
-    settles at the mean); a slow start, still falling, is not that. A run whose loss started at the baseline
-    (its initial level at most ``start_margin`` above it: a classifier initialised to near-uniform
-    outputs) has shown no pace yet, and a slow starter sits there for hundreds of steps before it learns
-    (XOR, deep tanh nets, Adadelta RNNs): it is judged after ``start_steps`` steps, not ``warmup_steps``;
-    a loss that came down onto the baseline from above (a large learning rate collapsing the output to
-    the mean, a broadcast MSE) is judged after ``warmup_steps``.
+    settles at the mean); a slow start, still falling, is not that. Only a loss that came down onto the
+    baseline (it started, :attr:`History.start_level`, more than ``start_margin`` above it and has come at
+    least half the way down: a large learning rate collapsing the output to the mean, a broadcast MSE) is
+    judged after ``warmup_steps``; any other has shown no pace yet (a classifier initialised to
+    near-uniform outputs sits at the baseline for hundreds of steps before it learns: XOR, deep tanh nets,
+    Adadelta RNNs) and is judged after ``start_steps``.
 
-    The baseline: for MSE the targets' variance (the loss of predicting their mean; a batch's variance is
-    (1 - 1/B) of it), for a binary cross-entropy the entropy of the positive rate, for a multi-class
+    The baseline: for MSE the targets' variance (the loss of predicting their mean), for a binary cross-entropy the entropy of the positive rate, for a multi-class
     cross-entropy on class indices log(K). Judged only when the training loss is that loss alone,
     unweighted and averaged over the batch (:attr:`ModelFacts.loss_plain`), and silent where the baseline
     is degenerate (constant targets: a GAN generator's all-ones labels)."""
@@ -626,14 +626,15 @@ class LossAtBaseline(Rule):
             return []
         if best < self.p["best_share"] * base or level < self.p["share"] * base:
             return []
-        start = h.initial_level if h.initial_level is not None else level
-        if start <= (1 + self.p["start_margin"]) * base and h.steps_seen < self.p["start_steps"]:
-            return []  # (started at the baseline: no pace to judge by yet)
+        start = h.start_level if h.start_level is not None else level
+        came_down = start > (1 + self.p["start_margin"]) * base and start - level >= 0.5 * (start - base)
+        if not came_down and h.steps_seen < self.p["start_steps"]:
+            return []  # (no pace to judge by yet: still at its start, or still on its way down)
         then = h.level_at(s.step - h.steps_seen / 2)
         if then is None:
             return []
-        fall = then[1] - level
-        if fall > max(self.p["min_fall"] * base, 3 * h.noise / math.sqrt(LEVEL_STEPS)):
+        fall, noise = _fall(h, then, level)
+        if fall > max(self.p["min_fall"] * base, 2 * noise):
             return []  # still falling: a slow start
         how = f"down {_g(fall)} from" if fall > 0 else ("up from" if fall < 0 else "level with")
         return [Finding(self.code, ctx.where("loss"),
@@ -645,6 +646,26 @@ class LossAtBaseline(Rule):
                                  "then_level": then[1]})]
 
 
+def _fall(h: History, then: tuple[int, float], level: float) -> tuple[float, float]:
+    """How far the loss level fell over the last half of the run, and the noise of that figure. With four
+    levels or more recorded in that half: the fall of their least-squares line over it and its standard
+    error (from the levels' scatter around the line: a steady slow fall is seen through noisy levels);
+    with fewer, the difference of the first and the last level, and its noise from the step-to-step noise
+    of the last losses (two medians of LEVEL_STEPS losses, 1.25 sd / sqrt(n) each)."""
+    pts = [(s, v) for s, v in h.levels if s >= then[0]]
+    if len(pts) >= 4:
+        xs, ys = np.array([p[0] for p in pts], float), np.array([p[1] for p in pts], float)
+        span = xs[-1] - xs[0]
+        xc = xs - xs.mean()
+        sxx = float(xc @ xc)
+        if span > 0 and sxx > 0:
+            slope = float(xc @ (ys - ys.mean())) / sxx
+            resid = ys - ys.mean() - slope * xc
+            se = math.sqrt(float(resid @ resid) / (len(pts) - 2) / sxx)
+            return -slope * span, se * span
+    return then[1] - level, math.sqrt(2) * 1.25 * _noise(list(h.window)) / math.sqrt(LEVEL_STEPS)
+
+
 def _constant_loss(f: ModelFacts, h: History) -> tuple[Optional[float], str]:
     """The loss of the best constant prediction on the run's targets, and what it is, for the losses
     where it is known; (None, "") otherwise."""
@@ -653,11 +674,11 @@ def _constant_loss(f: ModelFacts, h: History) -> tuple[Optional[float], str]:
     name = loss.name.lower()
     if n and loss.family == "regression" and name in ("mse_loss", "mean_squared_error", "mse"):
         mean = h.target_sum / n
-        per_step = n / max(h.steps_seen, 1)  # targets per step: a batch's variance is (1 - 1/B) of theirs
-        shrink = 1.0 - 1.0 / per_step if per_step > 1 else 1.0
         if h.target_sumsq / n - mean * mean <= DEGENERATE * h.target_sumsq / n:
             return None, ""  # (nearly) constant targets
-        return max(h.target_sumsq / n - mean * mean, 0.0) * shrink, "the variance of a batch of targets"
+        # (a constant is the same for every batch: its expected loss on a batch is the targets' variance,
+        # not a batch's own, smaller, variance)
+        return h.target_sumsq / n - mean * mean, "the variance of the targets"
     binary = loss.family in ("probability", "logits") and not loss.multiclass
     if n and binary and h.target_min >= 0 and h.target_max <= 1:
         p = h.target_sum / n

@@ -79,13 +79,14 @@ def ctx(snap=None, f=None, bounds=None, h=None) -> Context:
 
 
 def _stuck(level: float, var: float, *, mean: float = 0.0, binary: bool = False, steps: int = 300,
-           then: float | None = None, start: float = 1.5) -> History:
+           then: float | None = None, start: float = 1.5, best_step: int = 0) -> History:
     """A run whose loss sits at ``level`` (its best too) after ``steps`` steps, on 1000 targets of the
-    given mean and variance; its level half the run ago was ``then`` (default: ``level``), its initial
-    level ``start`` times ``level``."""
+    given mean and variance; its level half the run ago was ``then`` (default: ``level``), its first
+    losses and initial level ``start`` times ``level``."""
     n = 1000
     levels = [[1, level * start], [steps // 4, then if then is not None else level], [steps, level]]
-    return history(window=[level] * 20, initial_level=level * start, best_level=level, steps_seen=steps, levels=levels,
+    return history(window=[level] * 20, initial_level=level * start, first_losses=[level * start] * 5,
+                   best_level=level, best_step=best_step, steps_seen=steps, levels=levels,
                    target_sum=mean * n, target_sumsq=(var + mean * mean) * n, target_moments_n=n, target_seen=n,
                    target_min=0.0 if binary else -3.0, target_max=1.0 if binary else 3.0)
 

@@ -711,7 +711,7 @@ def f_torch_predicts_the_mean_forever(tmp_path):
     x, y = regression_data(seed=29, scale=2.0)
     y = y.squeeze(1) * 1.0
     crit = nn.MSELoss()
-    run = plain_loop(tmp_path, mlp(8, 1), crit, batches(x, y, 32, 120), lr=1e-2,
+    run = plain_loop(tmp_path, mlp(8, 1), crit, batches(x, y, 32, 1100), lr=1e-2,
                      guard_kw={"thresholds": {"loss_plateau": {"patience": 30}}})
     run.extra["stuck_at_variance"] = sum(run.losses[-20:]) / 20 > 0.8 * float(y.var())
     return run
