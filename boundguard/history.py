@@ -18,7 +18,8 @@ from numpy.lib.stride_tricks import as_strided
 
 from boundguard.stats import Snapshot
 
-__all__ = ["History", "update_loss_history", "LEVEL_STEPS", "LEVEL_MIN", "WINDOW", "NOISE_BLOCK",
+__all__ = ["History", "update_loss_history", "loss_scale", "one_centre_spread", "noise_of", "centre_spread",
+           "LEVEL_STEPS", "LEVEL_MIN", "WINDOW", "NOISE_BLOCK",
            "MIN_REFERENCE", "TOP_RISES", "GRAD_WARMUP", "LOGIT_EARLY"]
 
 # The loss rules' memory (see History and update_loss_history).
@@ -193,7 +194,7 @@ def _median(xs: list[float]) -> float:
     return srt[n // 2] if n % 2 else (srt[n // 2 - 1] + srt[n // 2]) / 2
 
 
-def _loss_scale(h: History) -> float:
+def loss_scale(h: History) -> float:
     """The loss's own scale: its initial level, or how far it has come down (a loss that crossed zero)."""
     if h.initial_level is None:
         return 0.0
@@ -217,7 +218,7 @@ def centre_spread(seq: list[float], pos: list[int], size: int, *,
     if len(pos) <= _FEW:
         meds, sds = [], []
         for p in pos:
-            m, d = _one_centre_spread(seq[max(0, p - size): p], spread)
+            m, d = one_centre_spread(seq[max(0, p - size): p], spread)
             meds.append(m)
             sds.append(d)
         return meds, sds
@@ -240,7 +241,7 @@ def _full_windows(seq: list[float], start: int, stop: int, size: int, spread: bo
     return med.tolist(), sd.tolist()
 
 
-def _one_centre_spread(w: list[float], spread: bool = True) -> tuple[float, float]:
+def one_centre_spread(w: list[float], spread: bool = True) -> tuple[float, float]:
     m = _qs(sorted(w), 0.5)
     if not spread or len(w) < 2:
         return m, 0.0
@@ -285,13 +286,13 @@ def _centre_spread(rows: np.ndarray, *, spread: bool = True) -> tuple[np.ndarray
     if not short.all():
         med[~short], sd[~short] = reduce(rows[~short])
     for i in np.flatnonzero(short):
-        med[i], sd[i] = _one_centre_spread(rows[i][~np.isnan(rows[i])].tolist(), spread)
+        med[i], sd[i] = one_centre_spread(rows[i][~np.isnan(rows[i])].tolist(), spread)
     return med, sd
 
 
-def _noise(block: list[float]) -> float:
+def noise_of(block: list[float]) -> float:
     """The step-to-step noise of consecutive losses, as a standard deviation (see :func:`centre_spread`)."""
-    return _one_centre_spread(block)[1]
+    return one_centre_spread(block)[1]
 
 
 def update_loss_history(h: History, snap: Snapshot, min_improvement: float) -> None:
@@ -310,7 +311,7 @@ def update_loss_history(h: History, snap: Snapshot, min_improvement: float) -> N
             rises = [r for p, m in zip(pos, med) if (r := seq[p] - m) > 0]
             h.top_rises = sorted(h.top_rises + rises, reverse=True)[:TOP_RISES]
         for end in range(n_old + NOISE_BLOCK - h.noise_pending, len(seq) + 1, NOISE_BLOCK):
-            h.noise = max(h.noise, _noise(seq[end - NOISE_BLOCK: end]))
+            h.noise = max(h.noise, noise_of(seq[end - NOISE_BLOCK: end]))
         h.noise_pending = (h.noise_pending + len(fin)) % NOISE_BLOCK
         h.window.extend(fin)
         if len(h.first_losses) < LEVEL_MIN:

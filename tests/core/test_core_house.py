@@ -16,8 +16,6 @@ _OTHERS = "owned by another change, to be removed"
 _TORCH, _KERAS = "boundguard.integrations.torch", "boundguard.integrations.keras"
 #: (importing module, imported module, private name) -> why it is allowed, for now.
 ALLOWED_PRIVATE: dict[tuple[str, str, str], str] = {
-    **{("boundguard.rules", "boundguard.history", name): _OTHERS + " (the rules/history split of issue 25)"
-       for name in ("_DIFF_Q90", "_level", "_loss_scale", "_noise", "_one_centre_spread", "_q")},
     **{(f"{_TORCH}.{module}", f"{_TORCH}.layout", name): _OTHERS + " (integrations/torch: layout's shared names)"
        for module, names in (("kernels", ("_GRAD_SQ_COLS", "_NEUTRAL", "_same_bin")),
                              ("mirror", ("_nonfinite", "_same_bin")),

@@ -460,3 +460,24 @@ def test_rules_do_not_depend_on_unseen_kinds():
     assert [f for r in default_rules() for f in r.evaluate(c)] == []
     for kind in KINDS:
         assert c.snap.share(kind, "finite") == 0.0
+
+
+def test_each_rule_declares_the_kind_of_its_own_thresholds():
+    """A threshold's kind belongs to its rule: a new rule's ``ratio`` >= 1 is accepted although
+    gradient_vanishing's ``ratio`` is a share, and each rule's overrides are checked against its own kinds."""
+    from boundguard.rules import RATIO, GradientVanishing, Rule
+
+    class Stretch(Rule):
+        code = "stretch"
+        params = {"ratio": 3.0, "limit": 2.0}
+        kinds = {"ratio": RATIO}
+
+    assert Stretch(ratio=5.0).p == {"ratio": 5.0, "limit": 2.0}
+    with pytest.raises(ValueError, match=r"thresholds\['stretch'\]\['ratio'\] is a ratio and must be a finite number >= 1"):
+        Stretch(ratio=0.5)
+    with pytest.raises(ValueError, match=r"\['limit'\] must be a positive, finite number"):
+        Stretch(limit=0.0)  # (not named in kinds: a positive number)
+    with pytest.raises(ValueError, match=r"thresholds\['gradient_vanishing'\]\['ratio'\] is a share"):
+        GradientVanishing(ratio=5.0)
+    for rule in RULES:  # every declared kind names one of the rule's own thresholds
+        assert set(rule.kinds) <= set(rule.params), rule.code

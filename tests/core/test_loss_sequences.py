@@ -20,7 +20,8 @@ import pytest
 from boundguard.config import Config
 from boundguard.model_facts import ModelFacts
 from boundguard.session import Session
-from boundguard.rules import TOP_RISES, WINDOW, Context, History, LossDiverging, LossSpike
+from boundguard.history import TOP_RISES, WINDOW
+from boundguard.rules import Context, History, LossDiverging, LossSpike
 from boundguard.stats import LOSS_COLUMN, Snapshot, neutral_row
 
 LOSS_CODES = {"loss_spike", "loss_diverging"}
