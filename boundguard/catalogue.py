@@ -181,10 +181,11 @@ _ENTRIES = [
     ),
     Entry(
         "loss_at_baseline", "warning", "Loss no better than a constant prediction",
-        "After 100 steps the loss is still at 80% or more of what predicting a constant scores on the "
-        "run's targets (MSE: the variance of a batch of them; binary cross-entropy: the entropy of the "
-        "positive rate; multi-class cross-entropy: log K), and never went below 60% of it: the model "
-        "predicts the average and learns nothing beyond it.",
+        "The loss is still at 80% or more of what predicting a constant scores on the run's targets (MSE: "
+        "their variance; binary cross-entropy: the entropy of the positive rate; multi-class "
+        "cross-entropy: log K), never went below 60% of it, and no longer falls over the last half of the "
+        "run: the model predicts the average and learns nothing beyond it. Judged after 100 steps when the "
+        "loss came down onto that level, after 1000 when it started there (a slow start).",
         "Lower the learning rate (a factor 10: a rate too large settles the output at the mean), check "
         "that inputs and targets line up (shuffled separately?) and that the prediction and target shapes "
         "match ((B, 1) against (B,) broadcasts MSE to every pair), and scale the inputs.",
