@@ -44,8 +44,9 @@ batch-end hooks run synchronously, where a check and a halt act at the step itse
 
 Modules: :mod:`.graph` (model inspection; every use of Keras internals), :mod:`.activations`
 (``BoundActivation``, the watch wrapper, ``apply_bounds``), :mod:`.buffer` (the device buffer, one
-strategy per backend, and the row writer), :mod:`.probe` (what the traced step shows: tensors, facts,
-notes), :mod:`.callback` (``BoundGuard``).
+strategy per backend, and the row writer), :mod:`.fusion` (TensorFlow: the statistics read copies of
+the output layer's ops, so Grappler's fusion is unchanged), :mod:`.probe` (what the traced step shows:
+tensors, facts, notes), :mod:`.callback` (``BoundGuard``).
 """
 try:
     import keras

@@ -5,11 +5,12 @@ one row of a preallocated fp32 buffer; at a check the rows travel to the host in
 the framework-free core judges them.
 
 Modules: :mod:`.paths` (tensors in nested batches and outputs), :mod:`.probe` (what the first step
-shows), :mod:`.facts` (the output layer's parameters, the batch's targets and inputs), :mod:`.hooks` (hooks
-that copies of a model carry inert, what counts as a training forward, what cannot be read), the
-reducer's layers (:mod:`.layout`, :mod:`.kernels`, :mod:`.mirror`, :mod:`.staging`, :mod:`.reducer`,
-:mod:`.sync`: on-device statistics), :mod:`.bounding` (bound surgery, ``apply_bounds``), :mod:`.engine`
-(the adapter the integrations drive), :mod:`.watch` (the plain loop, one process or several).
+shows), :mod:`.facts` (what the probe showed of the output layer and the loss, the output layer's
+parameters, the batch's targets and inputs), :mod:`.hooks` (hooks that copies of a model carry inert,
+what counts as a training forward, what cannot be read), the reducer's layers (:mod:`.layout`,
+:mod:`.kernels`, :mod:`.mirror`, :mod:`.staging`, :mod:`.reducer`, :mod:`.sync`: on-device statistics),
+:mod:`.bounding` (bound surgery, ``apply_bounds``), :mod:`.engine` (the adapter the integrations drive),
+:mod:`.watch` (the plain loop, one process or several).
 """
 try:
     import torch  # noqa: F401

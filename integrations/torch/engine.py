@@ -25,11 +25,11 @@ from torch import Tensor, nn
 from boundguard.alerts import Alert
 from boundguard.config import Config
 from boundguard.integrations.torch.bounding import BoundHook, activation_fn, apply_bounds
-from boundguard.integrations.torch.facts import explicit_batch, grad_params, locate_batch
-from boundguard.integrations.torch.hooks import StatsHook, unreadable
-from boundguard.integrations.torch.paths import (
-    describe_path, flatten, get_path,
+from boundguard.integrations.torch.facts import (
+    class_dim, device_of, explicit_batch, grad_params, locate_batch, probe_facts, site_name,
 )
+from boundguard.integrations.torch.hooks import StatsHook, unreadable
+from boundguard.integrations.torch.paths import describe_path, flatten, get_path
 from boundguard.integrations.torch.probe import Probe, ProbeResult
 from boundguard.integrations.torch.reducer import Reducer
 from boundguard.model_facts import ModelFacts, classify_loss
@@ -440,27 +440,15 @@ class TorchEngine:
             probe.recorder.calls.clear()
             probe.recorder.producer.clear()
         self._result = r
-        facts = ModelFacts(
-            pred_where=_where(r.pred_site) if r.pred_site else (_where(r.pre_site) if r.pre_site else None),
-            pre_where=_where(r.pre_site) if r.pre_site else None,
-            activation=r.activation, activation_params=r.activation_params,
-            loss=classify_loss(r.loss_name), loss_where=r.loss_name,
-        )
+        facts = probe_facts(r)
         self._logits = bool(facts.loss and facts.loss.link_applied)
-        self.reducer = Reducer(self.config.check_every_n_steps, _device_of(self.model, r))
+        self.reducer = Reducer(self.config.check_every_n_steps, device_of(self.model, r))
         for key, msg, fix in r.notes:
             self.session.note(key, msg, fix, step=self.step + 1)
-        if r.pre is not None:
-            facts.pre_dtype = str(r.pre.dtype).replace("torch.", "")
-        if r.pred is not None and r.pred.dim() >= 2:
-            facts.classes = int(r.pred.shape[1 if facts.loss and facts.loss.multiclass else -1])
-        self._lse_dim = _class_dim(r.pre, facts)
+        self._lse_dim = class_dim(r.pre, facts)
         self._locate_batch_tensors(r, facts)
         facts.grad_where, self._grad_params = grad_params(self.model, r)
         facts.grad_scaled = self.grad_scaled
-        facts.loss_plain = r.loss_plain
-        facts.target_ignore = r.target_ignore
-        facts.input_scaled_by = r.input_scaled_by
         self.session.set_facts(facts)
         target = r.target if r.target is not None and self._readable(r.target, "targets") else None
         if target is not None or self.distributed:  # (with several ranks a collective: every rank calls it)
@@ -539,10 +527,10 @@ class TorchEngine:
             self.reducer.shared = same
         if pre_site is not None and pre_site[0] in modules:
             self._hooks.append(modules[pre_site[0]].register_forward_hook(
-                StatsHook(self, pre_site[1], "pre+pred" if same else "pre", _where(pre_site)), prepend=True))
+                StatsHook(self, pre_site[1], "pre+pred" if same else "pre", site_name(pre_site)), prepend=True))
         if pred_site is not None and not same and pred_site[0] in modules:
             self._hooks.append(modules[pred_site[0]].register_forward_hook(
-                StatsHook(self, pred_site[1], "pred", _where(pred_site))))
+                StatsHook(self, pred_site[1], "pred", site_name(pred_site))))
 
     def _reduce_outputs(self, pre: Optional[Tensor], pred: Optional[Tensor]) -> None:
         red = self.reducer
@@ -579,29 +567,3 @@ class TorchEngine:
 #: Losses that take class indices as targets (the first step's crash in one of them is explained).
 _CLASS_INDEX_LOSSES = frozenset({"cross_entropy", "nll_loss"})
 
-
-def _class_dim(pre: Optional[Tensor], facts: ModelFacts) -> Optional[int]:
-    """The class dimension of raw logits a softmax cross-entropy consumes (the last, or the second, of the
-    size of the classes): where their logsumexp is read. None for any other head."""
-    loss = facts.loss
-    if pre is None or loss is None or not (loss.multiclass and loss.link_applied) or not facts.classes \
-            or pre.dim() < 2 or facts.activation not in ("identity", "unknown"):
-        return None
-    if pre.shape[-1] == facts.classes:
-        return -1
-    return 1 if pre.shape[1] == facts.classes else None
-
-
-def _where(site: tuple[str, tuple]) -> str:
-    name, path = site
-    return describe_path(name or "model", path) if path and path != () else (name or "model")
-
-
-def _device_of(model: Optional[nn.Module], r: ProbeResult) -> torch.device:
-    for t in (r.pre, r.pred):
-        if isinstance(t, Tensor):
-            return t.device
-    if model is not None:
-        for p in model.parameters():
-            return p.device
-    return torch.device("cpu")

@@ -1,5 +1,7 @@
-"""What the probe's result says about the model and the batch: the output layer whose gradients are watched,
-and where the targets and inputs sit in the batch (with the notes to give when they cannot be found)."""
+"""What the probe's result says about the model and the batch: the facts of the output layer and the loss
+(:func:`probe_facts`, the class dimension of logits, the device the statistics live on), the output layer
+whose gradients are watched, and where the targets and inputs sit in the batch (with the notes to give when
+they cannot be found)."""
 from __future__ import annotations
 
 from typing import Any, Optional
@@ -11,12 +13,60 @@ from boundguard.config import Config
 from boundguard.integrations.torch.hooks import unreadable
 from boundguard.integrations.torch.paths import INPUT_KEYS, TARGET_KEYS, describe_path, flatten, get_path, guess
 from boundguard.integrations.torch.probe import ProbeResult, same_storage
-from boundguard.model_facts import ModelFacts
+from boundguard.model_facts import ModelFacts, classify_loss
 
-__all__ = ["explicit_batch", "grad_params", "locate_batch"]
+__all__ = ["class_dim", "device_of", "explicit_batch", "grad_params", "locate_batch", "probe_facts", "site_name"]
 
 #: A note for the user: (key, message, fix).
 Note = tuple[str, str, str]
+
+
+def probe_facts(r: ProbeResult) -> ModelFacts:
+    """The facts the probe step showed: where the prediction and the pre-activation are, the activation,
+    the loss (and whether it is plain, the target value it ignores), the pre-activation's dtype, the
+    classes, and a normalisation the raw inputs go through. The batch's and the gradients' fields are
+    filled by :func:`locate_batch` / :func:`explicit_batch` and :func:`grad_params`."""
+    facts = ModelFacts(
+        pred_where=site_name(r.pred_site) if r.pred_site else (site_name(r.pre_site) if r.pre_site else None),
+        pre_where=site_name(r.pre_site) if r.pre_site else None,
+        activation=r.activation, activation_params=r.activation_params,
+        loss=classify_loss(r.loss_name), loss_where=r.loss_name,
+        loss_plain=r.loss_plain, target_ignore=r.target_ignore, input_scaled_by=r.input_scaled_by,
+    )
+    if r.pre is not None:
+        facts.pre_dtype = str(r.pre.dtype).replace("torch.", "")
+    if r.pred is not None and r.pred.dim() >= 2:
+        facts.classes = int(r.pred.shape[1 if facts.loss and facts.loss.multiclass else -1])
+    return facts
+
+
+def site_name(site: tuple[str, tuple]) -> str:
+    """A probe site ``(module name, path in its output)`` in words (``fc``, ``head[0]``, ``model['logits']``)."""
+    name, path = site
+    return describe_path(name or "model", path) if path and path != () else (name or "model")
+
+
+def class_dim(pre: Optional[Tensor], facts: ModelFacts) -> Optional[int]:
+    """The class dimension of raw logits a softmax cross-entropy consumes (the last, or the second, of the
+    size of the classes): where their logsumexp is read. None for any other head."""
+    loss = facts.loss
+    if pre is None or loss is None or not (loss.multiclass and loss.link_applied) or not facts.classes \
+            or pre.dim() < 2 or facts.activation not in ("identity", "unknown"):
+        return None
+    if pre.shape[-1] == facts.classes:
+        return -1
+    return 1 if pre.shape[1] == facts.classes else None
+
+
+def device_of(model: Optional[nn.Module], r: ProbeResult) -> torch.device:
+    """Where the statistics live: the device of the tensors the probe saw, else of the model's parameters."""
+    for t in (r.pre, r.pred):
+        if isinstance(t, Tensor):
+            return t.device
+    if model is not None:
+        for p in model.parameters():
+            return p.device
+    return torch.device("cpu")
 
 
 def grad_params(model: Optional[nn.Module], r: ProbeResult) -> tuple[Optional[str], list[nn.Parameter]]:

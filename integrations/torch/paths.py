@@ -69,8 +69,6 @@ def describe_path(root: str, path: tuple) -> str:
     return root + "".join(f"[{p!r}]" if isinstance(p, str) else f"[{p}]" for p in path)
 
 
-
-
 def guess(tensors: list[tuple[tuple, Tensor]], keys: tuple[str, ...], position: int) -> Optional[tuple]:
     """The path of a batch entry by conventional name (``x``, ``labels``...), else by position."""
     for path, _ in tensors:
