@@ -184,7 +184,7 @@ _ENTRIES = [
         "The loss is still at 80% or more of what predicting a constant scores on the run's targets (MSE: "
         "their variance; binary cross-entropy: the entropy of the positive rate; multi-class "
         "cross-entropy: log K), never went below 60% of it, and no longer falls over the last half of the "
-        "run: the model predicts the average and learns nothing beyond it. Judged after 100 steps when the "
+        "run: the model predicts the average and learns nothing beyond it. Judged after 300 steps when the "
         "loss came down onto that level, after 1000 when it started there (a slow start).",
         "Lower the learning rate (a factor 10: a rate too large settles the output at the mean), check "
         "that inputs and targets line up (shuffled separately?) and that the prediction and target shapes "

@@ -157,7 +157,7 @@ class LossAtBaseline(Rule):
     is degenerate (constant targets: a GAN generator's all-ones labels)."""
 
     code = "loss_at_baseline"
-    params = {"share": 0.8, "best_share": 0.6, "warmup_steps": 100, "min_fall": 0.005, "start_steps": 1000,
+    params = {"share": 0.8, "best_share": 0.6, "warmup_steps": 300, "min_fall": 0.005, "start_steps": 1000,
               "start_margin": 0.25}
     kinds = {"share": SHARE, "best_share": SHARE, "warmup_steps": count(1), "min_fall": SHARE,
              "start_steps": count(1), "start_margin": MARGIN}
