@@ -63,9 +63,7 @@ if not str(getattr(keras, "__version__", "0")).split(".")[0].isdigit() or int(ke
         "pip install 'boundguard[keras]'"
     )
 
-from boundguard.integrations.keras.activations import (  # noqa: E402
-    BoundActivation, _WatchedActivation, apply_bounds,  # noqa: F401  (_WatchedActivation: for tests)
-)
+from boundguard.integrations.keras.activations import BoundActivation, apply_bounds  # noqa: E402
 from boundguard.integrations.keras.callback import BoundGuard  # noqa: E402
 from boundguard.session import DEFAULT_ALERTS_PATH  # noqa: E402
 

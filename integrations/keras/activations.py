@@ -3,7 +3,7 @@
 - :class:`BoundActivation`: the bounding activation ``on_violation="bound"`` inserts. It is registered
   as serializable under ``boundguard>BoundActivation`` (its name and config are stable: models saved by
   earlier versions load), so ``keras.models.load_model`` needs no ``custom_objects``.
-- :class:`_WatchedActivation`: the wrapper on the output layer's ``activation`` while ``fit`` runs.
+- :class:`WatchedActivation`: the wrapper on the output layer's ``activation`` while ``fit`` runs.
 - :func:`apply_bounds`: replay recorded bounds on a model (rebuilt from code, resumed).
 """
 from __future__ import annotations
@@ -18,8 +18,8 @@ from boundguard.integrations.keras.graph import activation_attr, flat_layers, la
 from boundguard.sinks import warn_user
 from boundguard.surgery import KINDS, BoundRecord
 
-__all__ = ["BoundActivation", "apply_bounds", "set_activation", "unwrap", "softcap_of", "logits_view", "retrace_step",
-           "remove_leftovers", "watch_activation", "unwatch_activation"]
+__all__ = ["BoundActivation", "WatchedActivation", "apply_bounds", "set_activation", "unwrap", "softcap_of",
+           "logits_view", "retrace_step", "remove_leftovers", "watch_activation", "unwatch_activation"]
 
 
 @keras.saving.register_keras_serializable(package="boundguard", name="BoundActivation")
@@ -75,7 +75,7 @@ class BoundActivation:
 
 
 @keras.saving.register_keras_serializable(package="boundguard", name="WatchedActivation")
-class _WatchedActivation:
+class WatchedActivation:
     """The wrapper put on a watched layer's ``activation`` while ``fit`` runs.
 
     It computes the wrapped activation and hands ``(layer, z, output)`` to ``seen`` (a Python side effect
@@ -106,7 +106,7 @@ class _WatchedActivation:
 
 def unwrap(act: Callable) -> Callable:
     """The activation under any boundguard wrappers."""
-    while isinstance(act, _WatchedActivation):
+    while isinstance(act, WatchedActivation):
         act = act.inner
     return act
 
@@ -126,21 +126,21 @@ def logits_view(act: Callable) -> Callable:
 def set_activation(layer: Any, act: Callable) -> Callable:
     """Make ``act`` the layer's activation (under the watch wrapper, if there is one); returns the previous one."""
     cur = layer.activation
-    if isinstance(cur, _WatchedActivation):
+    if isinstance(cur, WatchedActivation):
         prev, cur.inner = cur.inner, act
         return prev
     layer.activation = act
     return cur
 
 
-def watch_activation(layer: Any, seen: Callable[[Any, Any, Any], None]) -> _WatchedActivation:
+def watch_activation(layer: Any, seen: Callable[[Any, Any, Any], None]) -> WatchedActivation:
     """Wrap the layer's activation so each call reports ``(layer, z, output)`` to ``seen``."""
-    w = _WatchedActivation(unwrap(layer.activation), seen, layer)
+    w = WatchedActivation(unwrap(layer.activation), seen, layer)
     layer.activation = w
     return w
 
 
-def unwatch_activation(layer: Any, w: _WatchedActivation) -> None:
+def unwatch_activation(layer: Any, w: WatchedActivation) -> None:
     """Undo :func:`watch_activation` (an activation set since then under the wrapper stays)."""
     if vars(layer).get("activation") is w:
         layer.activation = unwrap(w)
@@ -150,7 +150,7 @@ def remove_leftovers(model: Any) -> None:
     """Remove watch wrappers left on the layers by a run that ended in an exception."""
     for layer in flat_layers(model):
         act = vars(layer).get("activation") if hasattr(layer, "__dict__") else None
-        if isinstance(act, _WatchedActivation):
+        if isinstance(act, WatchedActivation):
             layer.activation = unwrap(act)
 
 

@@ -12,7 +12,8 @@ Keras internals used (and nowhere else in the adapter): ``Layer._flatten_layers`
 ``KerasTensor._keras_history``, ``Operation._inbound_nodes``, ``keras.src.models.functional.Functional``,
 ``LossFunctionWrapper._fn_kwargs``, ``Trainer._compute_loss_has_training_arg`` and, on the torch backend,
 ``Module._modules``. The device buffer's own needs on JAX (``Layer._metrics`` and the JAX trainer's
-state sync) are in :mod:`.buffer`.
+state sync) are in :mod:`.buffer`; TensorFlow's graph internals (the op copies the statistics read) in
+:mod:`.fusion`.
 """
 from __future__ import annotations
 

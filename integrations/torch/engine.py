@@ -11,7 +11,10 @@ The adapter interface an integration drives (Lightning callback, ``watch()``, Fa
   check steps), then ``session.settle_stop()``; :meth:`TorchEngine.finish` at the end;
 - ``engine.session.halted`` after a check for ``halt`` (the same on every rank); ``engine.loss_seen``
   says whether the step's loss was recorded. With several ranks the adapter calls
-  ``engine.session.join(any_rank)`` once, before :meth:`TorchEngine.attach`.
+  ``engine.session.join(any_rank)`` once, before :meth:`TorchEngine.attach`;
+- :meth:`TorchEngine.finish_probe` (``None``) judges the first step when no loss was recorded; the
+  statistics hook (:class:`~.hooks.StatsHook`) reduces through :meth:`TorchEngine.readable`,
+  :meth:`TorchEngine.reduce_outputs` and :meth:`TorchEngine.reduce_failed`.
 """
 from __future__ import annotations
 
@@ -174,7 +177,7 @@ class TorchEngine:
         if self.loss_seen or self.session.disabled or not isinstance(loss, Tensor):
             return
         if self.probe is not None and self.probe.active:
-            self._finish_probe(loss)
+            self.finish_probe(loss)
         if self.reducer is not None:  # (a loss that cannot be copied is dropped from the step at the commit)
             self.reducer.loss(loss)
             self.loss_seen = True
@@ -190,19 +193,19 @@ class TorchEngine:
         x = inputs if inputs is not None else (get_path(batch, ip) if ip is not None else None)
         where = "targets"
         try:
-            if isinstance(y, Tensor) and self._readable(y, where):
+            if isinstance(y, Tensor) and self.readable(y, where):
                 red.target(y)
             if isinstance(x, Tensor):
                 where = "inputs"
-                if x.is_floating_point() and self._readable(x, where):
+                if x.is_floating_point() and self.readable(x, where):
                     red.input(x)
             elif x is not None:  # a list/tuple/dict of input tensors
                 for path, t in flatten(x):
                     where = describe_path("inputs", path)
-                    if t.is_floating_point() and self._readable(t, where):
+                    if t.is_floating_point() and self.readable(t, where):
                         red.input(t)
         except Exception as err:  # this tensor is skipped from now on; the rest stays watched
-            self._failed(where, err)
+            self.reduce_failed(where, err)
 
     def record_grads(self) -> None:
         """The gradients of the output layer's parameters, reduced on the device (after ``backward``,
@@ -238,10 +241,10 @@ class TorchEngine:
                 if "Shard" in kinds and self.reducer is not None:
                     self.reducer.grad_sharded = True
                 local = g.to_local()
-                return local if self._readable(local, "gradients") else None
-        return g if self._readable(g, "gradients") else None
+                return local if self.readable(local, "gradients") else None
+        return g if self.readable(g, "gradients") else None
 
-    def _readable(self, t: Tensor, where: str) -> bool:
+    def readable(self, t: Tensor, where: str) -> bool:
         """Whether the reducer can read ``t``; a tensor it cannot is skipped with one info note."""
         why = unreadable(t)
         if why is None:
@@ -250,13 +253,14 @@ class TorchEngine:
         return False
 
     def _reduce(self, fn: Callable[..., None], t: Optional[Tensor], where: str, **kwargs: Any) -> None:
-        """``fn(t)``: one watched tensor into the reducer; an error reading it skips it (:meth:`_failed`)."""
+        """``fn(t)``: one watched tensor into the reducer; an error reading it skips it
+        (:meth:`reduce_failed`)."""
         try:
             fn(t, **kwargs)
         except Exception as err:
-            self._failed(where, err)
+            self.reduce_failed(where, err)
 
-    def _failed(self, where: str, err: Exception) -> None:
+    def reduce_failed(self, where: str, err: Exception) -> None:
         """Reducing the tensor ``where`` raised: it is skipped from now on (one info note); the rest stays
         watched (``strict=True`` re-raises)."""
         if self.config.strict:
@@ -282,7 +286,7 @@ class TorchEngine:
         if self.session.disabled:
             return []
         if self.probe is not None and self.probe.active:
-            self._finish_probe(None)
+            self.finish_probe(None)
         self.armed = False
         due = self.session.count_steps(epoch=epoch)
         red = self.reducer
@@ -418,14 +422,17 @@ class TorchEngine:
         if probe is None or not probe.active or self.session.disabled:
             return
         try:
-            self._finish_probe(probe.recorder.last_loss(), leave=False)
+            self.finish_probe(probe.recorder.last_loss(), leave=False)
             self._paused_probe = probe  # its function mode is left on the main thread (_stop_probe)
         except Exception as err:
             if self.config.strict:
                 raise
             self.session.disable(err)
 
-    def _finish_probe(self, loss: Optional[Tensor], leave: bool = True) -> None:
+    def finish_probe(self, loss: Optional[Tensor], leave: bool = True) -> None:
+        """Judge the probe step (``loss``: its loss, None when none was recorded): the facts, the reducer,
+        the statistics hooks, and this step's statistics from the tensors the probe saw. ``leave``: leave the
+        probe's function mode now (else it is paused, and left on the main thread at the step's end)."""
         probe = self.probe
         assert probe is not None
         if leave:
@@ -450,15 +457,15 @@ class TorchEngine:
         facts.grad_where, self._grad_params = grad_params(self.model, r)
         facts.grad_scaled = self.grad_scaled
         self.session.set_facts(facts)
-        target = r.target if r.target is not None and self._readable(r.target, "targets") else None
+        target = r.target if r.target is not None and self.readable(r.target, "targets") else None
         if target is not None or self.distributed:  # (with several ranks a collective: every rank calls it)
             self._observe_probe_targets(target.detach() if target is not None else None)
         self._sync_plan()
         self._install_hooks()
         # statistics of this (probe) step come from the tensors the probe saw
-        pre = r.pre if r.pre is not None and self._readable(r.pre, facts.pre_where or "pre-activation") else None
-        pred = r.pred if r.pred is not None and self._readable(r.pred, facts.pred_where or "prediction") else None
-        self._reduce(self._reduce_outputs, pre, facts.pre_where or "pre-activation", pred=pred)
+        pre = r.pre if r.pre is not None and self.readable(r.pre, facts.pre_where or "pre-activation") else None
+        pred = r.pred if r.pred is not None and self.readable(r.pred, facts.pred_where or "prediction") else None
+        self._reduce(self.reduce_outputs, pre, facts.pre_where or "pre-activation", pred=pred)
         if target is not None and self._target_path is None:
             self._reduce(self.reducer.target, target, "targets")
         r.forget_tensors()
@@ -532,7 +539,9 @@ class TorchEngine:
             self._hooks.append(modules[pred_site[0]].register_forward_hook(
                 StatsHook(self, pred_site[1], "pred", site_name(pred_site))))
 
-    def _reduce_outputs(self, pre: Optional[Tensor], pred: Optional[Tensor]) -> None:
+    def reduce_outputs(self, pre: Optional[Tensor], pred: Optional[Tensor]) -> None:
+        """The watched output of a step into the reducer: the pre-activation (and its logsumexp, for logits a
+        softmax cross-entropy reads) and the prediction, given or replayed from the pre-activation."""
         red = self.reducer
         assert red is not None
         if red.shared and pre is not None:  # identity head: one tensor is both

@@ -130,16 +130,16 @@ def _reduce_output(h: StatsHook, module: nn.Module, args: Any, output: Any) -> N
         return
     try:
         t = output if h.whole else ((args[0] if args else None) if h.from_input else get_path(output, h.path))
-        if not isinstance(t, Tensor) or not e._readable(t, h.where):
+        if not isinstance(t, Tensor) or not e.readable(t, h.where):
             return
         if h.what == "pre+pred":  # identity head: one tensor is both
             red.pre(t, also_pred=True)
         elif h.what == "pred":
             red.pred(t)
         else:
-            e._reduce_outputs(t, None)
+            e.reduce_outputs(t, None)
     except Exception as err:  # never break the user's forward pass: this tensor is skipped from now on
-        e._failed(h.where, err)
+        e.reduce_failed(h.where, err)
 
 
 def _eager(fn: Callable) -> Callable:

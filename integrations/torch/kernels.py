@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from boundguard.integrations.torch.layout import _GRAD_SQ_COLS, _NEUTRAL, Buffer, _same_bin
+from boundguard.integrations.torch.layout import GRAD_SQ_COLS, NEUTRAL, Buffer, same_bin
 
 __all__ = ["Kernels", "chunks"]
 
@@ -33,7 +33,7 @@ class Kernels(Buffer):
         if kind not in self._written:
             self._written.add(kind)
             return cells, None
-        return [torch.full((), _NEUTRAL[self.OPS[kind][f]], dtype=torch.float32, device=self.device)
+        return [torch.full((), NEUTRAL[self.OPS[kind][f]], dtype=torch.float32, device=self.device)
                 for f in self.ROW[kind]], cells  # neutral scratch
 
     def _merge(self, kind: str, new: list[Tensor], dst: Optional[list[Tensor]]) -> None:
@@ -65,7 +65,7 @@ class Kernels(Buffer):
             c[col["sumsq"]].add_((block * block).sum())
         if not self._cuda:  # the rows are host memory: when the block's range lies between two edges
             off = self.offs[kind]  # (row ``a`` holds a superset of the staged values), all are in that bin
-            k = _same_bin(self.edge_values[bins_kind], float(self._rows_np[a, off]), float(self._rows_np[a, off + 1]))
+            k = same_bin(self.edge_values[bins_kind], float(self._rows_np[a, off]), float(self._rows_np[a, off + 1]))
             if k is not None:
                 self.bin_cells[bins_kind][k].add_(block.numel())
                 return
@@ -84,7 +84,7 @@ class Kernels(Buffer):
         if "sumsq" in col:
             row[off + col["sumsq"]] += np.vecdot(block, block).sum()
         bins = self._bins_np[bins_kind]
-        k = _same_bin(self.edge_values[bins_kind], float(row[off]), float(row[off + 1]))
+        k = same_bin(self.edge_values[bins_kind], float(row[off]), float(row[off + 1]))
         if k is not None:
             bins[k] += block.size
             return
@@ -154,7 +154,7 @@ class Kernels(Buffer):
                 if g_np is not None:
                     sq_np = np.vecdot(g_np, g_np)
                     rows_np = self._rows_np[start:end]
-                    rows_np[:, _GRAD_SQ_COLS] = sq_np[:, None]  # sumsq, normsq_max, normsq_min
+                    rows_np[:, GRAD_SQ_COLS] = sq_np[:, None]  # sumsq, normsq_max, normsq_min
                     rows_np[:, off + col["finite"]] = np.isfinite(sq_np)
                 start = end
                 continue

@@ -19,7 +19,8 @@ from torch import Tensor
 
 from boundguard.stats import COLUMNS, KINDS, STATS, count_stats, neutral_row, row_stats
 
-__all__ = ["Buffer"]
+__all__ = ["Buffer", "COL", "NEUTRAL", "NEUTRAL_ROW", "ROW_DST", "PRED_MINMAX", "PRE_MINMAX", "GRAD_SQ_COLS",
+           "nonfinite", "same_bin"]
 
 
 class Buffer:
@@ -298,23 +299,31 @@ _F32_MAX = float(np.finfo(np.float32).max)
 _SYNC = {k: {s.field: s.sync for s in STATS if s.kind == k} for k in KINDS}
 _SYNC_SHARDED = {k: {s.field: s.sync_sharded for s in STATS if s.kind == k} for k in KINDS}
 _COUNTED = frozenset(k for k in KINDS if count_stats(k))
-_NEUTRAL = {"min": math.inf, "max": -math.inf, "sum": 0.0}
-_NEUTRAL_ROW = neutral_row()
-_COL = {c: i for i, c in enumerate(COLUMNS)}
+#: Per reduce op, its neutral value (what a cell holds before anything is reduced into it).
+NEUTRAL = {"min": math.inf, "max": -math.inf, "sum": 0.0}
+#: The core's row of neutral values, and each core column's index in it.
+NEUTRAL_ROW = neutral_row()
+COL = {c: i for i, c in enumerate(COLUMNS)}
 #: where each device row column goes among the core's columns (the row layout is Buffer.ROW, in order)
-_ROW_DST = np.array([_COL[f"{k}.{f}"] for k, fs in Buffer.ROW.items() for f in fs])
-_PRED_MINMAX, _PRE_MINMAX = [_COL["pred.min"], _COL["pred.max"]], [_COL["pre.min"], _COL["pre.max"]]
+ROW_DST = np.array([COL[f"{k}.{f}"] for k, fs in Buffer.ROW.items() for f in fs])
+#: the core's min/max columns of the prediction and of the pre-activation (an identity head: one is the other)
+PRED_MINMAX, PRE_MINMAX = [COL["pred.min"], COL["pred.max"]], [COL["pre.min"], COL["pre.max"]]
 #: per counted kind: its index among the row kinds, and where each of its count columns goes
-_COUNTED_COLS = [(i, k, {s.field: _COL[f"{k}.{s.field}"] for s in count_stats(k)})
+_COUNTED_COLS = [(i, k, {s.field: COL[f"{k}.{s.field}"] for s in count_stats(k)})
                  for i, k in enumerate(Buffer.ROW) if k in _COUNTED]
 _GRAD_OFF = sum(len(fs) for k, fs in Buffer.ROW.items() if list(Buffer.ROW).index(k) < list(Buffer.ROW).index("grad"))
-_GRAD_SQ_COLS: Any = [_GRAD_OFF + Buffer._col["grad"][f] for f in ("sumsq", "normsq_max", "normsq_min")]
-if _GRAD_SQ_COLS == list(range(_GRAD_SQ_COLS[0], _GRAD_SQ_COLS[0] + 3)):  # (the declared layout: a slice)
-    _GRAD_SQ_COLS = slice(_GRAD_SQ_COLS[0], _GRAD_SQ_COLS[0] + 3)
+#: the device row's columns of the gradients' sum of squares and largest / smallest squared norm
+GRAD_SQ_COLS: Any = [_GRAD_OFF + Buffer._col["grad"][f] for f in ("sumsq", "normsq_max", "normsq_min")]
+if GRAD_SQ_COLS == list(range(GRAD_SQ_COLS[0], GRAD_SQ_COLS[0] + 3)):  # (the declared layout: a slice)
+    GRAD_SQ_COLS = slice(GRAD_SQ_COLS[0], GRAD_SQ_COLS[0] + 3)
+
+
 @functools.lru_cache(maxsize=256)
 def _next32(x: float) -> float:
     return float(np.nextafter(np.float32(x), np.float32(np.inf)))
-def _nonfinite(row: list, minmax: list[tuple[int, int]]) -> bool:
+
+
+def nonfinite(row: list, minmax: list[tuple[int, int]]) -> bool:
     """A NaN/Inf in a mirrored row: in each kind's first two columns (min and max; for the gradients
     their sum and largest squared norm) a NaN, a -inf first or a +inf second (a kind not written this
     step holds +inf/-inf or 0/-inf: the other way round)."""
@@ -323,13 +332,17 @@ def _nonfinite(row: list, minmax: list[tuple[int, int]]) -> bool:
         if lo != lo or hi != hi or lo == -math.inf or hi == math.inf:
             return True
     return False
-def _same_bin(edges: list[float], lo: float, hi: float) -> Optional[int]:
+
+
+def same_bin(edges: list[float], lo: float, hi: float) -> Optional[int]:
     """The bucketize bin (``right=True``) that holds every value in ``[lo, hi]``, or None when the
     range straddles an edge or is NaN (then the values must be counted one by one)."""
     if not (lo <= hi):  # NaN, or nothing written (+inf, -inf)
         return None
     a, b = bisect.bisect_right(edges, lo), bisect.bisect_right(edges, hi)
     return a if a == b else None
+
+
 def _count_ranges(edges: list[float], points: dict[str, Any]) -> dict[str, list[tuple[int, int, int]]]:
     """Which bucketize bins make each of the core's count columns, as ``(first, stop, sign)`` runs of
     bins (a count is the signed sum of its runs), decided once per set of edges.

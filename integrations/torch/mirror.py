@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from boundguard.integrations.torch.kernels import Kernels
-from boundguard.integrations.torch.layout import _nonfinite, _same_bin
+from boundguard.integrations.torch.layout import nonfinite, same_bin
 
 __all__ = ["Mirror"]
 
@@ -37,7 +37,7 @@ class Mirror(Kernels):
         if not self._cuda:
             off = self.offs[kind]
             row = self._rows_np[self.row]
-            b = _same_bin(self.edge_values[bins_kind], float(row[off]), float(row[off + 1]))
+            b = same_bin(self.edge_values[bins_kind], float(row[off]), float(row[off + 1]))
             if b is not None:
                 self.bin_cells[bins_kind][b].add_(n)
             else:
@@ -72,7 +72,7 @@ class Mirror(Kernels):
             else:
                 row = self._rows_np[self.row]
             off = self.offs[kind]
-            b = _same_bin(self.edge_values[bins_kind], float(row[off]), float(row[off + 1]))
+            b = same_bin(self.edge_values[bins_kind], float(row[off]), float(row[off + 1]))
             if b is not None:
                 self.bin_cells[bins_kind][b].add_(n)
             else:
@@ -99,5 +99,5 @@ class Mirror(Kernels):
         self._events[slot] = None
         row = self._mirror_np[slot]
         loss, seen = float(row[self.width]), self._mirror_seen[slot]
-        if (seen and not math.isfinite(loss)) or _nonfinite(row.tolist(), self._minmax):
+        if (seen and not math.isfinite(loss)) or nonfinite(row.tolist(), self._minmax):
             self.tripped = True

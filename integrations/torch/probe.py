@@ -521,6 +521,3 @@ class ProbeResult:
         self._pred_dim = self.pred_dim
         self.pred = self.pre = self.target = None
         self.root_inputs = None
-
-
-# ----------------------------------------------------------------------------------------- activations

@@ -16,7 +16,7 @@ import numpy as np
 from torch import Tensor
 
 from boundguard.integrations.torch import sync
-from boundguard.integrations.torch.layout import _COL, _NEUTRAL_ROW, _PRE_MINMAX, _PRED_MINMAX, _ROW_DST, _nonfinite
+from boundguard.integrations.torch.layout import COL, NEUTRAL_ROW, PRE_MINMAX, PRED_MINMAX, ROW_DST, nonfinite
 from boundguard.integrations.torch.staging import Staging
 from boundguard.session import CountingPlan
 
@@ -119,7 +119,7 @@ class Reducer(Staging):
             if self._held:
                 self._resolve()
             if self.trip_armed and ((self.loss_seen[self.i] and not math.isfinite(self._rows_np[self.row, self.width]))
-                                    or (self._reduced and _nonfinite(self._rows_np[self.row].tolist(), self._minmax))):
+                                    or (self._reduced and nonfinite(self._rows_np[self.row].tolist(), self._minmax))):
                 self.tripped = True
         self.row += 1
         if self.i < self.n_steps:
@@ -181,12 +181,12 @@ class Reducer(Staging):
         bins = host[self.bins_at:].view(np.int64)
         steps = min(steps, self.n_steps)
         counts, seen = dict(self.counts), self.loss_seen[:steps]
-        out = np.empty((dev_rows.shape[0], _NEUTRAL_ROW.size))
-        out[:] = _NEUTRAL_ROW
-        out[:, _ROW_DST] = dev_rows[:, : self.width]
-        col = _COL
+        out = np.empty((dev_rows.shape[0], NEUTRAL_ROW.size))
+        out[:] = NEUTRAL_ROW
+        out[:, ROW_DST] = dev_rows[:, : self.width]
+        col = COL
         if self.shared:  # identity head: the prediction's min/max are the pre-activation's
-            out[:, _PRED_MINMAX] = out[:, _PRE_MINMAX]
+            out[:, PRED_MINMAX] = out[:, PRE_MINMAX]
         first = out[0]
         b = bins.tolist()
         for at, runs in self._count_plan:  # (a kind whose bins are all 0 keeps its neutral 0 counts)

@@ -91,7 +91,7 @@ class Guard(SessionViews):
         if loss is not None:
             e.record_loss(loss)
         elif e.probe is not None and e.probe.active:
-            e._finish_probe(None)
+            e.finish_probe(None)
         e.record_batch(None, inputs=inputs, targets=targets)
         e.record_grads()
         return [d.alert for d in e.end_step()]

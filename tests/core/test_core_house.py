@@ -12,18 +12,9 @@ ROOT = Path(__file__).resolve().parents[2]
 #: Source folder -> the package it installs as (pyproject's package-dir).
 PACKAGES = {"boundguard": "boundguard", "integrations": "boundguard.integrations"}
 
-_OTHERS = "owned by another change, to be removed"
-_TORCH, _KERAS = "boundguard.integrations.torch", "boundguard.integrations.keras"
-#: (importing module, imported module, private name) -> why it is allowed, for now.
-ALLOWED_PRIVATE: dict[tuple[str, str, str], str] = {
-    **{(f"{_TORCH}.{module}", f"{_TORCH}.layout", name): _OTHERS + " (integrations/torch: layout's shared names)"
-       for module, names in (("kernels", ("_GRAD_SQ_COLS", "_NEUTRAL", "_same_bin")),
-                             ("mirror", ("_nonfinite", "_same_bin")),
-                             ("reducer", ("_COL", "_NEUTRAL_ROW", "_PRED_MINMAX", "_PRE_MINMAX", "_ROW_DST",
-                                          "_nonfinite")))
-       for name in names},
-    (_KERAS, f"{_KERAS}.activations", "_WatchedActivation"): _OTHERS + " (integrations/keras exports it for tests)",
-}
+#: (importing module, imported module, private name) -> why it is allowed, for now (none is: a name shared
+#: across modules is public).
+ALLOWED_PRIVATE: dict[tuple[str, str, str], str] = {}
 
 
 def modules() -> dict[str, Path]:

@@ -167,12 +167,12 @@ def quiet_warnings(fn: Callable) -> Callable:
 
 def assert_clean(model) -> None:
     """No boundguard wrapper is left on the model after fit."""
-    from boundguard.integrations.keras import _WatchedActivation
+    from boundguard.integrations.keras.activations import WatchedActivation
     from boundguard.integrations.keras.buffer import BufferMetric
 
     assert "compute_loss" not in vars(model)
     for layer in model._flatten_layers(include_self=False):
-        assert not isinstance(vars(layer).get("activation"), _WatchedActivation), layer.name
+        assert not isinstance(vars(layer).get("activation"), WatchedActivation), layer.name
     assert not [m for m in model.metrics if isinstance(m, BufferMetric)], "the JAX buffer is still on the model"
 
 
