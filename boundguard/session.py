@@ -45,7 +45,6 @@ import functools
 import math
 import sys
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Protocol, TypeVar
 
@@ -57,12 +56,11 @@ from boundguard.catalogue import SOFTCAP_CODES
 from boundguard.config import Config
 from boundguard.model_facts import LossInfo, ModelFacts
 from boundguard.monitor import Decision, Monitor
-from boundguard.rules import TAIL_THRESHOLD
 from boundguard.sinks import above_progress_bars, logger, warn_user
-from boundguard.stats import Snapshot
+from boundguard.stats import CountingPlan, Snapshot
 from boundguard.surgery import BoundRecord, CannotBound, apply_record, plan_bound, plan_softcap
 
-__all__ = ["Session", "Adapter", "CountingPlan", "SessionViews", "guarded", "DEFAULT_ALERTS_PATH"]
+__all__ = ["Session", "Adapter", "SessionViews", "guarded", "DEFAULT_ALERTS_PATH"]
 
 #: Where alerts go when neither ``alerts_path`` nor a logger's directory says otherwise.
 DEFAULT_ALERTS_PATH = Path("boundguard") / "alerts.jsonl"
@@ -79,36 +77,6 @@ class Adapter(Protocol):
     def release(self) -> None:
         """Remove every hook and wrapper from the model (the monitor stops; an inserted bound stays)."""
         ...
-
-
-@dataclass(frozen=True)
-class CountingPlan:
-    """What the device counts for the prediction and pre-activation: values below ``lo`` / above ``hi``
-    (the bounds in force), rows that should sum to 1 (``distribution``, along ``class_dim``), values
-    pinned at clamp points (``pin``), pre-activations in the flat tail of sigmoid/tanh (``tail``), and which
-    target value the loss ignores (``target_ignore``: left out of the target statistics)."""
-
-    lo: Optional[float] = None
-    hi: Optional[float] = None
-    distribution: bool = False
-    pin: Optional[tuple[Optional[float], Optional[float]]] = None
-    tail: Optional[float] = None
-    class_dim: int = -1
-    target_ignore: Optional[float] = None
-
-    @classmethod
-    def of(cls, bounds: Optional[Bounds], facts: ModelFacts) -> "CountingPlan":
-        lo = hi = None
-        if bounds is not None:
-            lo, hi = bounds.lo, bounds.hi
-        class_dim = 1 if facts.loss is not None and facts.loss.multiclass else -1
-        if facts.activation == "softmax":
-            class_dim = int(facts.activation_params.get("dim", -1))
-        pin = None
-        if facts.activation == "clamp":
-            pin = (facts.activation_params.get("lo"), facts.activation_params.get("hi"))
-        return cls(lo, hi, bool(bounds is not None and bounds.kind == "distribution"), pin,
-                   TAIL_THRESHOLD.get(facts.activation), class_dim, facts.target_ignore)
 
 
 class SessionViews:

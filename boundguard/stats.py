@@ -29,9 +29,11 @@ from typing import Any, Iterable, Optional
 
 import numpy as np
 
+from boundguard.bounds import Bounds
 from boundguard.fmt import json_float
+from boundguard.model_facts import ModelFacts
 
-__all__ = ["Stat", "STATS", "COLUMNS", "KINDS", "LOSS_COLUMN", "fields_of", "row_stats",
+__all__ = ["Stat", "STATS", "CountingPlan", "TAIL_THRESHOLD", "COLUMNS", "KINDS", "LOSS_COLUMN", "fields_of", "row_stats",
            "count_stats", "neutral_row", "reduce_rows", "fold_rows", "merge_rows", "rms_of", "Snapshot"]
 
 
@@ -338,3 +340,38 @@ class Snapshot:
         for k, v in self.loss_summary().items():
             rec[_LOSS_KEYS[k]] = v
         return rec
+
+
+#: |pre-activation| beyond which sigmoid / tanh are in their flat tail (derivative < ~1e-2): the ``tail``
+#: count of :class:`CountingPlan`, judged by ``output_saturated``.
+TAIL_THRESHOLD = {"sigmoid": 6.0, "scaled_sigmoid": 6.0, "tanh": 3.0, "scaled_tanh": 3.0}
+
+
+@dataclass(frozen=True)
+class CountingPlan:
+    """What the device counts for the prediction and pre-activation: values below ``lo`` / above ``hi``
+    (the bounds in force), rows that should sum to 1 (``distribution``, along ``class_dim``), values
+    pinned at clamp points (``pin``), pre-activations in the flat tail of sigmoid/tanh (``tail``), and which
+    target value the loss ignores (``target_ignore``: left out of the target statistics)."""
+
+    lo: Optional[float] = None
+    hi: Optional[float] = None
+    distribution: bool = False
+    pin: Optional[tuple[Optional[float], Optional[float]]] = None
+    tail: Optional[float] = None
+    class_dim: int = -1
+    target_ignore: Optional[float] = None
+
+    @classmethod
+    def of(cls, bounds: Optional[Bounds], facts: ModelFacts) -> "CountingPlan":
+        lo = hi = None
+        if bounds is not None:
+            lo, hi = bounds.lo, bounds.hi
+        class_dim = 1 if facts.loss is not None and facts.loss.multiclass else -1
+        if facts.activation == "softmax":
+            class_dim = int(facts.activation_params.get("dim", -1))
+        pin = None
+        if facts.activation == "clamp":
+            pin = (facts.activation_params.get("lo"), facts.activation_params.get("hi"))
+        return cls(lo, hi, bool(bounds is not None and bounds.kind == "distribution"), pin,
+                   TAIL_THRESHOLD.get(facts.activation), class_dim, facts.target_ignore)

@@ -25,10 +25,10 @@ from typing import Any, Optional
 
 from boundguard.bounds import Bounds
 
-__all__ = ["BoundRecord", "CannotBound", "apply_record", "plan_bound", "plan_softcap", "KINDS"]
+__all__ = ["BoundRecord", "CannotBound", "apply_record", "plan_bound", "plan_softcap", "BOUND_KINDS"]
 
 #: The bounding activations boundguard inserts (``softcap``: ``hi * tanh(z / hi)`` on logits a loss reads).
-KINDS = ("sigmoid", "tanh", "scaled_sigmoid", "softmax", "softcap")
+BOUND_KINDS = ("sigmoid", "tanh", "scaled_sigmoid", "softmax", "softcap")
 
 
 class CannotBound(Exception):
@@ -63,8 +63,8 @@ class BoundRecord:
     extra: dict = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
-        if self.kind not in KINDS:
-            raise ValueError(f"BoundRecord.kind must be one of {list(KINDS)}, got {self.kind!r}")
+        if self.kind not in BOUND_KINDS:
+            raise ValueError(f"BoundRecord.kind must be one of {list(BOUND_KINDS)}, got {self.kind!r}")
 
     def at(self, module: str, path: tuple = (), **where: Any) -> "BoundRecord":
         """The same bound, placed: ``module``/``path`` (and ``attr``, ``output``, ``dim``) filled in."""

@@ -15,13 +15,11 @@ from typing import Callable, Optional
 from boundguard.bounds import Bounds
 from boundguard.history import History
 from boundguard.model_facts import ModelFacts
-from boundguard.stats import Snapshot
+from boundguard.stats import TAIL_THRESHOLD, Snapshot
 
 __all__ = ["Finding", "Context", "Rule", "Kind", "SHARE", "RATIO", "MARGIN", "POSITIVE", "count", "pct",
            "TAIL_THRESHOLD", "FP16_MAX", "DEGENERATE", "ROWSUM_TOL"]
 
-#: |pre-activation| beyond which sigmoid / tanh are in their flat tail (derivative < ~1e-2).
-TAIL_THRESHOLD = {"sigmoid": 6.0, "scaled_sigmoid": 6.0, "tanh": 3.0, "scaled_tanh": 3.0}
 #: The largest finite float16.
 FP16_MAX = 65504.0
 #: Targets this close to constant (a positive rate within it of 0 or 1, a variance below it of their

@@ -16,7 +16,7 @@ from keras import ops
 
 from boundguard.integrations.keras.graph import activation_attr, flat_layers, layer_name, locate
 from boundguard.sinks import warn_user
-from boundguard.surgery import KINDS, BoundRecord
+from boundguard.surgery import BOUND_KINDS, BoundRecord
 
 __all__ = ["BoundActivation", "WatchedActivation", "apply_bounds", "set_activation", "unwrap", "softcap_of",
            "logits_view", "retrace_step", "remove_leftovers", "watch_activation", "unwatch_activation"]
@@ -40,8 +40,8 @@ class BoundActivation:
     """
 
     def __init__(self, kind: str = "sigmoid", lo: float = 0.0, hi: float = 1.0, axis: int = -1) -> None:
-        if kind not in KINDS:
-            raise ValueError(f"BoundActivation kind must be one of {', '.join(KINDS)}, got {kind!r}")
+        if kind not in BOUND_KINDS:
+            raise ValueError(f"BoundActivation kind must be one of {', '.join(BOUND_KINDS)}, got {kind!r}")
         self.kind, self.lo, self.hi, self.axis = kind, float(lo), float(hi), int(axis)
         if kind == "softcap" and not (math.isfinite(self.hi) and self.hi > 0):
             raise ValueError(f"a softcap BoundActivation needs a positive, finite hi (the cap), got {hi!r}")

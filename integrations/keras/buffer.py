@@ -7,7 +7,7 @@ one-hot rows (``target.onehot``). :meth:`DeviceBuffer.write` (the row writer) co
 step by column name and places them; :meth:`DeviceBuffer.read` is the one device→host transfer of a check.
 
 What the device counts against (bounds, clamp pins, the sigmoid/tanh tail, distribution rows, the target
-value the loss ignores) comes from the session's :class:`~boundguard.session.CountingPlan`, written by the
+value the loss ignores) comes from the session's :class:`~boundguard.stats.CountingPlan`, written by the
 host only when it changes.
 
 Backends. Where the state lives is one :class:`Strategy` per backend behind :class:`DeviceBuffer`:
@@ -37,7 +37,7 @@ import numpy as np
 from keras import ops
 
 from boundguard.integrations.keras import fusion
-from boundguard.session import CountingPlan
+from boundguard.stats import CountingPlan
 from boundguard.stats import COLUMNS, KINDS, LOSS_COLUMN, fields_of, fold_rows, neutral_row
 
 __all__ = ["DeviceBuffer", "StepTensors", "Wants", "Readout", "Strategy", "TensorFlowStrategy",

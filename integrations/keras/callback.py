@@ -23,7 +23,7 @@ from boundguard.integrations.keras.graph import (
 from boundguard.integrations.keras.probe import Trace, input_scaler, model_facts, notes, pick, resolve_head
 from boundguard.model_facts import LossInfo, ModelFacts, classify_loss
 from boundguard.monitor import Monitor
-from boundguard.rules import TAIL_THRESHOLD
+from boundguard.stats import TAIL_THRESHOLD
 from boundguard.session import Session, SessionViews, guarded
 from boundguard.stats import COLUMNS, KINDS, Snapshot, reduce_rows
 from boundguard.surgery import BoundRecord, CannotBound

@@ -37,7 +37,8 @@ from boundguard.integrations.torch.probe import Probe, ProbeResult
 from boundguard.integrations.torch.reducer import Reducer
 from boundguard.model_facts import ModelFacts, classify_loss
 from boundguard.monitor import Decision, Monitor
-from boundguard.session import CountingPlan, Session
+from boundguard.session import Session
+from boundguard.stats import CountingPlan
 from boundguard.stats import COLUMNS, Snapshot, neutral_row
 from boundguard.surgery import BoundRecord, CannotBound
 

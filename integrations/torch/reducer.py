@@ -18,7 +18,7 @@ from torch import Tensor
 from boundguard.integrations.torch import sync
 from boundguard.integrations.torch.layout import COL, NEUTRAL_ROW, PRE_MINMAX, PRED_MINMAX, ROW_DST, nonfinite
 from boundguard.integrations.torch.staging import Staging
-from boundguard.session import CountingPlan
+from boundguard.stats import CountingPlan
 
 __all__ = ["Reducer"]
 

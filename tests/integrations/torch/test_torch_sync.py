@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 from boundguard.integrations.torch import Reducer
 
-from boundguard.session import CountingPlan
+from boundguard.stats import CountingPlan
 from boundguard.stats import COLUMNS, STATS, Snapshot, merge_rows
 
 PLAN = CountingPlan(0.0, 1.0, False, None, None, 1)
