@@ -1,7 +1,8 @@
 """What the loss rules remember between checks, folded once per check before the rules run.
 
-The loss window, its initial and best level, the run's own step-to-step noise and largest rises,
-the pre-activation magnitudes of the last checks and the range of the targets seen. Bounded: constant
+The loss window, its first losses, its initial and best level and its level at checks (thinned as the
+run grows), the run's own step-to-step noise and largest rises, the pre-activation magnitudes and the
+logits' scale of the last checks, and the range of the targets seen. Bounded: constant
 memory over any run; :meth:`History.to_dict` / :meth:`History.from_dict` round-trip it (dicts from
 older versions, without the newer keys, still load).
 """
@@ -53,8 +54,8 @@ class History:
     best_level: Optional[float] = None
     best_step: int = 0
     pre_absmax: deque = field(default_factory=lambda: deque(maxlen=8))
-    #: Of logits a softmax cross-entropy reads, per check: [largest magnitude, mean logsumexp (None when
-    #: not read)], the first LOGIT_EARLY checks (their early scale) and the last 8.
+    #: Of logits a softmax cross-entropy reads, per check that read their logsumexp: [largest magnitude,
+    #: mean logsumexp], the first LOGIT_EARLY such checks (their early scale) and the last 8.
     logit_early: list = field(default_factory=list)
     logit_recent: deque = field(default_factory=lambda: deque(maxlen=8))
     target_min: float = math.inf
