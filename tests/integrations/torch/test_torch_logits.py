@@ -123,3 +123,45 @@ def test_the_soft_cap_is_inserted_recorded_replayed_and_copied():
     with torch.no_grad():
         assert torch.equal(other(x), capped)
         assert torch.equal(copy.deepcopy(other)(x), capped)
+
+
+class ChunkedLM(nn.Module):
+    """The full logits never exist: the loss is a chunked linear + cross-entropy on the head's weight (as
+    memory-saving LM trainers compute it), summed over chunks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(V, D)
+        self.body = nn.Linear(D, D)
+        self.lm_head = nn.Linear(D, V, bias=False)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.body(self.emb(x))).reshape(-1, D)
+        y = y.reshape(-1)
+        total = h.new_zeros(())
+        for hc, yc in zip(h.split(32), y.split(32)):
+            total = total + F.cross_entropy(F.linear(hc, self.lm_head.weight), yc, reduction="sum")
+        return total / y.numel()
+
+
+def test_a_head_whose_logits_never_exist_is_said_unwatched_not_failed():
+    torch.manual_seed(0)
+    model = ChunkedLM()
+    opt = torch.optim.Adam(model.parameters(), 1e-2)
+    g = torch.Generator().manual_seed(0)
+    guard = watch(model, check_every_n_steps=10, alerts_path=None, strict=True)  # (strict: no internal error)
+    losses = []
+    for _ in range(60):
+        x, y = batch(g)
+        loss = model(x, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        guard.step(loss=loss, inputs=x, targets=y)
+        losses.append(loss.item())
+    guard.close()
+    assert not guard.engine.disabled and losses[-1] < 0.5 * losses[0]
+    assert [a.code for a in guard.alerts if a.severity != "info"] == []
+    notes = " ".join(a.message for a in guard.alerts if a.code == "probe_incomplete")
+    assert "prediction" in notes and "pre-activation could not be located" in notes
+    assert not guard.engine.session.monitor.history.logit_recent  # no logits read: logits_growing is off
