@@ -47,3 +47,19 @@ def live_hooks(model: nn.Module) -> list:
 def same_weights(a: nn.Module, b: nn.Module) -> bool:
     sa, sb = a.state_dict(), b.state_dict()
     return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+#: The end of a multi-process script whose ranks have written their results: leave the process group
+#: (a barrier first, so no rank leaves while another still needs it) and skip the interpreter's teardown.
+#: gloo threads still joinable in a C++ destructor at exit abort a rank now and then, under load, with
+#: "terminate called without an active exception", after all its work is done.
+RANK_EXIT = '''
+import os as _os, sys as _sys
+import torch.distributed as _dist
+if _dist.is_available() and _dist.is_initialized():
+    _dist.barrier()
+    _dist.destroy_process_group()
+_sys.stdout.flush()
+_sys.stderr.flush()
+_os._exit(0)
+'''

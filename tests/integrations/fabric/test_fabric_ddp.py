@@ -6,6 +6,8 @@ import textwrap
 
 import pytest
 
+from helpers import RANK_EXIT
+
 pytest.importorskip("lightning.fabric")
 
 SCRIPT = textwrap.dedent('''
@@ -71,11 +73,7 @@ SCRIPT = textwrap.dedent('''
               "big": run("big", 3, head="sigmoid", every=3, batch=1001, width=16411)}
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump(result, f)
-    # leave the process group before exit: gloo's threads torn down at interpreter exit can abort the
-    # process ("terminate called without an active exception") under load
-    fabric.barrier()
-    torch.distributed.destroy_process_group()
-''')
+''') + RANK_EXIT
 
 
 def test_fabric_ddp_fault_on_one_rank(tmp_path, two_ranks):

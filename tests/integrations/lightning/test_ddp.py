@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import textwrap
+from helpers import RANK_EXIT
 
 SCRIPT = textwrap.dedent('''
     import json, os, sys, warnings
@@ -47,7 +48,7 @@ SCRIPT = textwrap.dedent('''
         json.dump({"step": trainer.global_step, "codes": sorted({a.code for a in guard.alerts}),
                    "nan_step": next((a.step for a in guard.alerts if a.code == "nonfinite_input"), None),
                    "input_n": guard._engine.last_snapshot.counts["input"]}, f)
-''')
+''') + RANK_EXIT
 
 
 def test_ddp_two_ranks_halt_together(tmp_path, launched):

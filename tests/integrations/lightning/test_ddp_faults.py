@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import textwrap
+from helpers import RANK_EXIT
 
 
 SCRIPT = textwrap.dedent('''
@@ -56,7 +57,7 @@ SCRIPT = textwrap.dedent('''
         json.dump({"step": trainer.global_step, "disabled": guard._session.disabled,
                    "codes": sorted({a.code for a in guard.alerts}),
                    "bounds": None if b is None else [b.lo, b.hi]}, f)
-''')
+''') + RANK_EXIT
 
 
 def _run(tmp_path, launched, case):

@@ -8,6 +8,7 @@ import json
 import textwrap
 
 import pytest
+from helpers import RANK_EXIT
 
 pytest.importorskip("torch.distributed.fsdp")
 strategies = pytest.importorskip("lightning.pytorch.strategies")
@@ -85,7 +86,7 @@ SCRIPT = textwrap.dedent('''
     rank, res["big"] = fit("big", "sigmoid", 6, 6, "warn", batch=1001, width=4099)
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump(res, f)
-''')
+''') + RANK_EXIT
 
 
 def test_model_parallel_strategy_on_two_ranks(tmp_path, launched):

@@ -10,6 +10,8 @@ import textwrap
 
 import pytest
 
+from helpers import RANK_EXIT
+
 pytest.importorskip("torch.distributed.fsdp")
 
 SCRIPT = textwrap.dedent('''
@@ -84,14 +86,8 @@ SCRIPT = textwrap.dedent('''
     }
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump(result, f)
-    dist.barrier()
-    dist.destroy_process_group()
-    # (skip the interpreter's teardown: a gloo thread still joinable in a C++ destructor has aborted a rank
-    # with "terminate called without an active exception" after its results were written)
     faulthandler.cancel_dump_traceback_later()
-    sys.stdout.flush()
-    os._exit(0)
-''')
+''') + RANK_EXIT
 
 
 def test_plain_loops_on_two_ranks(tmp_path, two_ranks):

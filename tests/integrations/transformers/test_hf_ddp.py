@@ -7,6 +7,8 @@ import textwrap
 
 import pytest
 
+from helpers import RANK_EXIT
+
 pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
@@ -60,10 +62,7 @@ SCRIPT = textwrap.dedent('''
                    "nan_step": next((a.step for a in guard.alerts if a.code == "nonfinite_input"), None),
                    "target_n": snap.counts["target"] if snap else None,
                    "logged": sorted(h["step"] for h in trainer.state.log_history if "boundguard/alerts" in h)}, f)
-    if torch.distributed.is_initialized():  # leave the group before exit (else gloo may abort at shutdown)
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
-''')
+''') + RANK_EXIT
 
 
 def test_trainer_ddp_ranks_stop_together(tmp_path, two_ranks):
