@@ -8,6 +8,7 @@ high, as a misconfigured schedule would."""
 from __future__ import annotations
 
 import copy
+from typing import Callable
 
 import pytest
 import torch
@@ -42,11 +43,17 @@ def batch(g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     return x, torch.where(noise, torch.randint(0, V, (B, T), generator=g), y)
 
 
-def train(model: nn.Module, *, sgd_peak: float = 0.0, steps: int = 400, **options):
-    """Adam at 1e-3 (healthy), or SGD warmed up over 300 steps to ``sgd_peak``; returns the guard and losses."""
+def lm_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(model(x).view(-1, V), y.view(-1))
+
+
+def train(model: nn.Module, *, sgd_peak: float = 0.0, steps: int = 400, adam_lr: float = 1e-3,
+          loss_of: Callable = lm_loss, **options):
+    """Adam at ``adam_lr`` (healthy), or SGD warmed up over 300 steps to ``sgd_peak``; ``loss_of(model, x, y)``
+    is the step's loss. Returns the guard and the losses."""
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
-    opt = torch.optim.SGD(model.parameters(), lr=sgd_peak) if sgd_peak else torch.optim.Adam(model.parameters(), 1e-3)
+    opt = torch.optim.SGD(model.parameters(), lr=sgd_peak) if sgd_peak else torch.optim.Adam(model.parameters(), adam_lr)
     options.setdefault("alerts_path", None)
     guard = watch(model, check_every_n_steps=10, **options)
     losses = []
@@ -55,8 +62,7 @@ def train(model: nn.Module, *, sgd_peak: float = 0.0, steps: int = 400, **option
             for group in opt.param_groups:
                 group["lr"] = sgd_peak * min(1.0, (i + 1) / 300)
         x, y = batch(g)
-        logits = model(x)
-        loss = F.cross_entropy(logits.view(-1, V), y.view(-1))
+        loss = loss_of(model, x, y)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -146,20 +152,8 @@ class ChunkedLM(nn.Module):
 
 def test_a_head_whose_logits_never_exist_is_said_unwatched_not_failed():
     torch.manual_seed(0)
-    model = ChunkedLM()
-    opt = torch.optim.Adam(model.parameters(), 1e-2)
-    g = torch.Generator().manual_seed(0)
-    guard = watch(model, check_every_n_steps=10, alerts_path=None, strict=True)  # (strict: no internal error)
-    losses = []
-    for _ in range(60):
-        x, y = batch(g)
-        loss = model(x, y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        guard.step(loss=loss, inputs=x, targets=y)
-        losses.append(loss.item())
-    guard.close()
+    guard, losses = train(ChunkedLM(), steps=60, adam_lr=1e-2, loss_of=lambda m, x, y: m(x, y),
+                          strict=True)  # (strict: an internal error fails the test)
     assert not guard.engine.disabled and losses[-1] < 0.5 * losses[0]
     assert [a.code for a in guard.alerts if a.severity != "info"] == []
     notes = " ".join(a.message for a in guard.alerts if a.code == "probe_incomplete")
