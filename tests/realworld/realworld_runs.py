@@ -1,4 +1,5 @@
-"""What a corpus program hands back, and how the corpus reads it: the guard's alerts, the per-step
+"""What a corpus program hands back, and how the corpus reads it (and the torch programs' guard options and
+batches): the guard's alerts, the per-step
 losses, and the facts boundguard inferred (the ``run`` record of ``stats.jsonl``, written beside the
 alerts file at the first check). Framework-free, shared by the torch and Keras corpus files."""
 from __future__ import annotations
@@ -9,6 +10,33 @@ from pathlib import Path
 from typing import Any, Optional
 
 SEVERE = ("warning", "error", "critical")
+#: The torch programs' check cadence (the Keras file sets its own in its fit harness).
+CHECK_EVERY = 5
+
+
+def guard_options(tmp_path, **kw) -> dict[str, Any]:
+    """The options every torch corpus program runs its guard with (``kw`` overrides them)."""
+    kw.setdefault("check_every_n_steps", CHECK_EVERY)
+    kw.setdefault("on_violation", "log")
+    kw.setdefault("strict", True)  # an internal error of the monitor must fail the test, not go quiet
+    kw.setdefault("alerts_path", tmp_path / "alerts.jsonl")
+    return kw
+
+
+def batches(x, y, batch_size: int, steps: int, seed: int = 0):
+    """``steps`` shuffled mini-batches over the torch tensors (x, y), epoch after epoch."""
+    import torch  # (here: the Keras corpus imports this module without torch)
+
+    g = torch.Generator().manual_seed(seed)
+    n, done = len(x), 0
+    while True:
+        perm = torch.randperm(n, generator=g)
+        for i in range(0, n - batch_size + 1, batch_size):
+            idx = perm[i:i + batch_size]
+            yield x[idx], y[idx]
+            done += 1
+            if done == steps:
+                return
 
 
 @dataclass

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import math
 import warnings
-from typing import Any, Callable
+from typing import Callable
 
 import pytest
 import torch
@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from realworld_runs import Run, check_facts, program_is_valid
+from realworld_runs import Run, batches, check_facts, guard_options, program_is_valid
 
 L = pytest.importorskip("lightning.pytorch")
 from boundguard.integrations.lightning import BoundGuard  # noqa: E402
@@ -40,7 +40,6 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore::FutureWarning"),
 ]
 
-CHECK_EVERY = 5
 
 
 @pytest.fixture(autouse=True)
@@ -54,14 +53,6 @@ def _one_thread_and_seed():
 
 
 # ============================================================================================ harness
-def guard_options(tmp_path, **kw) -> dict[str, Any]:
-    kw.setdefault("check_every_n_steps", CHECK_EVERY)
-    kw.setdefault("on_violation", "log")
-    kw.setdefault("strict", True)  # an internal error of the monitor must fail the test, not go quiet
-    kw.setdefault("alerts_path", tmp_path / "alerts.jsonl")
-    return kw
-
-
 class Lit(L.LightningModule):
     """The LightningModule most tutorials write: ``net``, a loss, Adam (or SGD)."""
 
@@ -106,20 +97,6 @@ def lightning_fit(tmp_path, model: L.LightningModule, data: DataLoader, max_step
         warnings.simplefilter("ignore")
         trainer(guard, max_steps, **trainer_kw).fit(model, data)
     return Run(guard.alerts, list(getattr(model, "losses", [])), tmp_path / "alerts.jsonl")
-
-
-def batches(x, y, batch_size: int, steps: int, seed: int = 0):
-    """``steps`` shuffled mini-batches over (x, y), epoch after epoch."""
-    g = torch.Generator().manual_seed(seed)
-    n, done = len(x), 0
-    while True:
-        perm = torch.randperm(n, generator=g)
-        for i in range(0, n - batch_size + 1, batch_size):
-            idx = perm[i:i + batch_size]
-            yield x[idx], y[idx]
-            done += 1
-            if done == steps:
-                return
 
 
 def plain_loop(tmp_path, model: nn.Module, loss_fn: Callable, data, lr: float = 1e-2, sgd: bool = False,

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import math
 import warnings
-from typing import Any, Callable
+from typing import Callable
 
 import pytest
 import torch
@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from realworld_runs import Run, check_facts, learnt, program_is_valid
+from realworld_runs import Run, batches, check_facts, guard_options, learnt, program_is_valid
 
 L = pytest.importorskip("lightning.pytorch")
 from boundguard.integrations.lightning import BoundGuard  # noqa: E402
@@ -40,7 +40,6 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore::FutureWarning"),
 ]
 
-CHECK_EVERY = 5
 SLOW_AT = 100  # the step a slow starter's loss is judged at ...
 SLOW_SHARE = 0.75  # ... where it is still this share of its initial level or more
 
@@ -55,14 +54,6 @@ def _one_thread_and_seed():
 
 
 # ============================================================================================ harness
-def guard_options(tmp_path, **kw) -> dict[str, Any]:
-    kw.setdefault("check_every_n_steps", CHECK_EVERY)
-    kw.setdefault("on_violation", "log")
-    kw.setdefault("strict", True)
-    kw.setdefault("alerts_path", tmp_path / "alerts.jsonl")
-    return kw
-
-
 def mean(xs) -> float:
     xs = list(xs)
     return sum(xs) / len(xs)
@@ -87,20 +78,6 @@ def sgd(lr: float, **kw) -> Callable:
 
 def adam(lr: float) -> Callable:
     return lambda params: torch.optim.Adam(params, lr=lr)
-
-
-def batches(x, y, batch_size: int, steps: int, seed: int = 0):
-    """``steps`` shuffled mini-batches over (x, y), epoch after epoch."""
-    g = torch.Generator().manual_seed(seed)
-    n, done = len(x), 0
-    while True:
-        perm = torch.randperm(n, generator=g)
-        for i in range(0, n - batch_size + 1, batch_size):
-            idx = perm[i:i + batch_size]
-            yield x[idx], y[idx]
-            done += 1
-            if done == steps:
-                return
 
 
 def plain_loop(tmp_path, model: nn.Module, loss_fn: Callable, data, optimizer: Callable,
