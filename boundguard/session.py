@@ -54,6 +54,7 @@ from boundguard.alerts import Alert, BoundGuardError
 from boundguard.bounds import Bounds
 from boundguard.catalogue import SOFTCAP_CODES
 from boundguard.config import Config
+from boundguard.fmt import BOUND_DIGITS, g
 from boundguard.model_facts import LossInfo, ModelFacts
 from boundguard.monitor import Decision, Monitor
 from boundguard.sinks import above_progress_bars, logger, warn_user
@@ -365,9 +366,10 @@ class Session:
         d.alert.details["inserted"] = rec.to_dict()
         b = self.bounds
         if rec.kind == "softcap":
-            return (f"boundguard inserted a soft cap {rec.hi:g} * tanh(z / {rec.hi:g}) on the logits of "
+            cap = g(rec.hi, BOUND_DIGITS)  # (a bound is shown as it is: fmt.bounds_text)
+            return (f"boundguard inserted a soft cap {cap} * tanh(z / {cap}) on the logits of "
                     f"{rec.module or 'the model'} at step {self.step}: the loss now reads logits within "
-                    f"(-{rec.hi:g}, {rec.hi:g}).")
+                    f"(-{cap}, {cap}).")
         return (f"boundguard inserted {rec.kind} on the output of {rec.module or 'the model'} at step {self.step}: "
                 f"predictions are now in {b.describe() if b else '[lo, hi]'}.")
 
