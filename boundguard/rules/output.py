@@ -307,14 +307,15 @@ class LogitsGrowing(Rule):
         rises = sum(b[1] > a[1] for a, b in zip(recent, recent[1:]))  # (the mean logsumexp: a smooth signal)
         rising = rises >= k - 1 and recent[-1][1] > recent[0][1]
         absmax, lse = recent[-1]
-        if not (rising and absmax >= self.p["absmax_floor"] and absmax >= self.p["growth"] * max(early_max, 1e-6)
+        growth = absmax / max(early_max, 1e-6)
+        if not (rising and absmax >= self.p["absmax_floor"] and growth >= self.p["growth"]
                 and lse >= early_lse + self.p["lse_rise"]):
             return []
         cap = float(max(self.p["cap_floor"], 2 * early_max))
         return [Finding(self.code, ctx.where("pre"),
                         f"the logits grew over the last {k} checks: largest magnitude {g(absmax)} "
-                        f"({g(absmax / max(early_max, 1e-6))}x its early {g(early_max)}), mean logsumexp "
-                        f"{g(lse)} (early {g(early_lse)}) in {ctx.span}.", absmax / max(early_max, 1e-6),
+                        f"({g(growth)}x its early {g(early_max)}), mean logsumexp "
+                        f"{g(lse)} (early {g(early_lse)}) in {ctx.span}.", growth,
                         self.p["growth"], details={"cap": cap, "absmax": absmax, "lse": lse,
                                                    "early_absmax": early_max, "early_lse": early_lse})]
 
