@@ -115,3 +115,39 @@ def learnt(losses: list, *, ratio: float = 0.7, window: int = 5) -> bool:
     head = sum(losses[:window]) / window
     tail = sum(losses[-window:]) / window
     return tail < ratio * head
+
+
+# ================================================================================ slow starters (issue 24)
+SLOW_AT = 100  # the step a slow starter's loss is judged at ...
+SLOW_SHARE = 0.75  # ... where it is still this share of its initial level or more
+
+
+def _mean(xs: list) -> float:
+    return sum(xs) / len(xs)
+
+
+def slow_then_learnt(run: Run, *, at: int = SLOW_AT, share: float = SLOW_SHARE, ratio: float = 0.5,
+                     window: int = 10) -> Run:
+    """The evidence a slow starter must show (see :func:`program_is_valid`): the mean loss of the
+    ``window`` steps around step ``at`` is ``share`` or more of the mean of the first ``window`` steps,
+    and the mean of the last ``window`` is below ``ratio`` times it."""
+    losses = run.losses
+    start, mid = _mean(losses[:window]), _mean(losses[at - window // 2: at + window // 2])
+    end = _mean(losses[-window:])
+    run.extra.update(loss_start=start, loss_at_100=mid, loss_end=end, steps=len(losses))
+    run.extra["slow_start"] = mid >= share * start
+    run.extra["learnt"] = end < ratio * start and learnt(losses, ratio=ratio, window=window)
+    return run
+
+
+def judge_slow_starter(run: Run, facts: dict[str, Any], label: str = "") -> None:
+    """A slow starter's test: it is one (and learns), boundguard saw the expected facts, and raised
+    nothing of severity warning or above."""
+    e = run.extra
+    print(f"{label}steps {e['steps']}: loss {e['loss_start']:.4g} at the start, {e['loss_at_100']:.4g} at step "
+          f"{SLOW_AT}, {e['loss_end']:.4g} at the end")
+    print(run.facts().get("watched"))
+    print(run.describe())
+    program_is_valid(run, healthy=True)
+    check_facts(run, facts)
+    assert not run.severe, run.describe()

@@ -18,7 +18,7 @@ import pytest  # noqa: E402
 
 keras = pytest.importorskip("keras")
 
-from realworld_runs import Run, check_facts, learnt, program_is_valid  # noqa: E402
+from realworld_runs import Run, judge_slow_starter, slow_then_learnt  # noqa: E402
 
 from boundguard import BoundGuardWarning  # noqa: E402
 from boundguard.integrations.keras import BoundGuard  # noqa: E402
@@ -27,9 +27,6 @@ BACKEND = keras.backend.backend()
 
 pytestmark = [pytest.mark.filterwarnings("ignore::boundguard.alerts.BoundGuardWarning"),
               pytest.mark.filterwarnings("ignore::UserWarning")]
-
-SLOW_AT = 100  # the step a slow starter's loss is judged at ...
-SLOW_SHARE = 0.75  # ... where it is still this share of its initial level or more
 
 
 @pytest.fixture(autouse=True)
@@ -61,23 +58,6 @@ def fit(tmp_path, model, x, y, *, loss, optimizer, steps: int, batch_size: int =
         losses.append(m if b == 0 else (b + 1) * m - b * prev)
         prev = m
     return Run(guard.alerts, losses, tmp_path / "alerts.jsonl")
-
-
-def mean(xs) -> float:
-    xs = list(xs)
-    return sum(xs) / len(xs)
-
-
-def slow_then_learnt(run: Run, *, at: int = SLOW_AT, share: float = SLOW_SHARE, ratio: float = 0.5,
-                     window: int = 10) -> Run:
-    """As in test_torch_slow_starters.py: the loss around step ``at`` is still ``share`` of its start or
-    more, and at the end below ``ratio`` times it."""
-    losses = run.losses
-    start, mid, end = mean(losses[:window]), mean(losses[at - window // 2: at + window // 2]), mean(losses[-window:])
-    run.extra.update(loss_start=start, loss_at_100=mid, loss_end=end, steps=len(losses))
-    run.extra["slow_start"] = mid >= share * start
-    run.extra["learnt"] = end < ratio * start and learnt(losses, ratio=ratio, window=window)
-    return run
 
 
 def rng(seed: int) -> np.random.Generator:
@@ -136,11 +116,6 @@ def s_regression_sgd_small_lr(tmp_path):
 
 
 # ============================================================================================ registry
-def xfail(reason: str):
-    return pytest.mark.xfail(strict=True, raises=AssertionError, reason=reason)
-
-
-
 SLOW_STARTERS = [
     pytest.param(s_binary_sgd_small_lr, id="keras-binary-sgd-lr1e-2"),
     pytest.param(s_xor_sgd, id="keras-xor-sigmoid-sgd"),
@@ -152,11 +127,4 @@ SLOW_STARTERS = [
 @pytest.mark.parametrize("program", SLOW_STARTERS)
 def test_slow_starter(tmp_path, program):
     run, facts = program(tmp_path)
-    e = run.extra
-    print(f"{BACKEND} steps {e['steps']}: loss {e['loss_start']:.4g} at the start, {e['loss_at_100']:.4g} at step "
-          f"{SLOW_AT}, {e['loss_end']:.4g} at the end")
-    print(run.facts().get("watched"))
-    print(run.describe())
-    program_is_valid(run, healthy=True)
-    check_facts(run, facts)
-    assert not run.severe, run.describe()
+    judge_slow_starter(run, facts, f"{BACKEND} ")

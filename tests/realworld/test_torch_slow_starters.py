@@ -4,7 +4,7 @@ the constant predictor's level for the first hundred or few hundred steps and on
 Each is a tiny version of a program people really train: plain SGD at a small learning rate, Adam at
 1e-4, Adadelta's warm-up, a sigmoid XOR net, a deep narrow tanh net, an RNN that must find which token
 matters, a sequence reversal, rare positives weighted by ``pos_weight``. Each must really start slowly
-(its loss around step 100 is still ``SLOW_SHARE`` or more of its initial level) and really learn (its
+(its loss around step 100 is still ``realworld_runs.SLOW_SHARE`` or more of its initial level) and really learn (its
 loss at the end is well below its start): a program that no longer does both fails with ProgramBroken.
 boundguard must raise nothing of severity warning or above.
 
@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from realworld_runs import Run, batches, check_facts, guard_options, learnt, program_is_valid
+from realworld_runs import Run, batches, guard_options, judge_slow_starter, slow_then_learnt
 
 L = pytest.importorskip("lightning.pytorch")
 from boundguard.integrations.lightning import BoundGuard  # noqa: E402
@@ -40,9 +40,6 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore::FutureWarning"),
 ]
 
-SLOW_AT = 100  # the step a slow starter's loss is judged at ...
-SLOW_SHARE = 0.75  # ... where it is still this share of its initial level or more
-
 
 @pytest.fixture(autouse=True)
 def _one_thread_and_seed():
@@ -54,24 +51,6 @@ def _one_thread_and_seed():
 
 
 # ============================================================================================ harness
-def mean(xs) -> float:
-    xs = list(xs)
-    return sum(xs) / len(xs)
-
-
-def slow_then_learnt(run: Run, *, at: int = SLOW_AT, share: float = SLOW_SHARE, ratio: float = 0.5,
-                     window: int = 10) -> Run:
-    """The evidence a slow starter must show (see :func:`program_is_valid`): the mean loss of the
-    ``window`` steps around step ``at`` is ``share`` or more of the mean of the first ``window`` steps,
-    and the mean of the last ``window`` is below ``ratio`` times it."""
-    losses = run.losses
-    start, mid, end = mean(losses[:window]), mean(losses[at - window // 2: at + window // 2]), mean(losses[-window:])
-    run.extra.update(loss_start=start, loss_at_100=mid, loss_end=end, steps=len(losses))
-    run.extra["slow_start"] = mid >= share * start
-    run.extra["learnt"] = end < ratio * start and learnt(losses, ratio=ratio, window=window)
-    return run
-
-
 def sgd(lr: float, **kw) -> Callable:
     return lambda params: torch.optim.SGD(params, lr=lr, **kw)
 
@@ -339,13 +318,6 @@ def s_lightning_segmentation_pos_weight(tmp_path):
 
 
 # ============================================================================================ registry
-def xfail(reason: str):
-    """A known library defect (see test_torch_corpus.py): only the expectation on boundguard (an
-    AssertionError) counts; a program that no longer starts slowly or learns fails with ProgramBroken."""
-    return pytest.mark.xfail(strict=True, raises=AssertionError, reason=reason)
-
-
-
 SLOW_STARTERS = [
     pytest.param(s_torch_binary_sgd_small_lr, id="torch-binary-sgd-lr1e-2-bce-with-logits"),
     pytest.param(s_torch_xor_sigmoid_sgd, id="torch-xor-sigmoid-mlp-sgd"),
@@ -363,11 +335,4 @@ SLOW_STARTERS = [
 @pytest.mark.parametrize("program", SLOW_STARTERS)
 def test_slow_starter(tmp_path, program):
     run, facts = program(tmp_path)
-    e = run.extra
-    print(f"steps {e['steps']}: loss {e['loss_start']:.4g} at the start, {e['loss_at_100']:.4g} at step {SLOW_AT}, "
-          f"{e['loss_end']:.4g} at the end")
-    print(run.facts().get("watched"))
-    print(run.describe())
-    program_is_valid(run, healthy=True)
-    check_facts(run, facts)
-    assert not run.severe, run.describe()
+    judge_slow_starter(run, facts)
