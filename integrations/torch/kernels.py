@@ -65,7 +65,7 @@ class Kernels(Buffer):
             c[col["sumsq"]].add_((block * block).sum())
         if not self._cuda:  # the rows are host memory: when the block's range lies between two edges
             off = self.offs[kind]  # (row ``a`` holds a superset of the staged values), all are in that bin
-            k = same_bin(self.edge_values[bins_kind], float(self._rows_np[a, off]), float(self._rows_np[a, off + 1]))
+            k = same_bin(self.edge_f32[bins_kind], float(self._rows_np[a, off]), float(self._rows_np[a, off + 1]))
             if k is not None:
                 self.bin_cells[bins_kind][k].add_(block.numel())
                 return
@@ -84,7 +84,7 @@ class Kernels(Buffer):
         if "sumsq" in col:
             row[off + col["sumsq"]] += np.vecdot(block, block).sum()
         bins = self._bins_np[bins_kind]
-        k = same_bin(self.edge_values[bins_kind], float(row[off]), float(row[off + 1]))
+        k = same_bin(self.edge_f32[bins_kind], float(row[off]), float(row[off + 1]))
         if k is not None:
             bins[k] += block.size
             return

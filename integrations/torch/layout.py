@@ -148,7 +148,8 @@ class Buffer:
         self.one = torch.ones((), dtype=torch.int64, device=device)
         self._ones: dict[int, Tensor] = {}
         self.edges: dict[str, torch.Tensor] = {}
-        self.edge_values: dict[str, list[float]] = {}
+        self.edge_values: dict[str, list[float]] = {}  # the points as given (what the counts mean)
+        self.edge_f32: dict[str, list[float]] = {}  # the same edges in fp32, as the device compares with them
         self._edges_np: dict[str, np.ndarray] = {}
         self.row = 0  # the row of the block this step writes
         self.i = 0  # the step of the interval this step is
@@ -236,6 +237,7 @@ class Buffer:
             self.edge_values[kind] = e
             self.edges[kind] = torch.tensor(e, dtype=torch.float32, device=self.device)
             self._edges_np[kind] = np.array(e, dtype=np.float32)
+            self.edge_f32[kind] = self._edges_np[kind].tolist()
         # each count column: its place in the core's row, and its runs among all kinds' bins (one list)
         m = self.MAX_BINS
         self._count_plan = [(cols[name], [(i * m + a, i * m + z, sign) for a, z, sign in runs])
@@ -336,7 +338,8 @@ def nonfinite(row: list, minmax: list[tuple[int, int]]) -> bool:
 
 def same_bin(edges: list[float], lo: float, hi: float) -> Optional[int]:
     """The bucketize bin (``right=True``) that holds every value in ``[lo, hi]``, or None when the
-    range straddles an edge or is NaN (then the values must be counted one by one)."""
+    range straddles an edge or is NaN (then the values must be counted one by one). ``edges``: in fp32,
+    as bucketize compares with them (a bound fp32 cannot represent, 0.9, is 0.89999998 there)."""
     if not (lo <= hi):  # NaN, or nothing written (+inf, -inf)
         return None
     a, b = bisect.bisect_right(edges, lo), bisect.bisect_right(edges, hi)

@@ -37,7 +37,7 @@ class Mirror(Kernels):
         if not self._cuda:
             off = self.offs[kind]
             row = self._rows_np[self.row]
-            b = same_bin(self.edge_values[bins_kind], float(row[off]), float(row[off + 1]))
+            b = same_bin(self.edge_f32[bins_kind], float(row[off]), float(row[off + 1]))
             if b is not None:
                 self.bin_cells[bins_kind][b].add_(n)
             else:
@@ -72,7 +72,7 @@ class Mirror(Kernels):
             else:
                 row = self._rows_np[self.row]
             off = self.offs[kind]
-            b = same_bin(self.edge_values[bins_kind], float(row[off]), float(row[off + 1]))
+            b = same_bin(self.edge_f32[bins_kind], float(row[off]), float(row[off + 1]))
             if b is not None:
                 self.bin_cells[bins_kind][b].add_(n)
             else:

@@ -294,6 +294,19 @@ def test_bounds_that_fp32_cannot_represent():
     assert snap.values["pred.pinned"] == 4  # f32(0.1) and f32(0.9), once each from p and from the clamp
 
 
+def test_a_step_all_at_a_bound_fp32_cannot_represent_counts_as_pinned():
+    """A step whose every value is f32(0.9) (a clamp's output) lies in one bin: which bin is read from the
+    edges as fp32 compares with them (0.9 is 0.89999998 there), not from the bounds as written, else the
+    lazy count puts the step below the pin. (Hypothesis found it: an empty step, then [0.9].)"""
+    red = make_reducer(lo=0.1, hi=0.9, pin=(0.1, 0.9))
+    red.next_row()
+    red.pred(torch.tensor([_f32(0.9)], dtype=torch.float32))
+    red.next_row()
+    rows, counts, seen, losses = red.read()
+    snap = Snapshot.from_rows(rows, counts, step=2, first_step=1, loss_seen=seen, losses=losses)
+    assert (snap.values["pred.pinned"], snap.values["pred.above"], snap.values["pred.below"]) == (1, 0, 0)
+
+
 def test_grads_are_staged_per_step_and_reduced_at_the_check():
     """Per step the squared norm of the head's gradients (several parameters; a NaN in one step; a
     second record in one step ignored): the interval's sum, largest and smallest step and finite steps."""
