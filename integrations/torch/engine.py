@@ -445,8 +445,7 @@ class TorchEngine:
         try:
             r = probe.analyse(loss, self.config.output_key)
         finally:
-            probe.recorder.calls.clear()
-            probe.recorder.producer.clear()
+            probe.forget()
         self._result = r
         facts = probe_facts(r)
         self._logits = bool(facts.loss and facts.loss.link_applied)

@@ -35,8 +35,8 @@ def probe_facts(r: ProbeResult) -> ModelFacts:
     )
     if r.pre is not None:
         facts.pre_dtype = str(r.pre.dtype).replace("torch.", "")
-    if r.pred is not None and r.pred.dim() >= 2:
-        facts.classes = int(r.pred.shape[1 if facts.loss and facts.loss.multiclass else -1])
+    if r.pred_shape is not None and len(r.pred_shape) >= 2:
+        facts.classes = int(r.pred_shape[1 if facts.loss and facts.loss.multiclass else -1])
     return facts
 
 

@@ -8,7 +8,8 @@ module that produced it.
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+import weakref
+from typing import Any, Callable, Optional, Union
 
 import numpy as np
 from torch import Tensor, nn
@@ -43,22 +44,80 @@ _SCALE_OPS = {"mul", "__mul__", "__rmul__", "__imul__", "div", "__truediv__"}
 _ACT_OPS = {"sigmoid", "tanh", "softmax", "log_softmax", "clamp", "clip", "hardtanh", "relu", "relu6",
             "clamp_min", "clamp_max"}
 
+#: Tensors of the probe step up to this many elements are held until the analysis; a larger one is held by
+#: weak reference, so a temporary (a loss's fp32 copy of a language model's logits) dies when it would
+#: without boundguard: the analysis walks through it by the call that made it, knowing its shape.
+HOLD_MAX = 1 << 16
+
+
+class _Weak:
+    """A large tensor of the probe step, held weakly: :meth:`get` gives the tensor while it lives, else this
+    stand-in (its shape, dtype and gradient flag, and :attr:`producer`, the recorded call that made it)."""
+    __slots__ = ("ref", "shape", "dtype", "device", "requires_grad", "floating", "producer")
+
+    def __init__(self, t: Tensor, on_death: Callable[[int], None]) -> None:
+        key = id(t)
+        self.ref = weakref.ref(t, lambda _ref: on_death(key))
+        self.shape, self.dtype, self.device = tuple(t.shape), t.dtype, t.device
+        self.requires_grad, self.floating = t.requires_grad, t.is_floating_point()
+        self.producer: Optional[_Call] = None
+
+    def get(self) -> Union[Tensor, "_Weak"]:
+        t = self.ref()
+        return t if t is not None else self
+
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    def dim(self) -> int:
+        return len(self.shape)
+
+    def is_floating_point(self) -> bool:
+        return self.floating
+
+
+#: What the analysis handles: a live tensor, or the stand-in of one that died.
+Ref = Union[Tensor, _Weak]
+
+
+def _live(x: Any) -> Any:
+    return x.get() if isinstance(x, _Weak) else x
+
+
+def _is_tensor(x: Any) -> bool:
+    return isinstance(x, (Tensor, _Weak))
+
+
 class _Call:
-    __slots__ = ("name", "func", "args", "kwargs", "out")
+    __slots__ = ("name", "func", "args", "kwargs", "_out")
 
     def __init__(self, name, func, args, kwargs, out):
-        self.name, self.func, self.args, self.kwargs, self.out = name, func, args, kwargs, out
+        self.name, self.func, self.args, self.kwargs, self._out = name, func, args, kwargs, out
 
-    def tensor_arg(self, pos: int = 0, name: Optional[str] = None) -> Optional[Tensor]:
-        if name and isinstance(self.kwargs.get(name), Tensor):
-            return self.kwargs[name]
-        ts = [a for a in self.args if isinstance(a, Tensor)]
-        return ts[pos] if len(ts) > pos else None
+    @property
+    def out(self) -> Any:
+        return _live(self._out)
+
+    def tensor_arg(self, pos: int = 0, name: Optional[str] = None) -> Optional[Ref]:
+        if name and _is_tensor(self.kwargs.get(name)):
+            return _live(self.kwargs[name])
+        ts = [a for a in self.args if _is_tensor(a)]
+        return _live(ts[pos]) if len(ts) > pos else None
+
+    def tensors(self) -> list[Ref]:
+        """Every tensor argument, those in a list argument too (``torch.cat``)."""
+        out: list[Ref] = []
+        for a in self.args:
+            if isinstance(a, (list, tuple)):
+                out.extend(_live(x) for x in a if _is_tensor(x))
+            elif _is_tensor(a):
+                out.append(_live(a))
+        return out
 
     def arg(self, pos: int, name: str, default: Any = None) -> Any:
         if name in self.kwargs:
-            return self.kwargs[name]
-        return self.args[pos] if len(self.args) > pos else default
+            return _live(self.kwargs[name])
+        return _live(self.args[pos]) if len(self.args) > pos else default
 
 
 def _plain(call: _Call, loss: Optional[Tensor], n_calls: int) -> bool:
@@ -78,12 +137,14 @@ def _plain(call: _Call, loss: Optional[Tensor], n_calls: int) -> bool:
 
 
 class _Recorder(TorchFunctionMode):
-    """Records every torch function call of the probe step, keeping the tensors alive so ids stay unique."""
+    """Records every torch function call of the probe step. Small tensors are held (so their ids stay
+    unique); a large one is held by weak reference (:class:`_Weak`), and its id is forgotten when it dies."""
 
     def __init__(self) -> None:
         super().__init__()
         self.calls: list[_Call] = []
-        self.producer: dict[int, _Call] = {}
+        self.producer: dict[int, _Call] = {}  # id of a held or living tensor -> the call that made it
+        self._weak: dict[int, _Weak] = {}  # id of a living, weakly held tensor -> its stand-in
         self.failed: Optional[_Call] = None  # the call that raised (a loss refusing its targets, say)
         #: called once when the backward pass reaches a recorded loss call's output (see Probe.on_backward)
         self.on_backward: Optional[Any] = None
@@ -103,14 +164,57 @@ class _Recorder(TorchFunctionMode):
         name = getattr(func, "__name__", "") or ""
         if name.endswith("_") and not name.startswith("__"):  # in-place variants: treat like the op
             name = name[:-1]
-        call = _Call(name, func, args, kwargs, out)
-        self.calls.append(call)
+        self._record(name, func, args, kwargs, out)
         if isinstance(out, Tensor):
-            self.producer.setdefault(id(out), call)
             if name in _LOSS_FUNCS and self.on_backward is not None and out.requires_grad and not self._armed_backward:
                 self._armed_backward = True
                 out.register_hook(self._backward_started)
         return out
+
+    def _record(self, name: str, func: Any, args: tuple, kwargs: dict, out: Any) -> None:
+        """One call, its large tensors held weakly; a loss call's targets, weights and value are held (they
+        are small, and the analysis reads them), its input by the size rule like any other tensor."""
+        loss = name in _LOSS_FUNCS
+        first = next((i for i, a in enumerate(args) if isinstance(a, Tensor)), None) if "input" not in kwargs else None
+        call = _Call(name, func,
+                     tuple(self._hold(a, strong=loss and i != first) for i, a in enumerate(args)),
+                     {k: self._hold(v, strong=loss and k != "input") for k, v in kwargs.items()},
+                     None)
+        call._out = self._hold(out, strong=loss)
+        self.calls.append(call)
+        if isinstance(out, Tensor):
+            self.producer.setdefault(id(out), call)
+            w = call._out
+            if isinstance(w, _Weak) and w.producer is None:
+                w.producer = call
+
+    def _hold(self, x: Any, strong: bool = False) -> Any:
+        if isinstance(x, Tensor):
+            if strong or x.numel() <= HOLD_MAX:
+                return x
+            w = self._weak.get(id(x))
+            if w is None:
+                w = self._weak[id(x)] = _Weak(x, self._died)
+            return w
+        if isinstance(x, (list, tuple)) and any(isinstance(i, Tensor) for i in x):
+            return [self._hold(i, strong) for i in x]
+        return x
+
+    def _died(self, key: int) -> None:
+        """A weakly held tensor died: its id may be given to another tensor now."""
+        self._weak.pop(key, None)
+        self.producer.pop(key, None)
+
+    def producer_of(self, t: Optional[Ref]) -> Optional[_Call]:
+        """The recorded call that made ``t`` (a living tensor, or the stand-in of one that died)."""
+        if t is None:
+            return None
+        return t.producer if isinstance(t, _Weak) else self.producer.get(id(t))
+
+    def clear(self) -> None:
+        self.calls.clear()
+        self.producer.clear()
+        self._weak.clear()
 
     def _backward_started(self, grad: Tensor) -> None:
         callback, self.on_backward = self.on_backward, None
@@ -172,6 +276,16 @@ class Probe:
             h.remove()
         self._handles.clear()
 
+    def forget(self) -> None:
+        """Let go of every tensor the step showed once it is analysed: the recorded calls and the modules'
+        inputs and outputs (held through the backward pass they would keep the forward's activations alive
+        after autograd has freed them)."""
+        self.recorder.clear()
+        self.module_outputs.clear()
+        self.module_inputs.clear()
+        self.order.clear()
+        self.root_inputs = None
+
     def _root_pre(self, module, args):
         if self.root_inputs is None and training_forward(module):
             self.root_inputs = args
@@ -188,7 +302,9 @@ class Probe:
         return hook
 
     # -------------------------------------------------------------------------------- analysis
-    def _site(self, t: Tensor) -> Optional[tuple[str, tuple, Tensor]]:
+    def _site(self, t: Ref) -> Optional[tuple[str, tuple, Tensor]]:
+        if isinstance(t, _Weak):  # died before the analysis: not a module's output (those are held)
+            return None
         site = self.module_outputs.get(id(t))
         if site is not None:
             return site
@@ -206,14 +322,14 @@ class Probe:
         m = dict(self.model.named_modules()).get(name)
         return m is not None and any(True for c in m.children() for _ in c.parameters())
 
-    def _walk_to_param_output(self, t: Tensor, max_depth: int = 12) -> tuple[Optional[tuple], list[_Call]]:
+    def _walk_to_param_output(self, t: Ref, max_depth: int = 12) -> tuple[Optional[tuple], list[_Call]]:
         """From ``t`` back along first tensor arguments to the output of a parametrised module."""
         chain: list[_Call] = []
         cur = t
         outer: Optional[tuple[tuple, list[_Call]]] = None  # a container's own output, if nothing inside leads
         for _ in range(max_depth):
             site = self._site(cur)
-            call = self.recorder.producer.get(id(cur))
+            call = self.recorder.producer_of(cur)
             if site is not None and self._has_params(site[0]):
                 # a module with parameters of its own *and* parametrised children (a model holding a
                 # positional embedding, say) whose output is an activation's: the layer is inside it
@@ -244,9 +360,9 @@ class Probe:
                     continue
                 if t is target or (t.numel() == target.numel() and same_storage(t, target)):
                     return c
-                call = self.recorder.producer.get(id(t))
+                call = self.recorder.producer_of(t)
                 if call is not None:
-                    stack.extend(a for a in call.args if isinstance(a, Tensor))
+                    stack.extend(call.tensors())
         return None
 
     def _main_loss_call(self, loss: Optional[Tensor], calls: list[_Call]) -> _Call:
@@ -257,18 +373,17 @@ class Probe:
             return calls[-1]
         outs = {id(c.out): c for c in calls}
         weight: dict[int, float] = {}
-        stack: list[tuple[Tensor, float, int]] = [(loss, 1.0, 0)]
+        stack: list[tuple[Ref, float, int]] = [(loss, 1.0, 0)]
         while stack:
             t, w, depth = stack.pop()
             c = outs.get(id(t))
             if c is not None:
                 weight[id(c)] = weight.get(id(c), 0.0) + w
                 continue
-            call = self.recorder.producer.get(id(t))
+            call = self.recorder.producer_of(t)
             if call is None or depth > 32 or call.name not in _SUM_OPS | _SCALE_OPS:
                 continue
-            tensors = [a for a in call.args if isinstance(a, Tensor)] + [
-                x for a in call.args if isinstance(a, (list, tuple)) for x in a if isinstance(x, Tensor)]
+            tensors = call.tensors()
             scalars = [float(a) for a in call.args if isinstance(a, (int, float)) and not isinstance(a, bool)]
             f = 1.0
             if call.name in _SCALE_OPS and scalars:
@@ -292,7 +407,8 @@ class Probe:
             r.notes.append(("prediction", "the prediction could not be located.",
                             "Return the prediction from forward() and compute the loss on it."))
             return r
-        r.pred = pred
+        r.pred_shape = tuple(pred.shape)
+        r.pred = pred if isinstance(pred, Tensor) else None  # (a temporary that died: its shape is known)
         self._locate_pre(r, pred)
         r.root_inputs = self.root_inputs
         r.input_scaled_by = self._input_normaliser()
@@ -311,7 +427,7 @@ class Probe:
                 return name
         return None
 
-    def _choose_loss(self, r: "ProbeResult", loss: Optional[Tensor], output_key: Any) -> Optional[Tensor]:
+    def _choose_loss(self, r: "ProbeResult", loss: Optional[Tensor], output_key: Any) -> Optional[Ref]:
         """The loss call that is watched (recorded in ``r``) and the prediction it consumes."""
         calls = [c for c in self.recorder.calls if c.name in _LOSS_FUNCS]
         chosen = None
@@ -335,12 +451,12 @@ class Probe:
         if chosen is not None:
             r.loss_name = chosen.name
             r.loss_plain = _plain(chosen, loss, len(calls))
-            pred = chosen.tensor_arg(0, "input")
-            r.target = chosen.tensor_arg(1, "target")
-            if (chosen.name in _SYMMETRIC_LOSSES and pred is not None and r.target is not None
-                    and not pred.requires_grad and r.target.requires_grad):
+            pred, target = chosen.tensor_arg(0, "input"), chosen.tensor_arg(1, "target")
+            if (chosen.name in _SYMMETRIC_LOSSES and pred is not None and target is not None
+                    and not pred.requires_grad and target.requires_grad):
                 # F.mse_loss(x, self(x)): the prediction is the argument the model made, whichever position
-                pred, r.target = r.target, pred
+                pred, target = target, pred
+            r.target = target if isinstance(target, Tensor) else None
             if chosen.name == "poisson_nll_loss" and not chosen.arg(2, "log_input", True):
                 r.loss_name = "poisson_nll_loss(log_input=False)"  # the rate itself: no link
             if chosen.name in _IGNORING_LOSSES:  # (input, target, weight, size_average, ignore_index, ...)
@@ -362,15 +478,15 @@ class Probe:
                     break
         return pred
 
-    def _locate_pre(self, r: "ProbeResult", pred: Tensor) -> None:
+    def _locate_pre(self, r: "ProbeResult", pred: Ref) -> None:
         """Where the prediction comes from (its module and pre-activation, the activation in between),
         recorded in ``r`` with a note for what could not be located."""
         # where the prediction comes from: a module output reached through shape ops only
         site = self._site(pred)
-        cur: Optional[Tensor] = pred
+        cur: Optional[Ref] = pred
         steps: list[_Call] = []
         while site is None and cur is not None:
-            call = self.recorder.producer.get(id(cur))
+            call = self.recorder.producer_of(cur)
             if call is None or call.name not in _SHAPE_OPS | _ACT_OPS or call.tensor_arg(0) is None:
                 break
             steps.append(call)
@@ -384,13 +500,13 @@ class Probe:
             r.pre_site, r.pre = (site[0], (INPUT, 0)), z
             chain = self._chain_between(site[2], z)
             r.activation, r.activation_params = (
-                _classify_chain(chain, z, site[2]) if chain is not None else infer_activation(_np(z), _np(site[2])))
+                _classify_chain(chain, z, site[2]) if chain is not None else _infer(z, site[2]))
         else:
             pre_site, chain = self._walk_to_param_output(pred)
             if pre_site is None:
                 pre_site = self._fallback_pre(pred)
                 if pre_site is not None:
-                    r.activation, r.activation_params = infer_activation(_np(pre_site[2]), _np(pred))
+                    r.activation, r.activation_params = _infer(pre_site[2], pred)
                     if r.activation == "unknown":
                         pre_site = None
             else:
@@ -421,21 +537,21 @@ class Probe:
         z = self.module_inputs[site[0]]
         return z if z.is_floating_point() and z.numel() == site[2].numel() else None
 
-    def _chain_between(self, p: Tensor, z: Tensor, max_depth: int = 12) -> Optional[list[_Call]]:
+    def _chain_between(self, p: Tensor, z: Ref, max_depth: int = 12) -> Optional[list[_Call]]:
         """The recorded calls leading from ``z`` to ``p`` (walked backwards), or None if not connected."""
         chain: list[_Call] = []
-        cur: Optional[Tensor] = p
+        cur: Optional[Ref] = p
         for _ in range(max_depth):
             if cur is z:
                 return chain
-            call = self.recorder.producer.get(id(cur))
+            call = self.recorder.producer_of(cur)
             if call is None or call.tensor_arg(0) is None:
                 return None
             chain.append(call)
             cur = call.tensor_arg(0)
         return None
 
-    def _fallback_pre(self, pred: Tensor) -> Optional[tuple[str, tuple, Tensor]]:
+    def _fallback_pre(self, pred: Ref) -> Optional[tuple[str, tuple, Tensor]]:
         for name, module, out in reversed(self.order):
             if not any(True for _ in module.parameters(recurse=False)):
                 continue
@@ -445,10 +561,12 @@ class Probe:
         return None
 
 
-def same_storage(a: Tensor, b: Tensor) -> bool:
+def same_storage(a: Ref, b: Ref) -> bool:
     """``a`` and ``b`` start at the same element of the same memory (another view of one tensor, such as
     ``logits.view(-1, C)``); two slices of one storage at different offsets (``s[:, :-1]`` and ``s[:, 1:]``,
     a forecaster's inputs and targets) are not the same."""
+    if isinstance(a, _Weak) or isinstance(b, _Weak):  # one died: not another view of a living tensor
+        return False
     try:
         return a.data_ptr() == b.data_ptr() and a.device == b.device
     except Exception:
@@ -459,7 +577,15 @@ def _np(t: Tensor) -> np.ndarray:
     return t.detach().float().cpu().numpy()
 
 
-def _classify_chain(chain: list[_Call], z: Tensor, p: Tensor) -> tuple[str, dict]:
+def _infer(z: Ref, p: Ref) -> tuple[str, dict]:
+    """The activation from ``z`` to ``p`` read from their values; unknown when one of them died before the
+    analysis (a temporary the probe did not keep alive)."""
+    if isinstance(z, _Weak) or isinstance(p, _Weak):
+        return "unknown", {}
+    return infer_activation(_np(z), _np(p))
+
+
+def _classify_chain(chain: list[_Call], z: Ref, p: Ref) -> tuple[str, dict]:
     """The activation a chain of recorded calls applies (walked from the prediction back to z)."""
     acts = [c for c in chain if c.name not in _SHAPE_OPS]
     if not acts:
@@ -489,14 +615,15 @@ def _classify_chain(chain: list[_Call], z: Tensor, p: Tensor) -> tuple[str, dict
             return "relu", {}
         if c.name == "relu6":
             return "clamp", {"lo": 0.0, "hi": 6.0}
-    return infer_activation(_np(z), _np(p))
+    return _infer(z, p)
 
 
 class ProbeResult:
     def __init__(self) -> None:
         self.loss_name: Optional[str] = None
         self.loss_plain = False
-        self.pred: Optional[Tensor] = None
+        self.pred: Optional[Tensor] = None  # None when it was a temporary that died before the analysis
+        self.pred_shape: Optional[tuple[int, ...]] = None
         self.pre: Optional[Tensor] = None
         self.target: Optional[Tensor] = None
         self.pred_site: Optional[tuple[str, tuple]] = None
@@ -511,13 +638,10 @@ class ProbeResult:
 
     @property
     def pred_dim(self) -> Optional[int]:
-        return self.pred.dim() if self.pred is not None else self._pred_dim
-
-    _pred_dim: Optional[int] = None
+        return len(self.pred_shape) if self.pred_shape is not None else None
 
     def forget_tensors(self) -> None:
         """Let go of the step's tensors once they are judged (a language model's logits are the largest
         tensor of its step): only the sites, the activation and the shapes stay."""
-        self._pred_dim = self.pred_dim
         self.pred = self.pre = self.target = None
         self.root_inputs = None

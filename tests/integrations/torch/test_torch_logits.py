@@ -159,3 +159,44 @@ def test_a_head_whose_logits_never_exist_is_said_unwatched_not_failed():
     notes = " ".join(a.message for a in guard.alerts if a.code == "probe_incomplete")
     assert "prediction" in notes and "pre-activation could not be located" in notes
     assert not guard.engine.session.monitor.history.logit_recent  # no logits read: logits_growing is off
+
+
+def test_the_probe_keeps_no_temporary_of_the_loss_alive():
+    """A loss that upcasts the logits (as the Hugging Face models' loss does under bf16): the fp32 copy dies
+    when the loss returns, as it does without boundguard (the probe step holds large tensors by weak
+    reference), and the probe still finds the head through the dead copy: its classes, the raw logits,
+    their logsumexp."""
+    import weakref
+
+    copies: list = []
+
+    def upcast_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = model(x)
+        up = logits.float()  # bf16 -> fp32: a new tensor (64 x 16 x 256, more than the probe holds)
+        copies.append(weakref.ref(up))
+        loss = F.cross_entropy(up.view(-1, V), y.view(-1))
+        del up
+        assert copies[-1]() is None, "the fp32 copy of the logits outlived the loss"
+        return loss
+
+    def wide(g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        pairs = [batch(g) for _ in range(8)]
+        return torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs])
+
+    torch.manual_seed(0)
+    model, g = TinyLM(), torch.Generator().manual_seed(0)
+    opt = torch.optim.Adam(model.parameters(), 1e-3)
+    guard = watch(model, check_every_n_steps=2, alerts_path=None, strict=True)
+    for _ in range(4):
+        x, y = wide(g)
+        loss = upcast_loss(model, x, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        guard.step(loss=loss, inputs=x, targets=y)
+    guard.close()
+    facts = guard.engine.session.facts
+    assert (facts.pre_where, facts.classes, facts.loss_where) == ("head", V, "cross_entropy"), facts
+    assert not guard.engine.disabled and [a.code for a in guard.alerts if a.severity != "info"] == []
+    assert guard.engine.session.monitor.history.logit_recent  # the logsumexp of the raw logits is read
