@@ -3,6 +3,7 @@
     python -m benchmarks.llm                      # every arm, about 15 minutes on 2 cores
     python -m benchmarks.llm --shapes gpt2 --dtypes bf16 --seqs 256 --steps 4
     python -m benchmarks.llm --smoke              # seconds: a tiny vocabulary, for CI (writes nothing)
+    python -m benchmarks.llm --device cuda --batch 8 --seqs 2048   # logits of GBs (not yet run on a GPU)
 
 Causal LMs built from configs (nothing downloaded): GPT-2-shaped (vocab 50257) and Llama-shaped (vocab
 128256), both 2 layers of width 64, batch 4, at two sequence lengths (256 and 512 tokens: the logits
@@ -41,7 +42,16 @@ import torch
 torch.manual_seed(0)
 torch.set_num_threads(1)
 shape, dtype, arm, steps, batch, seq = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])
-loop, vocab = sys.argv[8], int(sys.argv[9])
+loop, vocab, device = sys.argv[8], int(sys.argv[9]), sys.argv[10]
+cuda = device == "cuda"
+
+
+def peak_mb():  # on a GPU the caching allocator's peak of tensor memory, on the CPU the process's peak RSS
+    if cuda:
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 import transformers
 transformers.utils.logging.set_verbosity_error()
 if shape == "gpt2":
@@ -52,6 +62,7 @@ else:
     model = LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128,
                                          num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
                                          max_position_embeddings=seq))
+model.to(device)
 if loop == "hf":  # the Hugging Face Trainer, with BoundGuardCallback() in the watched arm
     import tempfile
     from transformers import Trainer, TrainerCallback, TrainingArguments
@@ -71,12 +82,11 @@ if loop == "hf":  # the Hugging Face Trainer, with BoundGuardCallback() in the w
         from boundguard.integrations.transformers import BoundGuardCallback
         callbacks.append(BoundGuardCallback(alerts_path=sys.argv[7], on_violation="log"))
     args = TrainingArguments(output_dir=tempfile.mkdtemp(), max_steps=steps, per_device_train_batch_size=batch,
-                             learning_rate=1e-3, optim="sgd", bf16=dtype == "bf16", use_cpu=True, report_to=[],
+                             learning_rate=1e-3, optim="sgd", bf16=dtype == "bf16", use_cpu=not cuda, report_to=[],
                              save_strategy="no", logging_strategy="no", dataloader_num_workers=0, seed=0)
     Trainer(model=model, args=args, train_dataset=rows, callbacks=callbacks).train()
     codes = sorted({a.code for a in callbacks[-1].alerts if a.severity != "info"}) if arm == "watch" else []
-    print("child: " + json.dumps({"peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                                   "step_s": times, "codes": codes}))
+    print("child: " + json.dumps({"peak_mb": peak_mb(), "step_s": times, "codes": codes}))
     sys.exit(0)
 opt = torch.optim.SGD(model.parameters(), lr=1e-3)
 guard = None
@@ -86,9 +96,9 @@ if arm == "watch":
 g = torch.Generator().manual_seed(0)
 times = []
 for step in range(steps):
-    ids = torch.randint(0, vocab, (batch, seq), generator=g)
+    ids = torch.randint(0, vocab, (batch, seq), generator=g).to(device)
     t0 = time.perf_counter()
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=dtype == "bf16"):
         out = model(input_ids=ids, labels=ids)
     out.loss.backward()
     opt.step()
@@ -96,22 +106,23 @@ for step in range(steps):
         guard.step(loss=out.loss, inputs=None, targets=None)
     opt.zero_grad()
     del out
+    if cuda:
+        torch.cuda.synchronize()
     times.append(time.perf_counter() - t0)
 if guard is not None:
     guard.close()
     codes = sorted({a.code for a in guard.alerts if a.severity != "info"})
 else:
     codes = []
-print("child: " + json.dumps({"peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                               "step_s": times, "codes": codes}))
+print("child: " + json.dumps({"peak_mb": peak_mb(), "step_s": times, "codes": codes}))
 '''
 
 
 def run_arm(shape: str, dtype: str, arm: str, steps: int, batch: int, seq: int, out: Path, loop: str,
-            vocab: int) -> dict:
+            vocab: int, device: str = "cpu") -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "MALLOC_MMAP_THRESHOLD_": "65536"}
     proc = subprocess.run([sys.executable, "-c", CHILD, shape, dtype, arm, str(steps), str(batch), str(seq),
-                           str(out / f"{shape}-{dtype}-{loop}-{seq}-alerts.jsonl"), loop, str(vocab)],
+                           str(out / f"{shape}-{dtype}-{loop}-{seq}-alerts.jsonl"), loop, str(vocab), device],
                           capture_output=True, text=True, env=env, cwd=ROOT, timeout=1200)
     if proc.returncode != 0:
         raise RuntimeError(f"{shape}/{dtype}/{arm} failed:\n{proc.stderr[-3000:]}")
@@ -128,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seqs", default="256,512", help="sequence lengths, each a configuration of its own")
     p.add_argument("--loops", default="plain,hf", help="plain: watch(model) in a plain loop; hf: the HF Trainer")
     p.add_argument("--out", default="/tmp/boundguard-llm")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                   help="cuda: peak of torch.cuda.max_memory_allocated (not yet run on a GPU)")
     p.add_argument("--smoke", action="store_true", help="a vocabulary of 512, 16 tokens, 2 steps, GPT-2 bf16 only")
     a = p.parse_args(argv)
     if a.smoke:
@@ -147,8 +160,8 @@ def _run(a: argparse.Namespace, out: Path) -> int:
             vocab = 512 if a.smoke else SHAPES[shape]
             for dtype in a.dtypes.split(","):
                 for seq in (int(x) for x in a.seqs.split(",")):
-                    off = run_arm(shape, dtype, "off", a.steps, a.batch, seq, out, loop, vocab)
-                    on = run_arm(shape, dtype, "watch", a.steps, a.batch, seq, out, loop, vocab)
+                    off = run_arm(shape, dtype, "off", a.steps, a.batch, seq, out, loop, vocab, a.device)
+                    on = run_arm(shape, dtype, "watch", a.steps, a.batch, seq, out, loop, vocab, a.device)
                     logits_mb = a.batch * seq * vocab * (2 if dtype == "bf16" else 4) / 2**20
                     extra_mb = on["peak_mb"] - off["peak_mb"]
                     t_off, t_on = statistics.median(off["step_s"][1:]), statistics.median(on["step_s"][1:])
