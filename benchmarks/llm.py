@@ -1,6 +1,6 @@
 """Peak memory and step time of language-model heads with and without boundguard, on CPU.
 
-    python -m benchmarks.llm                      # every arm, about 15 minutes on 2 cores
+    python -m benchmarks.llm                      # every arm, about 7 minutes on 2 cores
     python -m benchmarks.llm --shapes gpt2 --dtypes bf16 --seqs 256 --steps 4
     python -m benchmarks.llm --smoke              # seconds: a tiny vocabulary, for CI (writes nothing)
     python -m benchmarks.llm --device cuda --batch 8 --seqs 2048   # logits of GBs (not yet run on a GPU)
