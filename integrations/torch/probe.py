@@ -3,7 +3,8 @@ between, the loss that consumes it, and the targets.
 
 A :class:`~torch.overrides.TorchFunctionMode` records every torch call of the step and forward hooks
 record every module's output; :meth:`Probe.analyse` walks back from the loss call's input to the
-module that produced it.
+module that produced it. The step's small tensors are held until the analysis; a large one (above
+:data:`HOLD_MAX` elements) by weak reference, so the probe step peaks no higher than any other step.
 """
 from __future__ import annotations
 
