@@ -4,7 +4,8 @@ between, the loss that consumes it, and the targets.
 A :class:`~torch.overrides.TorchFunctionMode` records every torch call of the step and forward hooks
 record every module's output; :meth:`Probe.analyse` walks back from the loss call's input to the
 module that produced it. The step's small tensors are held until the analysis; a large one (above
-:data:`HOLD_MAX` elements) by weak reference, so the probe step peaks no higher than any other step.
+:data:`HOLD_MAX` elements) by weak reference, so a temporary (a loss's fp32 copy of the logits) dies when
+it would without the probe. Modules' inputs and outputs are held until the analysis.
 """
 from __future__ import annotations
 
