@@ -1,4 +1,4 @@
-"""Peak memory and step time of language-model heads with and without boundguard, on CPU.
+"""Peak memory and step time of language-model heads with and without boundguard, on CPU (on a GPU with --device cuda).
 
     python -m benchmarks.llm                      # every arm, about 7 minutes on 2 cores
     python -m benchmarks.llm --shapes gpt2 --dtypes bf16 --seqs 256 --steps 4
