@@ -1,35 +1,27 @@
 """The probe: one recorded training step finds the prediction, its pre-activation, the activation in
 between, the loss that consumes it, and the targets.
 
-A :class:`~torch.overrides.TorchFunctionMode` records every torch call of the step and forward hooks
+A :class:`~.recorder.Recorder` (a torch function mode) records every torch call of the step and forward hooks
 record every module's output; :meth:`Probe.analyse` walks back from the loss call's input to the
-module that produced it. The step's small tensors are held until the analysis; a large one (above
-:data:`HOLD_MAX` elements) by weak reference, so a temporary (a loss's fp32 copy of the logits) dies when
-it would without the probe. Modules' inputs and outputs are held until the analysis.
+module that produced it. The recorder holds the step's small tensors until the analysis and a large one (above
+:data:`~.recorder.STRONG_MAX` elements) by weak reference, so a temporary (a loss's fp32 copy of the logits) dies
+when it would without the probe. Modules' inputs and outputs are held until the analysis.
 """
 from __future__ import annotations
 
 import math
-import weakref
-from typing import Any, Callable, Optional, Union
+from typing import Any, Optional
 
 import numpy as np
 from torch import Tensor, nn
-from torch.overrides import TorchFunctionMode
 
 from boundguard.integrations.torch.hooks import MonitorHook, training_forward
 from boundguard.integrations.torch.paths import INPUT, flatten, get_path
+from boundguard.integrations.torch.recorder import LOSS_FUNCS, Call, Recorder, Ref, Weak
 from boundguard.model_facts import infer_activation
 
 __all__ = ["Probe", "ProbeResult", "same_storage"]
 
-_LOSS_FUNCS = {
-    "mse_loss", "l1_loss", "smooth_l1_loss", "huber_loss", "binary_cross_entropy",
-    "binary_cross_entropy_with_logits", "cross_entropy", "nll_loss", "kl_div", "multilabel_soft_margin_loss",
-    # losses boundguard does not judge by family, but whose input is still the prediction
-    "gaussian_nll_loss", "poisson_nll_loss", "soft_margin_loss", "multi_margin_loss", "hinge_embedding_loss",
-    "margin_ranking_loss", "cosine_embedding_loss", "triplet_margin_loss", "ctc_loss",
-}
 #: Layers that normalise what they are given (the raw inputs' scale does not matter after them).
 _NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)  # (InstanceNorm is a _NormBase)
 #: Losses whose two arguments play the same part (a distance): the prediction may come second.
@@ -46,83 +38,7 @@ _SCALE_OPS = {"mul", "__mul__", "__rmul__", "__imul__", "div", "__truediv__"}
 _ACT_OPS = {"sigmoid", "tanh", "softmax", "log_softmax", "clamp", "clip", "hardtanh", "relu", "relu6",
             "clamp_min", "clamp_max"}
 
-#: Tensors of the probe step up to this many elements are held until the analysis; a larger one is held by
-#: weak reference, so a temporary (a loss's fp32 copy of a language model's logits) dies when it would
-#: without boundguard: the analysis walks through it by the call that made it, knowing its shape.
-HOLD_MAX = 1 << 16
-
-
-class _Weak:
-    """A large tensor of the probe step, held weakly: :meth:`get` gives the tensor while it lives, else this
-    stand-in (its shape, dtype and gradient flag, and :attr:`producer`, the recorded call that made it)."""
-    __slots__ = ("ref", "shape", "dtype", "device", "requires_grad", "floating", "producer")
-
-    def __init__(self, t: Tensor, on_death: Callable[[int], None]) -> None:
-        key = id(t)
-        self.ref = weakref.ref(t, lambda _ref: on_death(key))
-        self.shape, self.dtype, self.device = tuple(t.shape), t.dtype, t.device
-        self.requires_grad, self.floating = t.requires_grad, t.is_floating_point()
-        self.producer: Optional[_Call] = None
-
-    def get(self) -> Union[Tensor, "_Weak"]:
-        t = self.ref()
-        return t if t is not None else self
-
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-    def dim(self) -> int:
-        return len(self.shape)
-
-    def is_floating_point(self) -> bool:
-        return self.floating
-
-
-#: What the analysis handles: a live tensor, or the stand-in of one that died.
-Ref = Union[Tensor, _Weak]
-
-
-def _live(x: Any) -> Any:
-    return x.get() if isinstance(x, _Weak) else x
-
-
-def _is_tensor(x: Any) -> bool:
-    return isinstance(x, (Tensor, _Weak))
-
-
-class _Call:
-    __slots__ = ("name", "func", "args", "kwargs", "_out")
-
-    def __init__(self, name, func, args, kwargs, out):
-        self.name, self.func, self.args, self.kwargs, self._out = name, func, args, kwargs, out
-
-    @property
-    def out(self) -> Any:
-        return _live(self._out)
-
-    def tensor_arg(self, pos: int = 0, name: Optional[str] = None) -> Optional[Ref]:
-        if name and _is_tensor(self.kwargs.get(name)):
-            return _live(self.kwargs[name])
-        ts = [a for a in self.args if _is_tensor(a)]
-        return _live(ts[pos]) if len(ts) > pos else None
-
-    def tensors(self) -> list[Ref]:
-        """Every tensor argument, those in a list argument too (``torch.cat``)."""
-        out: list[Ref] = []
-        for a in self.args:
-            if isinstance(a, (list, tuple)):
-                out.extend(_live(x) for x in a if _is_tensor(x))
-            elif _is_tensor(a):
-                out.append(_live(a))
-        return out
-
-    def arg(self, pos: int, name: str, default: Any = None) -> Any:
-        if name in self.kwargs:
-            return _live(self.kwargs[name])
-        return _live(self.args[pos]) if len(self.args) > pos else default
-
-
-def _plain(call: _Call, loss: Optional[Tensor], n_calls: int) -> bool:
+def _plain(call: Call, loss: Optional[Tensor], n_calls: int) -> bool:
     """The training loss is this one loss call's value, averaged over the batch (no auxiliary terms,
     no sum reduction, no class weights or label smoothing; a trainer's division by 1 is fine). Probe step only: one small read."""
     out = call.out
@@ -138,108 +54,13 @@ def _plain(call: _Call, loss: Optional[Tensor], n_calls: int) -> bool:
     return math.isfinite(a) and abs(a - b) <= 1e-6 * max(1.0, abs(a))
 
 
-class _Recorder(TorchFunctionMode):
-    """Records every torch function call of the probe step. Small tensors are held (so their ids stay
-    unique); a large one is held by weak reference (:class:`_Weak`), and its id is forgotten when it dies."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.calls: list[_Call] = []
-        self.producer: dict[int, _Call] = {}  # id of a held or living tensor -> the call that made it
-        self._weak: dict[int, _Weak] = {}  # id of a living, weakly held tensor -> its stand-in
-        self.failed: Optional[_Call] = None  # the call that raised (a loss refusing its targets, say)
-        #: called once when the backward pass reaches a recorded loss call's output (see Probe.on_backward)
-        self.on_backward: Optional[Any] = None
-        self._armed_backward = False
-        self.recording = True  # False: calls pass through unrecorded (paused, not yet left)
-        self.entered = False
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if not self.recording:
-            return func(*args, **kwargs)
-        try:
-            out = func(*args, **kwargs)
-        except Exception:
-            self.failed = _Call(getattr(func, "__name__", "") or "", func, args, kwargs, None)
-            raise
-        name = getattr(func, "__name__", "") or ""
-        if name.endswith("_") and not name.startswith("__"):  # in-place variants: treat like the op
-            name = name[:-1]
-        self._record(name, func, args, kwargs, out)
-        if isinstance(out, Tensor):
-            if name in _LOSS_FUNCS and self.on_backward is not None and out.requires_grad and not self._armed_backward:
-                self._armed_backward = True
-                out.register_hook(self._backward_started)
-        return out
-
-    def _record(self, name: str, func: Any, args: tuple, kwargs: dict, out: Any) -> None:
-        """One call, its large tensors held weakly; a loss call's targets, weights and value are held (they
-        are small, and the analysis reads them), its input by the size rule like any other tensor."""
-        loss = name in _LOSS_FUNCS
-        first = next((i for i, a in enumerate(args) if isinstance(a, Tensor)), None) if "input" not in kwargs else None
-        call = _Call(name, func,
-                     tuple(self._hold(a, strong=loss and i != first) for i, a in enumerate(args)),
-                     {k: self._hold(v, strong=loss and k != "input") for k, v in kwargs.items()},
-                     None)
-        call._out = self._hold(out, strong=loss)
-        self.calls.append(call)
-        if isinstance(out, Tensor):
-            self.producer.setdefault(id(out), call)
-            w = call._out
-            if isinstance(w, _Weak) and w.producer is None:
-                w.producer = call
-
-    def _hold(self, x: Any, strong: bool = False) -> Any:
-        if isinstance(x, Tensor):
-            if strong or x.numel() <= HOLD_MAX:
-                return x
-            w = self._weak.get(id(x))
-            if w is None:
-                w = self._weak[id(x)] = _Weak(x, self._died)
-            return w
-        if isinstance(x, (list, tuple)) and any(isinstance(i, Tensor) for i in x):
-            return [self._hold(i, strong) for i in x]
-        return x
-
-    def _died(self, key: int) -> None:
-        """A weakly held tensor died: its id may be given to another tensor now."""
-        self._weak.pop(key, None)
-        self.producer.pop(key, None)
-
-    def producer_of(self, t: Optional[Ref]) -> Optional[_Call]:
-        """The recorded call that made ``t`` (a living tensor, or the stand-in of one that died)."""
-        if t is None:
-            return None
-        return t.producer if isinstance(t, _Weak) else self.producer.get(id(t))
-
-    def clear(self) -> None:
-        self.calls.clear()
-        self.producer.clear()
-        self._weak.clear()
-
-    def _backward_started(self, grad: Tensor) -> None:
-        callback, self.on_backward = self.on_backward, None
-        if callback is not None:
-            callback()
-
-    def last_loss(self) -> Optional[Tensor]:
-        """The training loss as the step recorded it: the last 0-d output with a gradient (the sum of the
-        loss calls, their scaling...), when the loss itself is not handed over."""
-        for call in reversed(self.calls):
-            out = call.out
-            if isinstance(out, Tensor) and out.dim() == 0 and out.requires_grad:
-                return out
-        return None
-
-
 class Probe:
     """Watches one training step to find prediction, pre-activation, activation, loss, targets and inputs."""
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
         self.names = {m: n for n, m in model.named_modules()}
-        self.recorder = _Recorder()
+        self.recorder = Recorder()
         self.module_outputs: dict[int, tuple[str, tuple, Tensor]] = {}  # id(tensor) -> (module name, path, t)
         self.module_inputs: dict[str, Tensor] = {}  # first tensor argument of each module's first call
         self.order: list[tuple[str, nn.Module, Any]] = []
@@ -305,7 +126,7 @@ class Probe:
 
     # -------------------------------------------------------------------------------- analysis
     def _site(self, t: Ref) -> Optional[tuple[str, tuple, Tensor]]:
-        if isinstance(t, _Weak):  # died before the analysis: not a module's output (those are held)
+        if isinstance(t, Weak):  # died before the analysis: not a module's output (those are held)
             return None
         site = self.module_outputs.get(id(t))
         if site is not None:
@@ -324,11 +145,11 @@ class Probe:
         m = dict(self.model.named_modules()).get(name)
         return m is not None and any(True for c in m.children() for _ in c.parameters())
 
-    def _walk_to_param_output(self, t: Ref, max_depth: int = 12) -> tuple[Optional[tuple], list[_Call]]:
+    def _walk_to_param_output(self, t: Ref, max_depth: int = 12) -> tuple[Optional[tuple], list[Call]]:
         """From ``t`` back along first tensor arguments to the output of a parametrised module."""
-        chain: list[_Call] = []
+        chain: list[Call] = []
         cur = t
-        outer: Optional[tuple[tuple, list[_Call]]] = None  # a container's own output, if nothing inside leads
+        outer: Optional[tuple[tuple, list[Call]]] = None  # a container's own output, if nothing inside leads
         for _ in range(max_depth):
             site = self._site(cur)
             call = self.recorder.producer_of(cur)
@@ -347,7 +168,7 @@ class Probe:
             cur = nxt
         return outer if outer is not None else (None, chain)
 
-    def _fed_by_output(self, calls: list[_Call], key: Any) -> Optional[_Call]:
+    def _fed_by_output(self, calls: list[Call], key: Any) -> Optional[Call]:
         """The first loss call whose input is (computed from) the model's output element ``key``."""
         root = next((out for _name, module, out in reversed(self.order) if module is self.model), None)
         target = get_path(root, (key,)) if root is not None else None
@@ -367,7 +188,7 @@ class Probe:
                     stack.extend(call.tensors())
         return None
 
-    def _main_loss_call(self, loss: Optional[Tensor], calls: list[_Call]) -> _Call:
+    def _main_loss_call(self, loss: Optional[Tensor], calls: list[Call]) -> Call:
         """The loss call that weighs most in the training loss: ``CE(logits) + 0.4 * CE(aux)`` → the
         first. Walks back from the loss through sums and scalar scalings; ties and unknown graphs fall
         back to the last loss call."""
@@ -394,7 +215,7 @@ class Probe:
         if not weight:
             return calls[-1]
 
-        def contribution(c: _Call) -> float:
+        def contribution(c: Call) -> float:
             v = c.out.detach().float().abs().sum() if isinstance(c.out, Tensor) else 0.0
             return weight.get(id(c), 0.0) * float(v)  # probe step only: one small read per loss call
 
@@ -431,7 +252,7 @@ class Probe:
 
     def _choose_loss(self, r: "ProbeResult", loss: Optional[Tensor], output_key: Any) -> Optional[Ref]:
         """The loss call that is watched (recorded in ``r``) and the prediction it consumes."""
-        calls = [c for c in self.recorder.calls if c.name in _LOSS_FUNCS]
+        calls = [c for c in self.recorder.calls if c.name in LOSS_FUNCS]
         chosen = None
         if calls:
             chosen = self._main_loss_call(loss, calls)
@@ -486,7 +307,7 @@ class Probe:
         # where the prediction comes from: a module output reached through shape ops only
         site = self._site(pred)
         cur: Optional[Ref] = pred
-        steps: list[_Call] = []
+        steps: list[Call] = []
         while site is None and cur is not None:
             call = self.recorder.producer_of(cur)
             if call is None or call.name not in _SHAPE_OPS | _ACT_OPS or call.tensor_arg(0) is None:
@@ -539,9 +360,9 @@ class Probe:
         z = self.module_inputs[site[0]]
         return z if z.is_floating_point() and z.numel() == site[2].numel() else None
 
-    def _chain_between(self, p: Tensor, z: Ref, max_depth: int = 12) -> Optional[list[_Call]]:
+    def _chain_between(self, p: Tensor, z: Ref, max_depth: int = 12) -> Optional[list[Call]]:
         """The recorded calls leading from ``z`` to ``p`` (walked backwards), or None if not connected."""
-        chain: list[_Call] = []
+        chain: list[Call] = []
         cur: Optional[Ref] = p
         for _ in range(max_depth):
             if cur is z:
@@ -567,7 +388,7 @@ def same_storage(a: Ref, b: Ref) -> bool:
     """``a`` and ``b`` start at the same element of the same memory (another view of one tensor, such as
     ``logits.view(-1, C)``); two slices of one storage at different offsets (``s[:, :-1]`` and ``s[:, 1:]``,
     a forecaster's inputs and targets) are not the same."""
-    if isinstance(a, _Weak) or isinstance(b, _Weak):  # one died: not another view of a living tensor
+    if isinstance(a, Weak) or isinstance(b, Weak):  # one died: not another view of a living tensor
         return False
     try:
         return a.data_ptr() == b.data_ptr() and a.device == b.device
@@ -582,12 +403,12 @@ def _np(t: Tensor) -> np.ndarray:
 def _infer(z: Ref, p: Ref) -> tuple[str, dict]:
     """The activation from ``z`` to ``p`` read from their values; unknown when one of them died before the
     analysis (a temporary the probe did not keep alive)."""
-    if isinstance(z, _Weak) or isinstance(p, _Weak):
+    if isinstance(z, Weak) or isinstance(p, Weak):
         return "unknown", {}
     return infer_activation(_np(z), _np(p))
 
 
-def _classify_chain(chain: list[_Call], z: Ref, p: Ref) -> tuple[str, dict]:
+def _classify_chain(chain: list[Call], z: Ref, p: Ref) -> tuple[str, dict]:
     """The activation a chain of recorded calls applies (walked from the prediction back to z)."""
     acts = [c for c in chain if c.name not in _SHAPE_OPS]
     if not acts:
