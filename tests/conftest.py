@@ -24,6 +24,23 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(n)
 
 
+@pytest.fixture
+def one_thread_seeded(one_thread) -> None:
+    """:func:`one_thread`, and torch's generator seeded with 0: every program starts from the same weights."""
+    import torch
+
+    torch.manual_seed(0)
+
+
+@pytest.fixture
+def keras_seeded() -> None:
+    """Keras' generators (and its backend's) seeded with 0: every program starts from the same weights. (The
+    test module has chosen the backend before this imports Keras.)"""
+    import keras
+
+    keras.utils.set_random_seed(0)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

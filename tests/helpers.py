@@ -6,10 +6,12 @@ is in that ``conftest.py``.
 """
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
 from boundguard.alerts import severity_rank
+from boundguard.config import OPTIONS
 from boundguard.integrations.torch.bounding import BoundHook
 from boundguard.integrations.torch.hooks import INERT
 
@@ -47,6 +49,18 @@ def live_hooks(model: nn.Module) -> list:
 def same_weights(a: nn.Module, b: nn.Module) -> bool:
     sa, sb = a.state_dict(), b.state_dict()
     return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def assert_teaches_options(make, entry: str) -> None:
+    """``make(**options)`` (an entry point that takes Config's options and ``log_stats``) refuses an unknown
+    option with the teaching message: the entry point, the option, the closest match and every valid option,
+    as ``watch()`` says it; not Python's "__init__() got an unexpected keyword argument"."""
+    with pytest.raises(TypeError) as info:
+        make(check_every=10)
+    assert str(info.value) == (f"{entry}() got an unknown option 'check_every' (did you mean "
+                               f"'check_every_n_steps'?); valid options: {', '.join(OPTIONS)}, log_stats")
+    with pytest.raises(TypeError, match=r"unknown option 'log_stat' \(did you mean 'log_stats'\?\)"):
+        make(log_stat=False)
 
 
 #: The end of a multi-process script whose ranks have written their results: leave the process group

@@ -26,13 +26,8 @@ from boundguard.integrations.keras import BoundGuard  # noqa: E402
 BACKEND = keras.backend.backend()
 
 pytestmark = [pytest.mark.filterwarnings("ignore::boundguard.alerts.BoundGuardWarning"),
-              pytest.mark.filterwarnings("ignore::UserWarning")]
-
-
-@pytest.fixture(autouse=True)
-def _seed():
-    keras.utils.set_random_seed(0)
-    yield
+              pytest.mark.filterwarnings("ignore::UserWarning"),
+              pytest.mark.usefixtures("keras_seeded")]  # every program starts from the same seed
 
 
 def fit(tmp_path, model, x, y, *, loss, epochs: int = 4, batch_size: int = 32, lr: float = 1e-2,

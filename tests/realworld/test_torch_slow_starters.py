@@ -38,16 +38,8 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:.*does not have many workers.*"),
     pytest.mark.filterwarnings("ignore::UserWarning"),
     pytest.mark.filterwarnings("ignore::FutureWarning"),
+    pytest.mark.usefixtures("one_thread_seeded"),  # tiny models train fastest on one thread; one seed for all
 ]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread_and_seed():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    yield
-    torch.set_num_threads(n)
 
 
 # ============================================================================================ harness

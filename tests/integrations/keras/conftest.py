@@ -46,9 +46,8 @@ def describe(alerts) -> list:
 
 
 @pytest.fixture(autouse=True)
-def _seed():
-    keras.utils.set_random_seed(0)
-    yield
+def _seed(keras_seeded):
+    """Every test here starts from the same seed."""
 
 
 def data(kind: str = "binary", n: int = 256, d: int = 4, seed: int = 0, scale: float = 1.0):

@@ -48,9 +48,9 @@ def lm_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def train(model: nn.Module, *, sgd_peak: float = 0.0, steps: int = 400, adam_lr: float = 1e-3,
-          loss_of: Callable = lm_loss, **options):
+          loss_of: Callable = lm_loss, batch_of: Callable = batch, **options):
     """Adam at ``adam_lr`` (healthy), or SGD warmed up over 300 steps to ``sgd_peak``; ``loss_of(model, x, y)``
-    is the step's loss. Returns the guard and the losses."""
+    is the step's loss, ``batch_of(generator)`` its batch. Returns the guard and the losses."""
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
     opt = torch.optim.SGD(model.parameters(), lr=sgd_peak) if sgd_peak else torch.optim.Adam(model.parameters(), adam_lr)
@@ -61,7 +61,7 @@ def train(model: nn.Module, *, sgd_peak: float = 0.0, steps: int = 400, adam_lr:
         if sgd_peak:
             for group in opt.param_groups:
                 group["lr"] = sgd_peak * min(1.0, (i + 1) / 300)
-        x, y = batch(g)
+        x, y = batch_of(g)
         loss = loss_of(model, x, y)
         opt.zero_grad()
         loss.backward()
@@ -185,17 +185,7 @@ def test_the_probe_keeps_no_temporary_of_the_loss_alive():
         return torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs])
 
     torch.manual_seed(0)
-    model, g = TinyLM(), torch.Generator().manual_seed(0)
-    opt = torch.optim.Adam(model.parameters(), 1e-3)
-    guard = watch(model, check_every_n_steps=2, alerts_path=None, strict=True)
-    for _ in range(4):
-        x, y = wide(g)
-        loss = upcast_loss(model, x, y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        guard.step(loss=loss, inputs=x, targets=y)
-    guard.close()
+    guard, _ = train(TinyLM(), steps=20, loss_of=upcast_loss, batch_of=wide, strict=True)
     facts = guard.engine.session.facts
     assert (facts.pre_where, facts.classes, facts.loss_where) == ("head", V, "cross_entropy"), facts
     assert not guard.engine.disabled and [a.code for a in guard.alerts if a.severity != "info"] == []

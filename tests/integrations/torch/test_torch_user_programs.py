@@ -25,15 +25,10 @@ from boundguard.integrations.torch.bounding import BoundHook
 from boundguard.integrations.torch.hooks import MonitorHook
 from helpers import codes_at, hooks_of, live_hooks, loud, same_weights
 
-pytestmark = pytest.mark.filterwarnings("ignore::boundguard.alerts.BoundGuardWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore::boundguard.alerts.BoundGuardWarning"),
+              pytest.mark.usefixtures("one_thread_seeded")]  # one torch thread, every program from one seed
 
 NAN = float("nan")
-
-
-@pytest.fixture(autouse=True)
-def _one_thread_and_seed(one_thread):
-    """Tiny models train fastest on one thread (2-core machine); every program starts from one seed."""
-    torch.manual_seed(0)
 
 
 # ============================================================================================ helpers

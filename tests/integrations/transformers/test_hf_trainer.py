@@ -10,7 +10,7 @@ import warnings
 import pytest
 
 from hf_tiny import Tokens, run_trainer, tiny_bert, tiny_gpt2  # (skips without transformers)
-from helpers import severe
+from helpers import assert_teaches_options, severe
 
 from boundguard import BoundGuardError, BoundGuardWarning
 from boundguard.config import OPTIONS
@@ -116,13 +116,7 @@ def test_gradient_accumulation_counts_steps_as_the_trainer_does(tmp_path):
 
 
 def test_invalid_options_are_rejected_at_construction():
-    with pytest.raises(TypeError) as info:
-        BoundGuardCallback(check_every=10)
-    # the teaching message: the entry point, the option, the closest match, every valid option (Config's and log_stats)
-    assert str(info.value) == ("BoundGuardCallback() got an unknown option 'check_every' (did you mean "
-                               f"'check_every_n_steps'?); valid options: {', '.join(OPTIONS)}, log_stats")
-    with pytest.raises(TypeError, match=r"unknown option 'log_stat' \(did you mean 'log_stats'\?\)"):
-        BoundGuardCallback(log_stat=False)
+    assert_teaches_options(BoundGuardCallback, "BoundGuardCallback")
     with pytest.raises(ValueError, match="on_violation"):
         BoundGuardCallback(on_violation="stop")
     with pytest.raises(ValueError, match="check_every_n_steps"):
